@@ -1,0 +1,12 @@
+//! trellisd, the node agent: the CNI server with its IPAM and attach logic.
+//! Later issues add the datastore, routing backends, BGP, services and
+//! policy; each stays a pure controller plus a reconciler over the
+//! `trellis-dataplane` crate.
+
+pub mod attach;
+pub mod config;
+pub mod server;
+pub mod service;
+
+pub use config::AgentConfig;
+pub use service::CniService;

@@ -1,0 +1,264 @@
+//! The CNI side of the agent: ADD, DEL, CHECK, STATUS and GC against the
+//! node's IPAM pool and the dataplane. An ADD that fails part way undoes
+//! what it did, so no link or address is left behind.
+
+use crate::attach::{host_veth_name, plan, Plan, PlanInput};
+use crate::config::AgentConfig;
+use std::collections::HashSet;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use trellis_cni::error::{
+    CniError, AGENT_FAILURE, CHECK_MISMATCH, DATAPLANE_FAILURE, INVALID_ENV, IPAM_EXHAUSTED,
+    NOT_AVAILABLE, UNKNOWN_CONTAINER,
+};
+use trellis_cni::result::prev_result_addresses;
+use trellis_cni::{Attachment, Command, Env, NetConf, Request, Response};
+use trellis_dataplane::{Dataplane, DataplaneError};
+use trellis_ipam::{IpamError, Owner, OwnerKey, Pool, PoolError};
+use trellis_model::HostRange;
+
+/// 104 (plugin specific): the container interface is attached already.
+pub const ALREADY_ATTACHED: u32 = 104;
+
+/// Serves CNI requests for one node.
+pub struct CniService {
+    cfg: AgentConfig,
+    range: HostRange,
+    dp: Arc<dyn Dataplane>,
+    pool: Mutex<Pool>,
+}
+
+fn dp_err(what: &str) -> impl FnOnce(DataplaneError) -> CniError + '_ {
+    move |e| CniError::new(DATAPLANE_FAILURE, format!("{what}: {e}"))
+}
+
+fn pool_err(e: PoolError) -> CniError {
+    match e {
+        PoolError::Ipam(e @ IpamError::Exhausted(..)) => CniError::new(IPAM_EXHAUSTED, e.to_string()),
+        PoolError::Ipam(e @ IpamError::AlreadyAllocated { .. }) => {
+            CniError::new(ALREADY_ATTACHED, e.to_string()).with_details("DEL it first")
+        }
+        e @ PoolError::Io { .. } => CniError::new(AGENT_FAILURE, e.to_string()),
+    }
+}
+
+impl CniService {
+    /// Opens the node's IPAM state and builds the service.
+    pub fn new(cfg: AgentConfig, dp: Arc<dyn Dataplane>) -> anyhow::Result<Self> {
+        let range = HostRange::new(cfg.subnet)?;
+        let pool = Pool::open(&cfg.ipam_dir(), range)?;
+        for w in &pool.warnings {
+            tracing::warn!("ipam: {w}");
+        }
+        Ok(Self { cfg, range, dp, pool: Mutex::new(pool) })
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Addresses currently allocated, for status output.
+    pub fn allocations(&self) -> Vec<(std::net::IpAddr, Owner)> {
+        self.pool().allocator().allocations().map(|(i, o)| (*i, o.clone())).collect()
+    }
+
+    /// Handles one request.
+    pub fn handle(&self, req: Request, netns: Option<OwnedFd>) -> Response {
+        let conf = match NetConf::parse(&serde_json::to_vec(&req.config).unwrap_or_default()) {
+            Ok(c) => c,
+            Err(e) => return Response::Error(e),
+        };
+        let out = match req.env.command {
+            Command::Add => self.add(&req.env, &conf, netns).map(Response::Added),
+            Command::Del => self.del(&req.env, &conf).map(|()| Response::Done),
+            Command::Check => self.check(&req.env, &conf, netns).map(|()| Response::Done),
+            Command::Status => self.status().map(|()| Response::Done),
+            Command::Gc => self.gc(&conf).map(|()| Response::Done),
+            Command::Version => Ok(Response::Done),
+        };
+        out.unwrap_or_else(Response::Error)
+    }
+
+    fn key(env: &Env, conf: &NetConf) -> OwnerKey {
+        (conf.name.clone(), env.container_id.clone(), env.ifname.clone())
+    }
+
+    fn pod_netns(&self, env: &Env, netns: Option<OwnedFd>) -> Result<OwnedFd, CniError> {
+        let fd = netns.ok_or_else(|| {
+            CniError::new(INVALID_ENV, format!("CNI_NETNS {:?} was not passed to the agent", env.netns))
+        })?;
+        if self.dp.is_own_netns(fd.as_fd()).map_err(dp_err("inspect CNI_NETNS"))? {
+            return Err(CniError::new(
+                INVALID_ENV,
+                format!("CNI_NETNS {} is the node's own network namespace", env.netns),
+            ));
+        }
+        Ok(fd)
+    }
+
+    fn plan_for(&self, env: &Env, conf: &NetConf, ip: std::net::IpAddr) -> Result<Plan, CniError> {
+        plan(&PlanInput {
+            mode: conf.mode.unwrap_or(self.cfg.default_mode),
+            ip,
+            range: self.range,
+            mtu: conf.mtu.unwrap_or(self.cfg.mtu),
+            bridge: conf.bridge.as_deref().unwrap_or(&self.cfg.bridge),
+            container_id: &env.container_id,
+            ifname: &env.ifname,
+        })
+        .map_err(|e| CniError::new(trellis_cni::error::INVALID_CONFIG, e.to_string()))
+    }
+
+    fn add(&self, env: &Env, conf: &NetConf, netns: Option<OwnedFd>) -> Result<Attachment, CniError> {
+        let netns = self.pod_netns(env, netns)?;
+        let host = host_veth_name(&env.container_id, &env.ifname);
+        if self.dp.link_index(&host).map_err(dp_err("look up host veth"))?.is_some() {
+            return Err(CniError::new(
+                ALREADY_ATTACHED,
+                format!("container {} interface {} is attached already (host veth {host} exists)", env.container_id, env.ifname),
+            )
+            .with_details("DEL it first"));
+        }
+        let pod = match (env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME")) {
+            (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+            _ => None,
+        };
+        let owner = Owner {
+            network: conf.name.clone(),
+            container_id: env.container_id.clone(),
+            ifname: env.ifname.clone(),
+            pod,
+        };
+        let ip = self.pool().allocate(owner).map_err(pool_err)?;
+        let plan = match self.plan_for(env, conf, ip) {
+            Ok(p) => p,
+            Err(e) => {
+                self.undo(&host, &Self::key(env, conf));
+                return Err(e);
+            }
+        };
+        match self.apply(&plan, &netns) {
+            Ok(host_mac) => Ok(plan.result(&host_mac, &env.netns)),
+            Err(e) => {
+                self.undo(&host, &Self::key(env, conf));
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&self, plan: &Plan, netns: &OwnedFd) -> Result<[u8; 6], CniError> {
+        let mut veth = plan.veth.clone();
+        if let Some((name, gw)) = &plan.bridge {
+            let index = self
+                .dp
+                .bridge_ensure(name, *gw, veth.mtu)
+                .map_err(dp_err("prepare bridge"))?;
+            veth.master = Some(index);
+        }
+        let info = self.dp.veth_into_netns(&veth, netns.as_fd()).map_err(|e| {
+            let mut err = dp_err("create veth")(e.clone());
+            if e.source.errno() == Some(nix::errno::Errno::EEXIST) {
+                err.details = format!("an interface named {} (or {}) exists already", veth.peer, veth.host);
+            }
+            err
+        })?;
+        if plan.bridge.is_some() {
+            self.dp.bridge_port_hairpin(&veth.host, true).map_err(dp_err("enable hairpin"))?;
+        }
+        for (k, v) in &plan.sysctls {
+            self.dp.sysctl_set(k, v).map_err(dp_err("set sysctl"))?;
+        }
+        if let Some(route) = &plan.host_route {
+            self.dp.route_replace(route).map_err(dp_err("route to pod"))?;
+        }
+        self.dp.pod_configure(netns.as_fd(), &plan.pod).map_err(dp_err("configure pod interface"))?;
+        Ok(info.host_mac)
+    }
+
+    fn undo(&self, host: &str, key: &OwnerKey) {
+        if let Err(e) = self.dp.link_delete(host) {
+            tracing::error!("rollback: {e}");
+        }
+        if let Err(e) = self.pool().release(key) {
+            tracing::error!("rollback: {e}");
+        }
+    }
+
+    fn del(&self, env: &Env, conf: &NetConf) -> Result<(), CniError> {
+        let host = host_veth_name(&env.container_id, &env.ifname);
+        self.dp.link_delete(&host).map_err(dp_err("delete host veth"))?;
+        self.pool().release(&Self::key(env, conf)).map_err(pool_err)?;
+        Ok(())
+    }
+
+    fn check(&self, env: &Env, conf: &NetConf, netns: Option<OwnedFd>) -> Result<(), CniError> {
+        let Some(ip) = self.pool().allocator().lookup(&Self::key(env, conf)) else {
+            return Err(CniError::new(
+                UNKNOWN_CONTAINER,
+                format!("container {} interface {} is not attached to network {}", env.container_id, env.ifname, conf.name),
+            ));
+        };
+        let netns = self.pod_netns(env, netns)?;
+        let plan = self.plan_for(env, conf, ip)?;
+        let mismatch = |what: String| Err(CniError::new(CHECK_MISMATCH, format!("container {}: {what}", env.container_id)));
+        if self.dp.link_index(&plan.veth.host).map_err(dp_err("look up host veth"))?.is_none() {
+            return mismatch(format!("host veth {} is missing", plan.veth.host));
+        }
+        let Some(state) = self.dp.pod_inspect(netns.as_fd(), &env.ifname).map_err(dp_err("inspect pod"))? else {
+            return mismatch(format!("interface {} is missing in {}", env.ifname, env.netns));
+        };
+        if !state.addresses.contains(&plan.address) {
+            return mismatch(format!("{} lacks address {} (has {:?})", env.ifname, plan.address, state.addresses));
+        }
+        if !state.default_via.contains(&plan.gateway) {
+            return mismatch(format!("no default route via {} on {}", plan.gateway, env.ifname));
+        }
+        if state.mtu != plan.veth.mtu {
+            return mismatch(format!("{} has MTU {}, expected {}", env.ifname, state.mtu, plan.veth.mtu));
+        }
+        if let Some(prev) = &conf.prev_result {
+            let claimed = prev_result_addresses(prev);
+            if !claimed.contains(&plan.address) {
+                return mismatch(format!("prevResult lists {claimed:?}, the agent holds {}", plan.address));
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Result<(), CniError> {
+        let free = self.pool().allocator().free();
+        if free == 0 {
+            return Err(CniError::new(NOT_AVAILABLE, format!("no free pod address left in {}", self.range.net())));
+        }
+        Ok(())
+    }
+
+    fn gc(&self, conf: &NetConf) -> Result<(), CniError> {
+        let valid: HashSet<(String, String)> = conf
+            .valid_attachments
+            .iter()
+            .flatten()
+            .map(|a| (a.container_id.clone(), a.ifname.clone()))
+            .collect();
+        let stale = self.pool().stale(&conf.name, &valid);
+        // go on past failures, report them all at the end
+        let mut failures = Vec::new();
+        for (ip, owner) in stale {
+            let host = host_veth_name(&owner.container_id, &owner.ifname);
+            if let Err(e) = self.dp.link_delete(&host) {
+                failures.push(e.to_string());
+                continue;
+            }
+            match self.pool().release_ip(ip) {
+                Ok(()) => tracing::info!("gc: freed {ip} of {} {}", owner.container_id, owner.ifname),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(DATAPLANE_FAILURE, format!("gc: {} attachment(s) not freed", failures.len()))
+                .with_details(failures.join("; ")))
+        }
+    }
+}

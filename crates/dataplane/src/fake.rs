@@ -1,0 +1,195 @@
+//! A stateful stand-in for the kernel: records every call, keeps links,
+//! routes, sysctls and pod interfaces in memory, and fails a chosen verb on
+//! demand. For tests of the logic above the dataplane, never as proof that
+//! a feature works.
+
+use crate::{
+    Dataplane, DataplaneError, HostRoute, NlError, PodIface, PodIfaceState, Result, VethInfo,
+    VethSpec,
+};
+use ipnet::IpNet;
+use nix::errno::Errno;
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Mutex;
+
+/// A link the fake holds in the node namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeLink {
+    /// Index.
+    pub index: u32,
+    /// MAC.
+    pub mac: [u8; 6],
+    /// Bridge it is enslaved to.
+    pub master: Option<u32>,
+    /// Hairpin flag.
+    pub hairpin: bool,
+    /// MTU.
+    pub mtu: u32,
+    /// For veths: (pod fd, peer name).
+    pub peer: Option<(i32, String)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_index: u32,
+    links: BTreeMap<String, FakeLink>,
+    routes: Vec<HostRoute>,
+    sysctls: BTreeMap<String, String>,
+    pods: BTreeMap<(i32, String), PodIfaceState>,
+    calls: Vec<String>,
+    fail: Option<(String, Errno)>,
+}
+
+/// The fake dataplane.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    state: Mutex<State>,
+}
+
+impl FakeDataplane {
+    /// An empty fake.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the next call of `verb` (e.g. `"pod_configure"`) fail with `errno`.
+    pub fn fail_next(&self, verb: &str, errno: Errno) {
+        self.lock().fail = Some((verb.to_string(), errno));
+    }
+
+    /// Verbs called so far, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// Links in the node namespace.
+    pub fn links(&self) -> BTreeMap<String, FakeLink> {
+        self.lock().links.clone()
+    }
+
+    /// Routes in the node namespace.
+    pub fn routes(&self) -> Vec<HostRoute> {
+        self.lock().routes.clone()
+    }
+
+    /// sysctls written.
+    pub fn sysctls(&self) -> BTreeMap<String, String> {
+        self.lock().sysctls.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(&self, verb: &str) -> Result<std::sync::MutexGuard<'_, State>> {
+        let mut s = self.lock();
+        s.calls.push(verb.to_string());
+        if let Some((v, errno)) = s.fail.clone() {
+            if v == verb {
+                s.fail = None;
+                return Err(DataplaneError::new(verb, NlError::Kernel(errno)));
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl State {
+    fn add_link(&mut self, name: &str, mtu: u32, mac: Option<[u8; 6]>) -> FakeLink {
+        self.next_index += 1;
+        let index = self.next_index + 1;
+        let mac = mac.unwrap_or([0x02, 0, 0, 0, (index >> 8) as u8, index as u8]);
+        let link = FakeLink { index, mac, master: None, hairpin: false, mtu, peer: None };
+        self.links.insert(name.to_string(), link.clone());
+        link
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn bridge_ensure(&self, name: &str, _gateway: IpNet, mtu: u32) -> Result<u32> {
+        let mut s = self.enter("bridge_ensure")?;
+        if let Some(l) = s.links.get(name) {
+            return Ok(l.index);
+        }
+        Ok(s.add_link(name, mtu, None).index)
+    }
+
+    fn veth_into_netns(&self, spec: &VethSpec, netns: BorrowedFd<'_>) -> Result<VethInfo> {
+        let mut s = self.enter("veth_into_netns")?;
+        let key = (netns.as_raw_fd(), spec.peer.clone());
+        if s.links.contains_key(&spec.host) || s.pods.contains_key(&key) {
+            return Err(DataplaneError::new("veth_into_netns", NlError::Kernel(Errno::EEXIST)));
+        }
+        let mut link = s.add_link(&spec.host, spec.mtu, spec.host_mac);
+        let pod_mac = spec.peer_mac.unwrap_or([2, 0xaa, 0, 0, 0, 1]);
+        link.master = spec.master;
+        link.peer = Some(key.clone());
+        s.links.insert(spec.host.clone(), link.clone());
+        s.pods.insert(
+            key,
+            PodIfaceState { mac: pod_mac, mtu: spec.mtu, up: false, addresses: vec![], default_via: vec![] },
+        );
+        Ok(VethInfo { host_index: link.index, host_mac: link.mac })
+    }
+
+    fn bridge_port_hairpin(&self, ifname: &str, on: bool) -> Result<()> {
+        let mut s = self.enter("bridge_port_hairpin")?;
+        match s.links.get_mut(ifname) {
+            Some(l) => {
+                l.hairpin = on;
+                Ok(())
+            }
+            None => Err(DataplaneError::new("bridge_port_hairpin", NlError::Kernel(Errno::ENODEV))),
+        }
+    }
+
+    fn link_delete(&self, name: &str) -> Result<bool> {
+        let mut s = self.enter("link_delete")?;
+        let Some(link) = s.links.remove(name) else { return Ok(false) };
+        if let Some(peer) = link.peer {
+            s.pods.remove(&peer);
+        }
+        s.routes.retain(|r| r.dev != name);
+        Ok(true)
+    }
+
+    fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self.enter("link_index")?.links.get(name).map(|l| l.index))
+    }
+
+    fn route_replace(&self, route: &HostRoute) -> Result<()> {
+        let mut s = self.enter("route_replace")?;
+        if !s.links.contains_key(&route.dev) {
+            return Err(DataplaneError::new("route_replace", NlError::Kernel(Errno::ENODEV)));
+        }
+        s.routes.retain(|r| r.dst != route.dst);
+        s.routes.push(route.clone());
+        Ok(())
+    }
+
+    fn sysctl_set(&self, key: &str, value: &str) -> Result<()> {
+        self.enter("sysctl_set")?.sysctls.insert(key.to_string(), value.to_string());
+        Ok(())
+    }
+
+    fn pod_configure(&self, netns: BorrowedFd<'_>, iface: &PodIface) -> Result<()> {
+        let mut s = self.enter("pod_configure")?;
+        let Some(p) = s.pods.get_mut(&(netns.as_raw_fd(), iface.ifname.clone())) else {
+            return Err(DataplaneError::new("pod_configure", NlError::Kernel(Errno::ENODEV)));
+        };
+        p.up = true;
+        p.addresses = vec![iface.address];
+        p.default_via = iface.routes.iter().filter(|r| r.dst.prefix_len() == 0).filter_map(|r| r.via).collect();
+        Ok(())
+    }
+
+    fn pod_inspect(&self, netns: BorrowedFd<'_>, ifname: &str) -> Result<Option<PodIfaceState>> {
+        Ok(self.enter("pod_inspect")?.pods.get(&(netns.as_raw_fd(), ifname.to_string())).cloned())
+    }
+
+    fn is_own_netns(&self, _netns: BorrowedFd<'_>) -> Result<bool> {
+        drop(self.enter("is_own_netns")?);
+        Ok(false)
+    }
+}

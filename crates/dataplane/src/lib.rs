@@ -1,0 +1,166 @@
+//! The kernel side of trellis. Everything that issues netlink requests or
+//! writes sysctls lives here, behind the [`Dataplane`] trait whose verbs
+//! speak the domain (a veth into a pod, a bridge with its gateway), each
+//! documented with the `ip` command it mirrors. [`LinuxDataplane`] talks to
+//! the kernel; [`FakeDataplane`] records calls and injects errors for tests
+//! of the logic above it.
+
+mod fake;
+mod linux;
+pub mod netlink;
+pub mod sysctl;
+
+pub use fake::{FakeDataplane, FakeLink};
+pub use linux::LinuxDataplane;
+pub use netlink::NlError;
+
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::os::fd::BorrowedFd;
+
+/// Route protocol number marking routes trellis installed (`proto 84`), so
+/// pruning never touches anyone else's routes.
+pub const RTPROT_TRELLIS: u8 = 84;
+
+/// A failed kernel operation, naming it like the `ip` command it mirrors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op}: {source}")]
+pub struct DataplaneError {
+    /// The operation, e.g. `ip link add tl0a1b type veth peer eth0`.
+    pub op: String,
+    /// What the kernel said.
+    pub source: NlError,
+}
+
+impl DataplaneError {
+    /// Wraps `source` for `op`.
+    pub fn new(op: impl Into<String>, source: NlError) -> Self {
+        Self {
+            op: op.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias for dataplane calls.
+pub type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// A veth pair whose peer is created directly inside a pod namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethSpec {
+    /// Host-side name (`tl` + hash).
+    pub host: String,
+    /// Name inside the pod (CNI_IFNAME).
+    pub peer: String,
+    /// MTU of both ends.
+    pub mtu: u32,
+    /// Fixed MAC for the host side (routed mode answers ARP with it).
+    pub host_mac: Option<[u8; 6]>,
+    /// Fixed MAC for the pod side (stable across CHECK and restarts).
+    pub peer_mac: Option<[u8; 6]>,
+    /// Bridge index to enslave the host side to (bridge mode).
+    pub master: Option<u32>,
+}
+
+/// What a created veth looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethInfo {
+    /// Host-side index.
+    pub host_index: u32,
+    /// Host-side MAC.
+    pub host_mac: [u8; 6],
+}
+
+/// A route in the node's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoute {
+    /// Destination.
+    pub dst: IpNet,
+    /// Output interface.
+    pub dev: String,
+    /// Next hop, if any.
+    pub via: Option<IpAddr>,
+}
+
+/// How the pod's interface is configured once it is in the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIface {
+    /// Interface name in the pod.
+    pub ifname: String,
+    /// Address with prefix (a /32 in routed mode).
+    pub address: IpNet,
+    /// Routes as (destination, next hop, onlink).
+    pub routes: Vec<PodRoute>,
+}
+
+/// A route inside the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRoute {
+    /// Destination.
+    pub dst: IpNet,
+    /// Next hop; `None` for a link-scope route.
+    pub via: Option<IpAddr>,
+    /// Next hop is on the link even without a covering subnet (`onlink`).
+    pub onlink: bool,
+}
+
+/// What the pod's interface looks like now (for CHECK).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIfaceState {
+    /// MAC.
+    pub mac: [u8; 6],
+    /// MTU.
+    pub mtu: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// Addresses.
+    pub addresses: Vec<IpNet>,
+    /// Gateways of its default routes.
+    pub default_via: Vec<IpAddr>,
+}
+
+/// The kernel verbs trellis needs, in the node's own namespace unless a
+/// pod namespace fd is given.
+pub trait Dataplane: Send + Sync {
+    /// `ip link add NAME type bridge; ip link set NAME mtu MTU up;
+    /// ip addr replace GATEWAY dev NAME` — creates or repairs; returns the index.
+    fn bridge_ensure(&self, name: &str, gateway: IpNet, mtu: u32) -> Result<u32>;
+
+    /// `ip link add HOST mtu MTU [address MAC] [master BR] up type veth peer
+    /// name PEER netns POD mtu MTU` — one request, the peer lands in the pod.
+    fn veth_into_netns(&self, spec: &VethSpec, netns: BorrowedFd<'_>) -> Result<VethInfo>;
+
+    /// `ip link set NAME type bridge_slave hairpin on|off`.
+    fn bridge_port_hairpin(&self, ifname: &str, on: bool) -> Result<()>;
+
+    /// `ip link del NAME`; `Ok(false)` when it did not exist.
+    fn link_delete(&self, name: &str) -> Result<bool>;
+
+    /// The index of link `name`, if it exists.
+    fn link_index(&self, name: &str) -> Result<Option<u32>>;
+
+    /// `ip route replace DST [via GW] dev DEV proto 84 [scope link]`.
+    fn route_replace(&self, route: &HostRoute) -> Result<()>;
+
+    /// `sysctl -w KEY=VALUE` (KEY relative to /proc/sys, dots or slashes),
+    /// in the node's namespace.
+    fn sysctl_set(&self, key: &str, value: &str) -> Result<()>;
+
+    /// Inside the pod: `ip link set lo up; ip addr add ADDR dev IF;
+    /// ip link set IF up; ip route add DST via GW dev IF [onlink]`.
+    fn pod_configure(&self, netns: BorrowedFd<'_>, iface: &PodIface) -> Result<()>;
+
+    /// Inside the pod: the interface's state, `None` if it does not exist.
+    fn pod_inspect(&self, netns: BorrowedFd<'_>, ifname: &str) -> Result<Option<PodIfaceState>>;
+
+    /// True when `netns` is the namespace the agent itself runs in.
+    fn is_own_netns(&self, netns: BorrowedFd<'_>) -> Result<bool>;
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
