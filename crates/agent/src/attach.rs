@@ -122,7 +122,10 @@ pub fn plan(i: &PlanInput<'_>) -> Result<Plan, PlanError> {
                     routes: vec![PodRoute { dst: default(i.ip), via: Some(gateway), onlink: false }],
                 },
                 host_route: None,
-                sysctls: vec![(format!("net/ipv4/conf/{}/proxy_arp", i.bridge), "1".into())],
+                sysctls: vec![
+                    (format!("net/ipv4/conf/{}/proxy_arp", i.bridge), "1".into()),
+                    (format!("net/ipv4/neigh/{}/proxy_delay", i.bridge), "0".into()),
+                ],
             })
         }
         AttachMode::Routed => {

@@ -83,6 +83,18 @@ fn link_mac(m: &LinkMessage) -> [u8; 6] {
     mac
 }
 
+/// `0a:58:` + the gateway's IPv4 bytes (or the last four of IPv6).
+fn bridge_mac(gw: IpAddr) -> [u8; 6] {
+    let b = match gw {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
+    [0x0a, 0x58, b[0], b[1], b[2], b[3]]
+}
+
 fn addr_message(index: u32, addr: IpNet) -> AddressMessage {
     let mut m = AddressMessage::default();
     m.header.family = family(addr.addr());
@@ -129,6 +141,9 @@ impl Dataplane for LinuxDataplane {
         if get_link(&mut sock, name).map_err(nl(&op))?.is_none() {
             let mut m = link_by_name(name);
             m.attributes.push(LinkAttribute::Mtu(mtu));
+            // a fixed MAC keeps the bridge from taking a port's MAC, which
+            // changes as pods come and go and leaves pods' ARP caches stale
+            m.attributes.push(LinkAttribute::Address(bridge_mac(gateway.addr()).to_vec()));
             m.attributes
                 .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
             match sock.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL) {

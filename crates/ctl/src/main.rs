@@ -1,0 +1,130 @@
+//! `trellisctl`: the trellis command line.
+
+mod demo;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::time::Duration;
+use trellis_lab::{Lab, LabOptions};
+
+/// trellis command line.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// A virtual cluster on this machine, in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCmd {
+    /// Build a one-node lab, attach pods in both modes, show them talking, tear it down.
+    Demo,
+    /// Create a persistent lab (kept until `lab down`).
+    Up {
+        /// Lab name (letters and digits, up to 12).
+        #[arg(long, default_value = "dev")]
+        name: String,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Pod MTU.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+    },
+    /// Destroy a persistent lab.
+    Down {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+    },
+    /// Attach a pod (runs the trellis CNI plugin like a runtime).
+    Add {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+        /// Node.
+        #[arg(long, default_value = "n1")]
+        node: String,
+        /// Attach mode: bridge or routed.
+        #[arg(long, default_value = "bridge")]
+        mode: String,
+        /// Pod name.
+        pod: String,
+    },
+    /// Detach a pod (CNI DEL) and remove its namespace.
+    Del {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+        /// Node.
+        #[arg(long, default_value = "n1")]
+        node: String,
+        /// Pod name.
+        pod: String,
+    },
+    /// Show a lab's nodes and pods.
+    Show {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+    },
+    /// Remove labs whose owner is gone and stray lab namespaces.
+    Gc {
+        /// Also remove persistent labs and labs whose owner still runs.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let Cmd::Lab { cmd } = cli.cmd;
+    match cmd {
+        LabCmd::Demo => demo::run(),
+        LabCmd::Up { name, nodes, mtu } => {
+            let lab = Lab::create(LabOptions { nodes, name: Some(name), mtu })?;
+            println!("lab {} is up: {} node(s); state in {}", lab.id(), nodes, lab.dir().display());
+            Ok(())
+        }
+        LabCmd::Down { name } => {
+            Lab::open(&name)?.destroy()?;
+            println!("lab {name} removed");
+            Ok(())
+        }
+        LabCmd::Add { name, node, mode, pod } => {
+            let mut lab = Lab::open(&name)?;
+            let a = lab.add_pod(&node, &pod, &mode)?;
+            println!("{pod} on {node} ({mode}): {} in {:.1} ms", a.address, a.took.as_secs_f64() * 1e3);
+            Ok(())
+        }
+        LabCmd::Del { name, node, pod } => {
+            let mut lab = Lab::open(&name)?;
+            let took = lab.del_pod(&node, &pod)?;
+            println!("{pod} on {node} deleted in {:.1} ms", took.as_secs_f64() * 1e3);
+            Ok(())
+        }
+        LabCmd::Show { name } => {
+            let lab = Lab::open(&name)?;
+            println!("{}", serde_json::to_string_pretty(lab.state()).context("encode")?);
+            Ok(())
+        }
+        LabCmd::Gc { all } => {
+            let r = trellis_lab::gc::sweep(all);
+            println!("removed labs: {:?}; stray namespaces: {:?}; kept: {:?}", r.labs, r.strays, r.kept);
+            if !r.errors.is_empty() {
+                anyhow::bail!("gc: {}", r.errors.join("; "));
+            }
+            let _ = Duration::ZERO;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! Building, using and tearing down one lab.
+
+use crate::exec::{self, ip, ExecError, Timed};
+use crate::netns;
+use crate::state::{LabState, NodeState, PodState};
+use anyhow::{anyhow, bail, Context};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How a lab is made.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// A name makes the lab persistent (kept until `lab down NAME`);
+    /// without one it is removed when the `Lab` is dropped.
+    pub name: Option<String>,
+    /// Pod MTU the agents hand out.
+    pub mtu: u32,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self { nodes: 1, name: None, mtu: 1500 }
+    }
+}
+
+/// What an attached pod got.
+#[derive(Debug, Clone)]
+pub struct PodAttach {
+    /// Pod address with prefix, as in the CNI result.
+    pub address: String,
+    /// Pod address without prefix.
+    pub ip: String,
+    /// How long the plugin took.
+    pub took: Duration,
+    /// The whole CNI result.
+    pub result: serde_json::Value,
+}
+
+/// A lab on this machine.
+pub struct Lab {
+    st: LabState,
+    dir: PathBuf,
+    bin: PathBuf,
+    keep: bool,
+    children: HashMap<String, Child>,
+}
+
+const AGENT_WAIT: Duration = Duration::from_secs(10);
+const CNI_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn random_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mix = nanos ^ std::process::id().rotate_left(13);
+    format!("{}{:06x}", crate::PREFIX, mix & 0xff_ffff)
+}
+
+impl Lab {
+    /// Builds a lab: fabric, nodes, one running agent per node.
+    pub fn create(opts: LabOptions) -> anyhow::Result<Self> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("the lab needs root (network namespaces)");
+        }
+        let (id, keep) = match &opts.name {
+            Some(n) => {
+                if n.is_empty() || n.len() > 12 || !n.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    bail!("lab name {n:?}: use 1 to 12 letters or digits");
+                }
+                (format!("{}{n}", crate::PREFIX), true)
+            }
+            None => (random_id(), false),
+        };
+        let dir = crate::state_root().join(&id);
+        if dir.exists() {
+            bail!("lab {id} exists already ({}); `trellisctl lab down` it first", dir.display());
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let st = LabState {
+            id,
+            owner_pid: if keep { 0 } else { std::process::id() },
+            nodes: vec![],
+            pods: vec![],
+        };
+        // from here on, drop tears down whatever was made
+        let mut lab = Self { st, dir, bin: crate::bin_dir(), keep: false, children: HashMap::new() };
+        lab.save()?;
+        lab.build(&opts)?;
+        lab.keep = keep;
+        Ok(lab)
+    }
+
+    /// Opens a persistent lab made by an earlier process.
+    pub fn open(name: &str) -> anyhow::Result<Self> {
+        let id = if name.starts_with(crate::PREFIX) { name.to_string() } else { format!("{}{name}", crate::PREFIX) };
+        let dir = crate::state_root().join(&id);
+        let st = LabState::load(&dir).with_context(|| format!("lab {name} not found in {}", dir.display()))?;
+        Ok(Self { st, dir, bin: crate::bin_dir(), keep: true, children: HashMap::new() })
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        self.st.save(&self.dir).with_context(|| format!("save lab state in {}", self.dir.display()))
+    }
+
+    fn build(&mut self, opts: &LabOptions) -> anyhow::Result<()> {
+        let fab = self.fabric_ns();
+        ip(&["netns", "add", &fab])?;
+        ip(&["-n", &fab, "link", "set", "lo", "up"])?;
+        ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fab, "addr", "add", "192.0.2.1/24", "dev", "br0"])?;
+        ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        for i in 1..=opts.nodes {
+            let name = format!("n{i}");
+            let node = NodeState {
+                name: name.clone(),
+                ip: format!("192.0.2.{}", 10 + i),
+                subnet: format!("10.244.{i}.0/24"),
+                agent_pid: None,
+            };
+            let ns = self.ns(&name);
+            ip(&["netns", "add", &ns])?;
+            self.st.nodes.push(node.clone());
+            self.save()?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &fab, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &fab, "link", "set", &name, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            // a default route, as real nodes have: proxy ARP only answers
+            // for targets the node can route
+            ip(&["-n", &ns, "route", "add", "default", "via", "192.0.2.1"])?;
+            let cfg = serde_json::json!({
+                "nodeName": name,
+                "subnet": node.subnet,
+                "mtu": opts.mtu,
+                "socket": self.socket(&name),
+                "dataDir": self.dir.join(format!("{name}-data")),
+            });
+            std::fs::write(self.agent_config(&name), serde_json::to_vec_pretty(&cfg)?)?;
+            self.start_agent(&name)?;
+        }
+        Ok(())
+    }
+
+    /// The lab id.
+    pub fn id(&self) -> &str {
+        &self.st.id
+    }
+
+    /// The lab's state.
+    pub fn state(&self) -> &LabState {
+        &self.st
+    }
+
+    /// The lab's directory (state, sockets, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Namespace name of the fabric.
+    pub fn fabric_ns(&self) -> String {
+        format!("{}-fab", self.st.id)
+    }
+
+    /// Namespace name of node `node`.
+    pub fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.st.id)
+    }
+
+    /// Namespace name of pod `pod` on `node`.
+    pub fn pod_ns(&self, node: &str, pod: &str) -> String {
+        format!("{}-{node}-{pod}", self.st.id)
+    }
+
+    /// Node `name`.
+    pub fn node(&self, name: &str) -> anyhow::Result<&NodeState> {
+        self.st.nodes.iter().find(|n| n.name == name).ok_or_else(|| anyhow!("lab {} has no node {name}", self.st.id))
+    }
+
+    /// The agent socket of `node`.
+    pub fn socket(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.sock"))
+    }
+
+    fn agent_config(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.json"))
+    }
+
+    /// The agent log of `node`.
+    pub fn agent_log(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.log"))
+    }
+
+    /// The directory holding the plugin binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// A network config for `node` in `mode` (`bridge` | `routed`).
+    pub fn netconf(&self, node: &str, mode: &str) -> String {
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "lab",
+            "type": "trellis",
+            "mode": mode,
+            "agentSocket": self.socket(node),
+        })
+        .to_string()
+    }
+
+    /// Starts `node`'s agent inside its namespace and waits for its socket.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<u32> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.agent_log(node))?;
+        let mut cmd = Command::new(self.bin.join("trellisd"));
+        cmd.arg("--config").arg(self.agent_config(node));
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let ns = netns::path(&self.ns(node));
+        let child = netns::spawn_in(Some(&ns), &mut cmd)
+            .with_context(|| format!("start {} in {}", self.bin.join("trellisd").display(), ns.display()))?;
+        let pid = child.id();
+        self.children.insert(node.to_string(), child);
+        if let Some(n) = self.st.nodes.iter_mut().find(|n| n.name == node) {
+            n.agent_pid = Some(pid);
+        }
+        self.save()?;
+        let sock = self.socket(node);
+        let deadline = Instant::now() + AGENT_WAIT;
+        while UnixStream::connect(&sock).is_err() {
+            if let Some(c) = self.children.get_mut(node) {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("trellisd on {node} exited ({status}); see {}", self.agent_log(node).display());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("trellisd on {node} did not open {} within {AGENT_WAIT:?}", sock.display());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(pid)
+    }
+
+    /// Stops `node`'s agent (SIGTERM, then SIGKILL after 5 s). Its pods keep running.
+    pub fn stop_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let pid = self.node(node)?.agent_pid;
+        if let Some(pid) = pid {
+            stop_pid(pid, self.children.remove(node));
+        }
+        if let Some(n) = self.st.nodes.iter_mut().find(|n| n.name == node) {
+            n.agent_pid = None;
+        }
+        self.save()
+    }
+
+    /// Runs the `trellis` plugin as a runtime would, from `node`'s namespace,
+    /// with exactly `env` and `stdin`.
+    pub fn cni_raw(&self, node: &str, env: &[(&str, &str)], stdin: &[u8]) -> Result<Timed, ExecError> {
+        let mut cmd = Command::new(self.bin.join("trellis"));
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        exec::run(cmd, Some(&netns::path(&self.ns(node))), stdin, CNI_TIMEOUT)
+    }
+
+    /// The runtime environment for `command` on pod `pod` of `node`.
+    pub fn cni_env(&self, command: &str, node: &str, pod: &str) -> Vec<(String, String)> {
+        let ns = self.pod_ns(node, pod);
+        vec![
+            ("CNI_COMMAND".into(), command.into()),
+            ("CNI_CONTAINERID".into(), ns.clone()),
+            ("CNI_NETNS".into(), netns::path(&ns).to_string_lossy().into_owned()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            ("CNI_PATH".into(), self.bin.to_string_lossy().into_owned()),
+            ("CNI_ARGS".into(), format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")),
+        ]
+    }
+
+    /// Runs one CNI command for pod `pod` with network config `conf`.
+    pub fn cni(&self, command: &str, node: &str, pod: &str, conf: &str) -> Result<Timed, ExecError> {
+        let env = self.cni_env(command, node, pod);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.cni_raw(node, &env, conf.as_bytes())
+    }
+
+    /// Creates pod `pod`'s namespace on `node` and attaches it in `mode`.
+    pub fn add_pod(&mut self, node: &str, pod: &str, mode: &str) -> anyhow::Result<PodAttach> {
+        self.node(node)?;
+        let ns = self.pod_ns(node, pod);
+        ip(&["netns", "add", &ns])?;
+        self.st.pods.push(PodState { node: node.into(), name: pod.into(), mode: mode.into(), ip: String::new() });
+        self.save()?;
+        let t = self.cni("ADD", node, pod, &self.netconf(node, mode))?;
+        let out: serde_json::Value = serde_json::from_slice(&t.output.stdout)
+            .with_context(|| format!("ADD {pod}: plugin printed {:?}", String::from_utf8_lossy(&t.output.stdout)))?;
+        if !t.output.status.success() {
+            bail!("ADD {pod} on {node} failed: {out}");
+        }
+        let address = out["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("ADD {pod}: no address in {out}"))?.to_string();
+        let ip = address.split('/').next().unwrap_or_default().to_string();
+        if let Some(p) = self.st.pods.iter_mut().find(|p| p.node == node && p.name == pod) {
+            p.ip = address.clone();
+        }
+        self.save()?;
+        Ok(PodAttach { address, ip, took: t.took, result: out })
+    }
+
+    /// Detaches pod `pod` (CNI DEL) and removes its namespace.
+    pub fn del_pod(&mut self, node: &str, pod: &str) -> anyhow::Result<Duration> {
+        let mode = self
+            .st
+            .pods
+            .iter()
+            .find(|p| p.node == node && p.name == pod)
+            .map(|p| p.mode.clone())
+            .ok_or_else(|| anyhow!("lab {} has no pod {pod} on {node}", self.st.id))?;
+        let t = self.cni("DEL", node, pod, &self.netconf(node, &mode))?;
+        if !t.output.status.success() {
+            bail!("DEL {pod} on {node} failed: {}", String::from_utf8_lossy(&t.output.stdout));
+        }
+        ip(&["netns", "del", &self.pod_ns(node, pod)])?;
+        self.st.pods.retain(|p| !(p.node == node && p.name == pod));
+        self.save()?;
+        Ok(t.took)
+    }
+
+    /// Runs `args` inside namespace `ns` with a timeout; returns the output.
+    pub fn exec(&self, ns: &str, args: &[&str], timeout: Duration) -> Result<Timed, ExecError> {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        exec::run(cmd, Some(&netns::path(ns)), &[], timeout)
+    }
+
+    /// `ping -c COUNT` from namespace `ns`; the average RTT when all came back.
+    pub fn ping(&self, ns: &str, target: &str, count: u32) -> Option<Duration> {
+        let c = count.to_string();
+        let t = self
+            .exec(ns, &["ping", "-n", "-q", "-c", &c, "-i", "0.05", "-W", "1", target], Duration::from_secs(5 + u64::from(count)))
+            .ok()?;
+        if !t.output.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&t.output.stdout);
+        // rtt min/avg/max/mdev = 0.030/0.041/0.052/0.011 ms
+        let avg = text.lines().find(|l| l.contains("min/avg/max"))?.split('=').nth(1)?.split('/').nth(1)?.trim().parse::<f64>().ok()?;
+        Some(Duration::from_secs_f64(avg / 1000.0))
+    }
+
+    /// A TCP exchange: a server in `server_ns` on `ip:port` echoes what a
+    /// client in `client_ns` sends. Returns the peer address the server saw.
+    pub fn tcp_exchange(&self, client_ns: &str, server_ns: &str, ip: &str, port: u16) -> anyhow::Result<std::net::SocketAddr> {
+        use std::io::{Read, Write};
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+        let listener = netns::within(&netns::path(server_ns), || TcpListener::bind(addr))??;
+        let server = std::thread::spawn(move || -> std::io::Result<std::net::SocketAddr> {
+            listener.set_nonblocking(false)?;
+            let (mut s, peer) = listener.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf)?;
+            s.write_all(&buf)?;
+            Ok(peer)
+        });
+        let echoed = netns::within(&netns::path(client_ns), || -> std::io::Result<Vec<u8>> {
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"hello")?;
+            let mut buf = vec![0u8; 5];
+            c.read_exact(&mut buf)?;
+            Ok(buf)
+        })?;
+        let echoed = match echoed {
+            Ok(b) => b,
+            Err(e) => {
+                // unblock the server thread so it does not outlive the test
+                let _ = netns::within(&netns::path(client_ns), || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)));
+                bail!("tcp {client_ns} -> {addr}: {e}");
+            }
+        };
+        let peer = server.join().map_err(|_| anyhow!("tcp server thread panicked"))??;
+        if echoed != b"hello" {
+            bail!("tcp {client_ns} -> {addr}: echo mismatch");
+        }
+        Ok(peer)
+    }
+
+    /// Tears the lab down: agents stopped, namespaces deleted, state removed.
+    pub fn destroy(mut self) -> anyhow::Result<()> {
+        self.keep = false;
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> anyhow::Result<()> {
+        for n in self.st.nodes.clone() {
+            if let Some(pid) = n.agent_pid {
+                stop_pid(pid, self.children.remove(&n.name));
+            }
+        }
+        let errors = crate::gc::delete_namespaces(&self.st.id);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!("lab {} teardown: {}", self.st.id, errors.join("; ")))
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = self.teardown() {
+                eprintln!("{e}");
+            }
+        }
+    }
+}
+
+/// SIGTERM our agent `pid`, reap it, SIGKILL after 5 s.
+pub(crate) fn stop_pid(pid: u32, child: Option<Child>) {
+    use nix::sys::signal::{kill, Signal};
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    if !crate::gc::is_trellisd(pid) && child.is_none() {
+        return;
+    }
+    let _ = kill(p, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut child = child;
+    loop {
+        let gone = match child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => kill(p, None).is_err(),
+        };
+        if gone {
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = kill(p, Signal::SIGKILL);
+            if let Some(c) = child.as_mut() {
+                let _ = c.wait();
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

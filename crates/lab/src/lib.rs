@@ -1,0 +1,42 @@
+//! The lab: a virtual cluster on one machine. A fabric namespace holds the
+//! underlay bridge; each node is a namespace linked to it and runs its own
+//! `trellisd`; each pod is a namespace attached by executing the real
+//! `trellis` CNI plugin the way a container runtime does.
+//!
+//! Nothing is ever created in the host's own namespace. Every name starts
+//! with the lab id (`trl...`), every command runs with a timeout, and a lab
+//! is torn down on drop; `trellisctl lab gc` sweeps what a crash left.
+
+pub mod exec;
+pub mod gc;
+mod lab;
+pub mod netns;
+pub mod state;
+
+pub use lab::{Lab, LabOptions, PodAttach};
+pub use state::{LabState, NodeState, PodState};
+
+use std::path::PathBuf;
+
+/// Every lab id, and so every namespace a lab makes, starts with this.
+pub const PREFIX: &str = "trl";
+
+/// Where labs keep their state, sockets and logs.
+pub fn state_root() -> PathBuf {
+    PathBuf::from("/run/trellis-lab")
+}
+
+/// The directory holding `trellis`, `trellisd` and `trellisctl`: next to the
+/// running executable (test binaries live one level deeper, in `deps/`),
+/// or `TRELLIS_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TRELLIS_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}

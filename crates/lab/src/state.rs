@@ -1,0 +1,64 @@
+//! What a lab holds, on disk, so another process (`trellisctl lab ...`,
+//! `lab gc`) can find and tear it down.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A node of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeState {
+    /// Short name (`n1`).
+    pub name: String,
+    /// Underlay address.
+    pub ip: String,
+    /// Pod subnet.
+    pub subnet: String,
+    /// PID of its trellisd, when running.
+    pub agent_pid: Option<u32>,
+}
+
+/// A pod of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodState {
+    /// Node it runs on.
+    pub node: String,
+    /// Short name.
+    pub name: String,
+    /// Attach mode used.
+    pub mode: String,
+    /// Its address (with prefix).
+    pub ip: String,
+}
+
+/// The whole lab.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabState {
+    /// Lab id, the prefix of every name.
+    pub id: String,
+    /// Process that owns the lab (0: kept until `lab down`).
+    pub owner_pid: u32,
+    /// Nodes.
+    pub nodes: Vec<NodeState>,
+    /// Pods.
+    pub pods: Vec<PodState>,
+}
+
+impl LabState {
+    /// The state file of lab `id`.
+    pub fn file(dir: &Path) -> PathBuf {
+        dir.join("lab.json")
+    }
+
+    /// Reads it.
+    pub fn load(dir: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(Self::file(dir))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+
+    /// Writes it (atomically).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join("lab.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, Self::file(dir))
+    }
+}
