@@ -59,7 +59,9 @@ fn random_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let mix = nanos ^ std::process::id().rotate_left(13);
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mix = nanos ^ std::process::id().rotate_left(13) ^ seq.wrapping_mul(0x9e37_79b9);
     format!("{}{:06x}", crate::PREFIX, mix & 0xff_ffff)
 }
 

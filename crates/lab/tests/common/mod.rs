@@ -1,0 +1,87 @@
+//! Helpers shared by the privileged lab tests.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::time::Duration;
+use trellis_lab::{exec, Lab, LabOptions};
+
+/// True when the test may run; prints why it is skipped otherwise.
+pub fn privileged(test: &str) -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP {test}: needs root for network namespaces");
+        return false;
+    }
+    for bin in ["trellis", "trellisd"] {
+        let p = trellis_lab::bin_dir().join(bin);
+        assert!(p.exists(), "{} missing: run `cargo build --workspace --bins` first", p.display());
+    }
+    true
+}
+
+/// A one-node lab.
+pub fn lab(nodes: usize) -> Lab {
+    Lab::create(LabOptions { nodes, ..Default::default() }).expect("create lab")
+}
+
+/// `ip -j -d ARGS` inside namespace `ns`, parsed.
+pub fn ip_json(ns: &str, args: &[&str]) -> Value {
+    let mut full = vec!["-n", ns, "-j", "-d"];
+    full.extend_from_slice(args);
+    let out = exec::ip(&full).expect("ip -j");
+    if out.trim().is_empty() {
+        return Value::Array(vec![]);
+    }
+    serde_json::from_str(&out).expect("ip json")
+}
+
+/// Names of links in `ns`.
+pub fn links(ns: &str) -> Vec<String> {
+    ip_json(ns, &["link", "show"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Host-side pod veths in `ns`.
+pub fn pod_veths(ns: &str) -> Vec<String> {
+    links(ns).into_iter().filter(|l| l.starts_with("tl")).collect()
+}
+
+/// Addresses allocated on `node` (files in its IPAM directory).
+pub fn allocations(lab: &Lab, node: &str) -> Vec<String> {
+    let dir = lab.dir().join(format!("{node}-data/ipam"));
+    let mut out = vec![];
+    for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.parse::<std::net::IpAddr>().is_ok() {
+                out.push(name);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Parses the plugin's stdout.
+pub fn stdout_json(t: &exec::Timed) -> Value {
+    serde_json::from_slice(&t.output.stdout).unwrap_or_else(|e| {
+        panic!("plugin printed no JSON ({e}): {:?}", String::from_utf8_lossy(&t.output.stdout))
+    })
+}
+
+/// Pings must answer.
+pub fn assert_ping(lab: &Lab, ns: &str, target: &str) {
+    assert!(lab.ping(ns, target, 2).is_some(), "ping {ns} -> {target} failed");
+}
+
+/// Bounded wait.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
