@@ -119,12 +119,19 @@ pub fn plan(i: &PlanInput<'_>) -> Result<Plan, PlanError> {
                 pod: PodIface {
                     ifname: i.ifname.to_string(),
                     address,
-                    routes: vec![PodRoute { dst: default(i.ip), via: Some(gateway), onlink: false }],
+                    routes: vec![PodRoute {
+                        dst: default(i.ip),
+                        via: Some(gateway),
+                        onlink: false,
+                    }],
                 },
                 host_route: None,
                 sysctls: vec![
                     (format!("net/ipv4/conf/{}/proxy_arp", i.bridge), "1".into()),
-                    (format!("net/ipv4/neigh/{}/proxy_delay", i.bridge), "0".into()),
+                    (
+                        format!("net/ipv4/neigh/{}/proxy_delay", i.bridge),
+                        "0".into(),
+                    ),
                 ],
             })
         }
@@ -143,9 +150,17 @@ pub fn plan(i: &PlanInput<'_>) -> Result<Plan, PlanError> {
                 pod: PodIface {
                     ifname: i.ifname.to_string(),
                     address,
-                    routes: vec![PodRoute { dst: default(i.ip), via: Some(gateway), onlink: true }],
+                    routes: vec![PodRoute {
+                        dst: default(i.ip),
+                        via: Some(gateway),
+                        onlink: true,
+                    }],
                 },
-                host_route: Some(HostRoute { dst: address, dev: host.clone(), via: None }),
+                host_route: Some(HostRoute {
+                    dst: address,
+                    dev: host.clone(),
+                    via: None,
+                }),
                 sysctls: vec![
                     (format!("net/ipv4/conf/{host}/proxy_arp"), "1".into()),
                     (format!("net/ipv4/neigh/{host}/proxy_delay"), "0".into()),
@@ -160,7 +175,12 @@ impl Plan {
     pub fn result(&self, host_mac: &[u8; 6], netns_path: &str) -> Attachment {
         Attachment {
             interfaces: vec![
-                IfaceResult { name: self.veth.host.clone(), mac: mac_string(host_mac), mtu: self.veth.mtu, sandbox: String::new() },
+                IfaceResult {
+                    name: self.veth.host.clone(),
+                    mac: mac_string(host_mac),
+                    mtu: self.veth.mtu,
+                    sandbox: String::new(),
+                },
                 IfaceResult {
                     name: self.veth.peer.clone(),
                     mac: mac_string(&self.veth.peer_mac.unwrap_or_default()),
@@ -168,8 +188,20 @@ impl Plan {
                     sandbox: netns_path.to_string(),
                 },
             ],
-            ips: vec![IpResult { address: self.address, gateway: Some(self.gateway), interface: 1 }],
-            routes: self.pod.routes.iter().map(|r| RouteResult { dst: r.dst, gw: r.via }).collect(),
+            ips: vec![IpResult {
+                address: self.address,
+                gateway: Some(self.gateway),
+                interface: 1,
+            }],
+            routes: self
+                .pod
+                .routes
+                .iter()
+                .map(|r| RouteResult {
+                    dst: r.dst,
+                    gw: r.via,
+                })
+                .collect(),
         }
     }
 }
@@ -196,7 +228,10 @@ mod tests {
         assert_eq!(n.len(), 13);
         assert_eq!(n, host_veth_name("abc", "eth0"));
         assert_ne!(n, host_veth_name("abc", "eth1"));
-        assert_eq!(pod_mac("10.244.1.7".parse().expect("ip")), [0x0a, 0x58, 10, 244, 1, 7]);
+        assert_eq!(
+            pod_mac("10.244.1.7".parse().expect("ip")),
+            [0x0a, 0x58, 10, 244, 1, 7]
+        );
     }
 
     #[test]
@@ -204,7 +239,10 @@ mod tests {
         let p = plan(&input(AttachMode::Bridge)).expect("plan");
         assert_eq!(p.address.to_string(), "10.244.1.7/24");
         assert_eq!(p.gateway.to_string(), "10.244.1.1");
-        assert_eq!(p.bridge, Some(("cni0".into(), "10.244.1.1/24".parse().expect("net"))));
+        assert_eq!(
+            p.bridge,
+            Some(("cni0".into(), "10.244.1.1/24".parse().expect("net")))
+        );
         assert_eq!(p.pod.routes[0].via, Some("10.244.1.1".parse().expect("ip")));
         assert!(!p.pod.routes[0].onlink);
         assert!(p.host_route.is_none());
@@ -223,7 +261,13 @@ mod tests {
         let hr = p.host_route.expect("route");
         assert_eq!(hr.dst.to_string(), "10.244.1.7/32");
         assert_eq!(hr.dev, p.veth.host);
-        assert!(p.sysctls.iter().any(|(k, v)| k.ends_with("proxy_arp") && v == "1"));
-        assert!(p.sysctls.iter().any(|(k, v)| k.ends_with("proxy_delay") && v == "0"));
+        assert!(p
+            .sysctls
+            .iter()
+            .any(|(k, v)| k.ends_with("proxy_arp") && v == "1"));
+        assert!(p
+            .sysctls
+            .iter()
+            .any(|(k, v)| k.ends_with("proxy_delay") && v == "0"));
     }
 }

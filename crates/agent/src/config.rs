@@ -77,10 +77,17 @@ impl AgentConfig {
         let cfg: Self = serde_json::from_str(text).map_err(|e| e.to_string())?;
         HostRange::new(cfg.subnet).map_err(|e| format!("field \"subnet\": {e}"))?;
         if !(576..=65535).contains(&cfg.mtu) {
-            return Err(format!("field \"mtu\": {} is not within 576..=65535", cfg.mtu));
+            return Err(format!(
+                "field \"mtu\": {} is not within 576..=65535",
+                cfg.mtu
+            ));
         }
-        trellis_cni::env::validate_ifname(&cfg.bridge)
-            .map_err(|_| format!("field \"bridge\": {:?} is not a valid interface name", cfg.bridge))?;
+        trellis_cni::env::validate_ifname(&cfg.bridge).map_err(|_| {
+            format!(
+                "field \"bridge\": {:?} is not a valid interface name",
+                cfg.bridge
+            )
+        })?;
         if cfg.node_name.is_empty() {
             return Err("field \"nodeName\" is empty".into());
         }
@@ -107,8 +114,14 @@ mod tests {
         assert!(c.ipam_dir().ends_with("ipam/10.244.1.0_24"));
         for (doc, needle) in [
             (r#"{"nodeName":"n1","subnet":"10.244.1.9/24"}"#, "subnet"),
-            (r#"{"nodeName":"n1","subnet":"10.244.1.0/24","mtu":9}"#, "mtu"),
-            (r#"{"nodeName":"n1","subnet":"10.244.1.0/24","bogus":1}"#, "bogus"),
+            (
+                r#"{"nodeName":"n1","subnet":"10.244.1.0/24","mtu":9}"#,
+                "mtu",
+            ),
+            (
+                r#"{"nodeName":"n1","subnet":"10.244.1.0/24","bogus":1}"#,
+                "bogus",
+            ),
             (r#"{"subnet":"10.244.1.0/24"}"#, "nodeName"),
         ] {
             let e = AgentConfig::parse(doc).expect_err(doc);

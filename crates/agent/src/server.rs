@@ -51,21 +51,32 @@ fn handle(stream: &UnixStream, service: &CniService) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("cni request refused: {e}");
-            let err = trellis_cni::CniError::new(trellis_cni::error::DECODE_FAILURE, format!("agent could not read the request: {e}"));
+            let err = trellis_cni::CniError::new(
+                trellis_cni::error::DECODE_FAILURE,
+                format!("agent could not read the request: {e}"),
+            );
             let _ = reply(stream, &Response::Error(err));
             return;
         }
     };
-    let (cmd, cid, ifname) = (req.env.command, req.env.container_id.clone(), req.env.ifname.clone());
+    let (cmd, cid, ifname) = (
+        req.env.command,
+        req.env.container_id.clone(),
+        req.env.ifname.clone(),
+    );
     let resp = service.handle(req, fd);
     let took = started.elapsed();
     match &resp {
-        Response::Error(e) => tracing::warn!(command = cmd.as_str(), container = %cid, ifname = %ifname, ?took, "failed: {e}"),
+        Response::Error(e) => {
+            tracing::warn!(command = cmd.as_str(), container = %cid, ifname = %ifname, ?took, "failed: {e}")
+        }
         Response::Added(a) => tracing::info!(
             command = cmd.as_str(), container = %cid, ifname = %ifname, ?took,
             ip = %a.ips.first().map(|i| i.address.to_string()).unwrap_or_default(), "ok"
         ),
-        Response::Done => tracing::info!(command = cmd.as_str(), container = %cid, ifname = %ifname, ?took, "ok"),
+        Response::Done => {
+            tracing::info!(command = cmd.as_str(), container = %cid, ifname = %ifname, ?took, "ok")
+        }
     }
     if let Err(e) = reply(stream, &resp) {
         tracing::warn!("cni reply: {e}");

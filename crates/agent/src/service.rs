@@ -34,7 +34,9 @@ fn dp_err(what: &str) -> impl FnOnce(DataplaneError) -> CniError + '_ {
 
 fn pool_err(e: PoolError) -> CniError {
     match e {
-        PoolError::Ipam(e @ IpamError::Exhausted(..)) => CniError::new(IPAM_EXHAUSTED, e.to_string()),
+        PoolError::Ipam(e @ IpamError::Exhausted(..)) => {
+            CniError::new(IPAM_EXHAUSTED, e.to_string())
+        }
         PoolError::Ipam(e @ IpamError::AlreadyAllocated { .. }) => {
             CniError::new(ALREADY_ATTACHED, e.to_string()).with_details("DEL it first")
         }
@@ -50,7 +52,12 @@ impl CniService {
         for w in &pool.warnings {
             tracing::warn!("ipam: {w}");
         }
-        Ok(Self { cfg, range, dp, pool: Mutex::new(pool) })
+        Ok(Self {
+            cfg,
+            range,
+            dp,
+            pool: Mutex::new(pool),
+        })
     }
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -59,7 +66,11 @@ impl CniService {
 
     /// Addresses currently allocated, for status output.
     pub fn allocations(&self) -> Vec<(std::net::IpAddr, Owner)> {
-        self.pool().allocator().allocations().map(|(i, o)| (*i, o.clone())).collect()
+        self.pool()
+            .allocator()
+            .allocations()
+            .map(|(i, o)| (*i, o.clone()))
+            .collect()
     }
 
     /// Handles one request.
@@ -80,17 +91,31 @@ impl CniService {
     }
 
     fn key(env: &Env, conf: &NetConf) -> OwnerKey {
-        (conf.name.clone(), env.container_id.clone(), env.ifname.clone())
+        (
+            conf.name.clone(),
+            env.container_id.clone(),
+            env.ifname.clone(),
+        )
     }
 
     fn pod_netns(&self, env: &Env, netns: Option<OwnedFd>) -> Result<OwnedFd, CniError> {
         let fd = netns.ok_or_else(|| {
-            CniError::new(INVALID_ENV, format!("CNI_NETNS {:?} was not passed to the agent", env.netns))
+            CniError::new(
+                INVALID_ENV,
+                format!("CNI_NETNS {:?} was not passed to the agent", env.netns),
+            )
         })?;
-        if self.dp.is_own_netns(fd.as_fd()).map_err(dp_err("inspect CNI_NETNS"))? {
+        if self
+            .dp
+            .is_own_netns(fd.as_fd())
+            .map_err(dp_err("inspect CNI_NETNS"))?
+        {
             return Err(CniError::new(
                 INVALID_ENV,
-                format!("CNI_NETNS {} is the node's own network namespace", env.netns),
+                format!(
+                    "CNI_NETNS {} is the node's own network namespace",
+                    env.netns
+                ),
             ));
         }
         Ok(fd)
@@ -109,13 +134,26 @@ impl CniService {
         .map_err(|e| CniError::new(trellis_cni::error::INVALID_CONFIG, e.to_string()))
     }
 
-    fn add(&self, env: &Env, conf: &NetConf, netns: Option<OwnedFd>) -> Result<Attachment, CniError> {
+    fn add(
+        &self,
+        env: &Env,
+        conf: &NetConf,
+        netns: Option<OwnedFd>,
+    ) -> Result<Attachment, CniError> {
         let netns = self.pod_netns(env, netns)?;
         let host = host_veth_name(&env.container_id, &env.ifname);
-        if self.dp.link_index(&host).map_err(dp_err("look up host veth"))?.is_some() {
+        if self
+            .dp
+            .link_index(&host)
+            .map_err(dp_err("look up host veth"))?
+            .is_some()
+        {
             return Err(CniError::new(
                 ALREADY_ATTACHED,
-                format!("container {} interface {} is attached already (host veth {host} exists)", env.container_id, env.ifname),
+                format!(
+                    "container {} interface {} is attached already (host veth {host} exists)",
+                    env.container_id, env.ifname
+                ),
             )
             .with_details("DEL it first"));
         }
@@ -158,20 +196,29 @@ impl CniService {
         let info = self.dp.veth_into_netns(&veth, netns.as_fd()).map_err(|e| {
             let mut err = dp_err("create veth")(e.clone());
             if e.source.errno() == Some(nix::errno::Errno::EEXIST) {
-                err.details = format!("an interface named {} (or {}) exists already", veth.peer, veth.host);
+                err.details = format!(
+                    "an interface named {} (or {}) exists already",
+                    veth.peer, veth.host
+                );
             }
             err
         })?;
         if plan.bridge.is_some() {
-            self.dp.bridge_port_hairpin(&veth.host, true).map_err(dp_err("enable hairpin"))?;
+            self.dp
+                .bridge_port_hairpin(&veth.host, true)
+                .map_err(dp_err("enable hairpin"))?;
         }
         for (k, v) in &plan.sysctls {
             self.dp.sysctl_set(k, v).map_err(dp_err("set sysctl"))?;
         }
         if let Some(route) = &plan.host_route {
-            self.dp.route_replace(route).map_err(dp_err("route to pod"))?;
+            self.dp
+                .route_replace(route)
+                .map_err(dp_err("route to pod"))?;
         }
-        self.dp.pod_configure(netns.as_fd(), &plan.pod).map_err(dp_err("configure pod interface"))?;
+        self.dp
+            .pod_configure(netns.as_fd(), &plan.pod)
+            .map_err(dp_err("configure pod interface"))?;
         Ok(info.host_mac)
     }
 
@@ -186,8 +233,12 @@ impl CniService {
 
     fn del(&self, env: &Env, conf: &NetConf) -> Result<(), CniError> {
         let host = host_veth_name(&env.container_id, &env.ifname);
-        self.dp.link_delete(&host).map_err(dp_err("delete host veth"))?;
-        self.pool().release(&Self::key(env, conf)).map_err(pool_err)?;
+        self.dp
+            .link_delete(&host)
+            .map_err(dp_err("delete host veth"))?;
+        self.pool()
+            .release(&Self::key(env, conf))
+            .map_err(pool_err)?;
         Ok(())
     }
 
@@ -195,31 +246,63 @@ impl CniService {
         let Some(ip) = self.pool().allocator().lookup(&Self::key(env, conf)) else {
             return Err(CniError::new(
                 UNKNOWN_CONTAINER,
-                format!("container {} interface {} is not attached to network {}", env.container_id, env.ifname, conf.name),
+                format!(
+                    "container {} interface {} is not attached to network {}",
+                    env.container_id, env.ifname, conf.name
+                ),
             ));
         };
         let netns = self.pod_netns(env, netns)?;
         let plan = self.plan_for(env, conf, ip)?;
-        let mismatch = |what: String| Err(CniError::new(CHECK_MISMATCH, format!("container {}: {what}", env.container_id)));
-        if self.dp.link_index(&plan.veth.host).map_err(dp_err("look up host veth"))?.is_none() {
+        let mismatch = |what: String| {
+            Err(CniError::new(
+                CHECK_MISMATCH,
+                format!("container {}: {what}", env.container_id),
+            ))
+        };
+        if self
+            .dp
+            .link_index(&plan.veth.host)
+            .map_err(dp_err("look up host veth"))?
+            .is_none()
+        {
             return mismatch(format!("host veth {} is missing", plan.veth.host));
         }
-        let Some(state) = self.dp.pod_inspect(netns.as_fd(), &env.ifname).map_err(dp_err("inspect pod"))? else {
-            return mismatch(format!("interface {} is missing in {}", env.ifname, env.netns));
+        let Some(state) = self
+            .dp
+            .pod_inspect(netns.as_fd(), &env.ifname)
+            .map_err(dp_err("inspect pod"))?
+        else {
+            return mismatch(format!(
+                "interface {} is missing in {}",
+                env.ifname, env.netns
+            ));
         };
         if !state.addresses.contains(&plan.address) {
-            return mismatch(format!("{} lacks address {} (has {:?})", env.ifname, plan.address, state.addresses));
+            return mismatch(format!(
+                "{} lacks address {} (has {:?})",
+                env.ifname, plan.address, state.addresses
+            ));
         }
         if !state.default_via.contains(&plan.gateway) {
-            return mismatch(format!("no default route via {} on {}", plan.gateway, env.ifname));
+            return mismatch(format!(
+                "no default route via {} on {}",
+                plan.gateway, env.ifname
+            ));
         }
         if state.mtu != plan.veth.mtu {
-            return mismatch(format!("{} has MTU {}, expected {}", env.ifname, state.mtu, plan.veth.mtu));
+            return mismatch(format!(
+                "{} has MTU {}, expected {}",
+                env.ifname, state.mtu, plan.veth.mtu
+            ));
         }
         if let Some(prev) = &conf.prev_result {
             let claimed = prev_result_addresses(prev);
             if !claimed.contains(&plan.address) {
-                return mismatch(format!("prevResult lists {claimed:?}, the agent holds {}", plan.address));
+                return mismatch(format!(
+                    "prevResult lists {claimed:?}, the agent holds {}",
+                    plan.address
+                ));
             }
         }
         Ok(())
@@ -228,7 +311,10 @@ impl CniService {
     fn status(&self) -> Result<(), CniError> {
         let free = self.pool().allocator().free();
         if free == 0 {
-            return Err(CniError::new(NOT_AVAILABLE, format!("no free pod address left in {}", self.range.net())));
+            return Err(CniError::new(
+                NOT_AVAILABLE,
+                format!("no free pod address left in {}", self.range.net()),
+            ));
         }
         Ok(())
     }
@@ -250,15 +336,113 @@ impl CniService {
                 continue;
             }
             match self.pool().release_ip(ip) {
-                Ok(()) => tracing::info!("gc: freed {ip} of {} {}", owner.container_id, owner.ifname),
+                Ok(()) => {
+                    tracing::info!("gc: freed {ip} of {} {}", owner.container_id, owner.ifname)
+                }
                 Err(e) => failures.push(e.to_string()),
             }
         }
         if failures.is_empty() {
             Ok(())
         } else {
-            Err(CniError::new(DATAPLANE_FAILURE, format!("gc: {} attachment(s) not freed", failures.len()))
-                .with_details(failures.join("; ")))
+            Err(CniError::new(
+                DATAPLANE_FAILURE,
+                format!("gc: {} attachment(s) not freed", failures.len()),
+            )
+            .with_details(failures.join("; ")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+    use trellis_dataplane::FakeDataplane;
+
+    fn service(dir: &std::path::Path) -> (CniService, Arc<FakeDataplane>) {
+        let cfg = AgentConfig::parse(&format!(
+            r#"{{"nodeName":"n1","subnet":"10.244.1.0/24","dataDir":"{}"}}"#,
+            dir.display()
+        ))
+        .expect("cfg");
+        let fake = Arc::new(FakeDataplane::new());
+        (CniService::new(cfg, fake.clone()).expect("service"), fake)
+    }
+
+    fn request(cmd: &str, mode: &str) -> Request {
+        let env = Env::from_lookup(|k| {
+            Some(match k {
+                "CNI_COMMAND" => cmd.into(),
+                "CNI_CONTAINERID" => "c1".into(),
+                "CNI_NETNS" => "/var/run/netns/p".into(),
+                "CNI_IFNAME" => "eth0".into(),
+                "CNI_PATH" => "/opt/cni/bin".into(),
+                _ => return None,
+            })
+        })
+        .expect("env");
+        Request {
+            env,
+            config: serde_json::json!({"cniVersion":"1.1.0","name":"net","mode":mode}),
+            has_netns_fd: true,
+        }
+    }
+
+    fn pod_fd() -> Option<OwnedFd> {
+        Some(std::fs::File::open("/dev/null").expect("fd").into())
+    }
+
+    #[test]
+    fn every_failing_step_rolls_back() {
+        for (mode, verb) in [
+            ("bridge", "bridge_ensure"),
+            ("bridge", "veth_into_netns"),
+            ("bridge", "bridge_port_hairpin"),
+            ("routed", "sysctl_set"),
+            ("routed", "route_replace"),
+            ("routed", "pod_configure"),
+        ] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let (svc, fake) = service(dir.path());
+            fake.fail_next(verb, Errno::EIO);
+            match svc.handle(request("ADD", mode), pod_fd()) {
+                Response::Error(e) => assert_eq!(e.code, DATAPLANE_FAILURE, "{mode}/{verb}: {e}"),
+                other => panic!("{mode}/{verb}: {other:?}"),
+            }
+            let veths: Vec<_> = fake
+                .links()
+                .into_keys()
+                .filter(|l| l.starts_with("tl"))
+                .collect();
+            assert!(veths.is_empty(), "{mode}/{verb}: {veths:?}");
+            assert!(svc.allocations().is_empty(), "{mode}/{verb}");
+            // and the next ADD succeeds
+            assert!(
+                matches!(
+                    svc.handle(request("ADD", mode), pod_fd()),
+                    Response::Added(_)
+                ),
+                "{mode}/{verb}"
+            );
+        }
+    }
+
+    #[test]
+    fn routed_add_programs_route_and_sysctls() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (svc, fake) = service(dir.path());
+        let Response::Added(a) = svc.handle(request("ADD", "routed"), pod_fd()) else {
+            panic!("add")
+        };
+        assert_eq!(a.ips[0].address.to_string(), "10.244.1.2/32");
+        assert_eq!(fake.routes()[0].dst.to_string(), "10.244.1.2/32");
+        assert!(fake.sysctls().keys().any(|k| k.ends_with("proxy_arp")));
+        assert!(matches!(
+            svc.handle(request("DEL", "routed"), None),
+            Response::Done
+        ));
+        assert!(fake.routes().is_empty());
+        assert!(svc.allocations().is_empty());
     }
 }

@@ -70,7 +70,10 @@ pub struct NetConf {
 }
 
 fn invalid(field: &str, what: impl std::fmt::Display) -> CniError {
-    CniError::new(INVALID_CONFIG, format!("invalid network config: field {field:?} {what}"))
+    CniError::new(
+        INVALID_CONFIG,
+        format!("invalid network config: field {field:?} {what}"),
+    )
 }
 
 fn opt_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, CniError> {
@@ -90,11 +93,15 @@ impl NetConf {
                 .with_details(e.to_string())
         })?;
         let obj = raw.as_object().ok_or_else(|| {
-            CniError::new(DECODE_FAILURE, "network config on stdin is not a JSON object")
+            CniError::new(
+                DECODE_FAILURE,
+                "network config on stdin is not a JSON object",
+            )
         })?;
         let cni_version = opt_str(obj, "cniVersion")?.ok_or_else(|| {
-            CniError::new(INCOMPATIBLE_VERSION, "network config has no cniVersion")
-                .with_details("CNI reads a missing cniVersion as 0.1.0, which trellis does not support")
+            CniError::new(INCOMPATIBLE_VERSION, "network config has no cniVersion").with_details(
+                "CNI reads a missing cniVersion as 0.1.0, which trellis does not support",
+            )
         })?;
         let version = Version::parse(cni_version)?;
         let name = match opt_str(obj, "name")? {
@@ -105,48 +112,73 @@ impl NetConf {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
         {
-            return Err(invalid("name", format!("{name:?} may hold only letters, digits, '_', '.' and '-'")));
+            return Err(invalid(
+                "name",
+                format!("{name:?} may hold only letters, digits, '_', '.' and '-'"),
+            ));
         }
         let mode = match opt_str(obj, "mode")? {
             None => None,
             Some("bridge") => Some(AttachMode::Bridge),
             Some("routed") => Some(AttachMode::Routed),
             Some(other) => {
-                return Err(invalid("mode", format!("is {other:?}; expected \"bridge\" or \"routed\"")))
+                return Err(invalid(
+                    "mode",
+                    format!("is {other:?}; expected \"bridge\" or \"routed\""),
+                ))
             }
         };
         let agent_socket = opt_str(obj, "agentSocket")?
             .unwrap_or(DEFAULT_AGENT_SOCKET)
             .to_string();
         if !agent_socket.starts_with('/') {
-            return Err(invalid("agentSocket", format!("{agent_socket:?} is not an absolute path")));
+            return Err(invalid(
+                "agentSocket",
+                format!("{agent_socket:?} is not an absolute path"),
+            ));
         }
         let mtu = match obj.get("mtu") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_u64() {
                 Some(m) if (576..=65535).contains(&m) => Some(m as u32),
-                _ => return Err(invalid("mtu", format!("is {v}; expected an integer from 576 to 65535"))),
+                _ => {
+                    return Err(invalid(
+                        "mtu",
+                        format!("is {v}; expected an integer from 576 to 65535"),
+                    ))
+                }
             },
         };
         let bridge = opt_str(obj, "bridge")?.map(String::from);
         if let Some(b) = &bridge {
-            crate::env::validate_ifname(b).map_err(|_| invalid("bridge", format!("{b:?} is not a valid interface name")))?;
+            crate::env::validate_ifname(b)
+                .map_err(|_| invalid("bridge", format!("{b:?} is not a valid interface name")))?;
         }
         let prev_result = match obj.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(other) => return Err(invalid("prevResult", format!("must be an object, got {other}"))),
+            Some(other) => {
+                return Err(invalid(
+                    "prevResult",
+                    format!("must be an object, got {other}"),
+                ))
+            }
         };
         let valid_attachments = match obj.get("cni.dev/valid-attachments") {
             None | Some(Value::Null) => None,
             Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
-                invalid("cni.dev/valid-attachments", format!("must be a list of {{\"containerID\",\"ifname\"}}: {e}"))
+                invalid(
+                    "cni.dev/valid-attachments",
+                    format!("must be a list of {{\"containerID\",\"ifname\"}}: {e}"),
+                )
             })?),
         };
         for field in ["runtimeConfig", "args", "capabilities"] {
             match obj.get(field) {
                 None | Some(Value::Null) | Some(Value::Object(_)) => {}
-                Some(other) => return Err(invalid(field, format!("must be an object, got {other}"))),
+                Some(other) => {
+                    return Err(invalid(field, format!("must be an object, got {other}")))
+                }
             }
         }
         Ok(Self {
@@ -192,17 +224,34 @@ mod tests {
         assert_eq!(parse("{not json").expect_err("x").code, 6);
         assert_eq!(parse("[1]").expect_err("x").code, 6);
         assert_eq!(parse(r#"{"name":"a"}"#).expect_err("x").code, 1);
-        assert_eq!(parse(r#"{"cniVersion":"0.2.0","name":"a"}"#).expect_err("x").code, 1);
+        assert_eq!(
+            parse(r#"{"cniVersion":"0.2.0","name":"a"}"#)
+                .expect_err("x")
+                .code,
+            1
+        );
         for (doc, field) in [
             (r#"{"cniVersion":"1.0.0"}"#, "name"),
             (r#"{"cniVersion":"1.0.0","name":"a","mode":"nat"}"#, "mode"),
             (r#"{"cniVersion":"1.0.0","name":"a","mode":7}"#, "mode"),
             (r#"{"cniVersion":"1.0.0","name":"a","mtu":70000}"#, "mtu"),
             (r#"{"cniVersion":"1.0.0","name":"a","mtu":"1500"}"#, "mtu"),
-            (r#"{"cniVersion":"1.0.0","name":"a","agentSocket":"rel"}"#, "agentSocket"),
-            (r#"{"cniVersion":"1.0.0","name":"a","bridge":"a/b"}"#, "bridge"),
-            (r#"{"cniVersion":"1.0.0","name":"a","prevResult":3}"#, "prevResult"),
-            (r#"{"cniVersion":"1.1.0","name":"a","cni.dev/valid-attachments":[{"x":1}]}"#, "cni.dev/valid-attachments"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"a","agentSocket":"rel"}"#,
+                "agentSocket",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"a","bridge":"a/b"}"#,
+                "bridge",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"a","prevResult":3}"#,
+                "prevResult",
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"a","cni.dev/valid-attachments":[{"x":1}]}"#,
+                "cni.dev/valid-attachments",
+            ),
         ] {
             let e = parse(doc).expect_err(doc);
             assert_eq!(e.code, 7, "{doc}");

@@ -80,7 +80,10 @@ impl Env {
         let needs = |var: &str| -> bool {
             match command {
                 Command::Add | Command::Check => {
-                    matches!(var, "CNI_CONTAINERID" | "CNI_NETNS" | "CNI_IFNAME" | "CNI_PATH")
+                    matches!(
+                        var,
+                        "CNI_CONTAINERID" | "CNI_NETNS" | "CNI_IFNAME" | "CNI_PATH"
+                    )
                 }
                 Command::Del => matches!(var, "CNI_CONTAINERID" | "CNI_IFNAME" | "CNI_PATH"),
                 Command::Status | Command::Gc | Command::Version => false,
@@ -118,22 +121,26 @@ impl Env {
             netns,
             ifname,
             args: parse_args(&get("CNI_ARGS").unwrap_or_default())?,
-            path: path.split(':').filter(|p| !p.is_empty()).map(String::from).collect(),
+            path: path
+                .split(':')
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect(),
         })
     }
 
     /// The value of a `CNI_ARGS` key, e.g. `K8S_POD_NAME`.
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Container ids: non-empty, alphanumerics plus `_ . -`, as the spec says.
 pub fn validate_container_id(id: &str) -> Result<(), CniError> {
-    let ok = id
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric())
+    let ok = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -154,7 +161,9 @@ pub fn validate_ifname(name: &str) -> Result<(), CniError> {
         || name.len() > 15
         || name == "."
         || name == ".."
-        || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
     if bad {
         Err(CniError::new(
             INVALID_ENV,
@@ -199,7 +208,10 @@ mod tests {
         ("CNI_NETNS", "/var/run/netns/x"),
         ("CNI_IFNAME", "eth0"),
         ("CNI_PATH", "/opt/cni/bin:/usr/lib/cni"),
-        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web-1;K8S_POD_NAMESPACE=default"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAME=web-1;K8S_POD_NAMESPACE=default",
+        ),
     ];
 
     #[test]
@@ -212,7 +224,13 @@ mod tests {
 
     #[test]
     fn missing_and_invalid_vars_are_code_4() {
-        for drop in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"] {
+        for drop in [
+            "CNI_COMMAND",
+            "CNI_CONTAINERID",
+            "CNI_NETNS",
+            "CNI_IFNAME",
+            "CNI_PATH",
+        ] {
             let v: Vec<_> = ADD.iter().copied().filter(|(k, _)| *k != drop).collect();
             let err = env(&v).expect_err(drop);
             assert_eq!(err.code, 4);

@@ -78,7 +78,11 @@ impl Attachment {
                     v["gateway"] = json!(gw.to_string());
                 }
                 if !version.is_1x() {
-                    v["version"] = json!(if ip.address.addr().is_ipv4() { "4" } else { "6" });
+                    v["version"] = json!(if ip.address.addr().is_ipv4() {
+                        "4"
+                    } else {
+                        "6"
+                    });
                 }
                 v
             })
@@ -123,11 +127,28 @@ mod tests {
     fn sample() -> Attachment {
         Attachment {
             interfaces: vec![
-                IfaceResult { name: "tl0123456789a".into(), mac: "ee:ee:ee:ee:ee:ee".into(), mtu: 1500, sandbox: String::new() },
-                IfaceResult { name: "eth0".into(), mac: "02:00:00:00:00:01".into(), mtu: 1500, sandbox: "/var/run/netns/p".into() },
+                IfaceResult {
+                    name: "tl0123456789a".into(),
+                    mac: "ee:ee:ee:ee:ee:ee".into(),
+                    mtu: 1500,
+                    sandbox: String::new(),
+                },
+                IfaceResult {
+                    name: "eth0".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                    mtu: 1500,
+                    sandbox: "/var/run/netns/p".into(),
+                },
             ],
-            ips: vec![IpResult { address: "10.244.0.5/24".parse().expect("net"), gateway: Some("10.244.0.1".parse().expect("ip")), interface: 1 }],
-            routes: vec![RouteResult { dst: "0.0.0.0/0".parse().expect("net"), gw: Some("10.244.0.1".parse().expect("ip")) }],
+            ips: vec![IpResult {
+                address: "10.244.0.5/24".parse().expect("net"),
+                gateway: Some("10.244.0.1".parse().expect("ip")),
+                interface: 1,
+            }],
+            routes: vec![RouteResult {
+                dst: "0.0.0.0/0".parse().expect("net"),
+                gw: Some("10.244.0.1".parse().expect("ip")),
+            }],
         }
     }
 
@@ -145,6 +166,9 @@ mod tests {
         let v11 = a.render("1.1.0", Version::parse("1.1.0").expect("v"));
         assert_eq!(v11["interfaces"][1]["mtu"], 1500);
         assert_eq!(v11["routes"][0]["gw"], "10.244.0.1");
-        assert_eq!(prev_result_addresses(&v11), vec!["10.244.0.5/24".parse::<IpNet>().expect("net")]);
+        assert_eq!(
+            prev_result_addresses(&v11),
+            vec!["10.244.0.5/24".parse::<IpNet>().expect("net")]
+        );
     }
 }

@@ -38,11 +38,17 @@ pub fn call(socket: &Path, req: &Request, netns: Option<&OwnedFd>) -> Result<Res
         .with_details("is the trellis agent running on this node? try again later")
     };
     let stream = UnixStream::connect(socket).map_err(unreachable)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(unreachable)?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(unreachable)?;
     let body = serde_json::to_vec(req).map_err(|e| unreachable(e.into()))?;
     send_with_fd(&stream, &body, netns.map(AsRawFd::as_raw_fd)).map_err(unreachable)?;
-    stream.shutdown(std::net::Shutdown::Write).map_err(unreachable)?;
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(unreachable)?;
     let mut answer = Vec::new();
     stream
         .take(MAX_MESSAGE as u64)
@@ -94,7 +100,11 @@ pub fn receive(stream: &UnixStream) -> Result<(Request, Option<OwnedFd>), Transp
             if let ControlMessageOwned::ScmRights(rights) = c {
                 // SAFETY: the kernel just installed these descriptors in our
                 // table for this message; nothing else owns them.
-                fds.extend(rights.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    rights
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         (msg.bytes, fds)

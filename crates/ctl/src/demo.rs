@@ -11,23 +11,44 @@ fn ms(d: Duration) -> String {
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     println!("== trellis demo: one node, pods in bridge and routed mode ==\n");
-    let mut lab = Lab::create(LabOptions { nodes: 1, ..Default::default() })?;
+    let mut lab = Lab::create(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })?;
     let n = lab.node("n1")?.clone();
     println!(
         "lab {}: node n1 in netns {} (underlay {} on the fabric), pod subnet {}, agent log {}",
-        lab.id(), lab.ns("n1"), n.ip, n.subnet, lab.agent_log("n1").display()
+        lab.id(),
+        lab.ns("n1"),
+        n.ip,
+        n.subnet,
+        lab.agent_log("n1").display()
     );
     println!("\n-- attach (real `trellis` CNI plugin -> trellisd over its unix socket) --");
     println!("{:<6} {:<8} {:<18} {:>10}", "pod", "mode", "address", "ADD");
-    let pods = [("b1", "bridge"), ("b2", "bridge"), ("r1", "routed"), ("r2", "routed")];
+    let pods = [
+        ("b1", "bridge"),
+        ("b2", "bridge"),
+        ("r1", "routed"),
+        ("r2", "routed"),
+    ];
     let mut ips = Vec::new();
     for (pod, mode) in pods {
         let a = lab.add_pod("n1", pod, mode)?;
-        println!("{:<6} {:<8} {:<18} {:>10}", pod, mode, a.address, ms(a.took));
+        println!(
+            "{:<6} {:<8} {:<18} {:>10}",
+            pod,
+            mode,
+            a.address,
+            ms(a.took)
+        );
         ips.push((pod, mode, a.ip));
     }
     println!("\n-- ping (3 packets) and a TCP echo between every pair --");
-    println!("{:<6} {:<6} {:<16} {:>10} {:>8}", "from", "to", "target", "ping avg", "tcp");
+    println!(
+        "{:<6} {:<6} {:<16} {:>10} {:>8}",
+        "from", "to", "target", "ping avg", "tcp"
+    );
     let mut failures = 0;
     let mut port = 7000;
     for (from, _, _) in &ips {
@@ -41,7 +62,9 @@ pub fn run() -> anyhow::Result<()> {
             failures += usize::from(rtt.is_none()) + usize::from(tcp.is_err());
             println!(
                 "{:<6} {:<6} {:<16} {:>10} {:>8}",
-                from, to, ip,
+                from,
+                to,
+                ip,
                 rtt.map(ms).unwrap_or_else(|| "FAIL".into()),
                 if tcp.is_ok() { "ok" } else { "FAIL" }
             );
@@ -65,7 +88,10 @@ pub fn run() -> anyhow::Result<()> {
     }
     let id = lab.id().to_string();
     lab.destroy()?;
-    println!("\nlab {id} torn down; demo took {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "\nlab {id} torn down; demo took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");
     }

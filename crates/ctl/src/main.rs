@@ -91,8 +91,17 @@ fn main() -> anyhow::Result<()> {
     match cmd {
         LabCmd::Demo => demo::run(),
         LabCmd::Up { name, nodes, mtu } => {
-            let lab = Lab::create(LabOptions { nodes, name: Some(name), mtu })?;
-            println!("lab {} is up: {} node(s); state in {}", lab.id(), nodes, lab.dir().display());
+            let lab = Lab::create(LabOptions {
+                nodes,
+                name: Some(name),
+                mtu,
+            })?;
+            println!(
+                "lab {} is up: {} node(s); state in {}",
+                lab.id(),
+                nodes,
+                lab.dir().display()
+            );
             Ok(())
         }
         LabCmd::Down { name } => {
@@ -100,26 +109,44 @@ fn main() -> anyhow::Result<()> {
             println!("lab {name} removed");
             Ok(())
         }
-        LabCmd::Add { name, node, mode, pod } => {
+        LabCmd::Add {
+            name,
+            node,
+            mode,
+            pod,
+        } => {
             let mut lab = Lab::open(&name)?;
             let a = lab.add_pod(&node, &pod, &mode)?;
-            println!("{pod} on {node} ({mode}): {} in {:.1} ms", a.address, a.took.as_secs_f64() * 1e3);
+            println!(
+                "{pod} on {node} ({mode}): {} in {:.1} ms",
+                a.address,
+                a.took.as_secs_f64() * 1e3
+            );
             Ok(())
         }
         LabCmd::Del { name, node, pod } => {
             let mut lab = Lab::open(&name)?;
             let took = lab.del_pod(&node, &pod)?;
-            println!("{pod} on {node} deleted in {:.1} ms", took.as_secs_f64() * 1e3);
+            println!(
+                "{pod} on {node} deleted in {:.1} ms",
+                took.as_secs_f64() * 1e3
+            );
             Ok(())
         }
         LabCmd::Show { name } => {
             let lab = Lab::open(&name)?;
-            println!("{}", serde_json::to_string_pretty(lab.state()).context("encode")?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(lab.state()).context("encode")?
+            );
             Ok(())
         }
         LabCmd::Gc { all } => {
             let r = trellis_lab::gc::sweep(all);
-            println!("removed labs: {:?}; stray namespaces: {:?}; kept: {:?}", r.labs, r.strays, r.kept);
+            println!(
+                "removed labs: {:?}; stray namespaces: {:?}; kept: {:?}",
+                r.labs, r.strays, r.kept
+            );
             if !r.errors.is_empty() {
                 anyhow::bail!("gc: {}", r.errors.join("; "));
             }

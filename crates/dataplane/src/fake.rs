@@ -100,7 +100,14 @@ impl State {
         self.next_index += 1;
         let index = self.next_index + 1;
         let mac = mac.unwrap_or([0x02, 0, 0, 0, (index >> 8) as u8, index as u8]);
-        let link = FakeLink { index, mac, master: None, hairpin: false, mtu, peer: None };
+        let link = FakeLink {
+            index,
+            mac,
+            master: None,
+            hairpin: false,
+            mtu,
+            peer: None,
+        };
         self.links.insert(name.to_string(), link.clone());
         link
     }
@@ -119,7 +126,10 @@ impl Dataplane for FakeDataplane {
         let mut s = self.enter("veth_into_netns")?;
         let key = (netns.as_raw_fd(), spec.peer.clone());
         if s.links.contains_key(&spec.host) || s.pods.contains_key(&key) {
-            return Err(DataplaneError::new("veth_into_netns", NlError::Kernel(Errno::EEXIST)));
+            return Err(DataplaneError::new(
+                "veth_into_netns",
+                NlError::Kernel(Errno::EEXIST),
+            ));
         }
         let mut link = s.add_link(&spec.host, spec.mtu, spec.host_mac);
         let pod_mac = spec.peer_mac.unwrap_or([2, 0xaa, 0, 0, 0, 1]);
@@ -128,9 +138,18 @@ impl Dataplane for FakeDataplane {
         s.links.insert(spec.host.clone(), link.clone());
         s.pods.insert(
             key,
-            PodIfaceState { mac: pod_mac, mtu: spec.mtu, up: false, addresses: vec![], default_via: vec![] },
+            PodIfaceState {
+                mac: pod_mac,
+                mtu: spec.mtu,
+                up: false,
+                addresses: vec![],
+                default_via: vec![],
+            },
         );
-        Ok(VethInfo { host_index: link.index, host_mac: link.mac })
+        Ok(VethInfo {
+            host_index: link.index,
+            host_mac: link.mac,
+        })
     }
 
     fn bridge_port_hairpin(&self, ifname: &str, on: bool) -> Result<()> {
@@ -140,13 +159,18 @@ impl Dataplane for FakeDataplane {
                 l.hairpin = on;
                 Ok(())
             }
-            None => Err(DataplaneError::new("bridge_port_hairpin", NlError::Kernel(Errno::ENODEV))),
+            None => Err(DataplaneError::new(
+                "bridge_port_hairpin",
+                NlError::Kernel(Errno::ENODEV),
+            )),
         }
     }
 
     fn link_delete(&self, name: &str) -> Result<bool> {
         let mut s = self.enter("link_delete")?;
-        let Some(link) = s.links.remove(name) else { return Ok(false) };
+        let Some(link) = s.links.remove(name) else {
+            return Ok(false);
+        };
         if let Some(peer) = link.peer {
             s.pods.remove(&peer);
         }
@@ -161,7 +185,10 @@ impl Dataplane for FakeDataplane {
     fn route_replace(&self, route: &HostRoute) -> Result<()> {
         let mut s = self.enter("route_replace")?;
         if !s.links.contains_key(&route.dev) {
-            return Err(DataplaneError::new("route_replace", NlError::Kernel(Errno::ENODEV)));
+            return Err(DataplaneError::new(
+                "route_replace",
+                NlError::Kernel(Errno::ENODEV),
+            ));
         }
         s.routes.retain(|r| r.dst != route.dst);
         s.routes.push(route.clone());
@@ -169,23 +196,37 @@ impl Dataplane for FakeDataplane {
     }
 
     fn sysctl_set(&self, key: &str, value: &str) -> Result<()> {
-        self.enter("sysctl_set")?.sysctls.insert(key.to_string(), value.to_string());
+        self.enter("sysctl_set")?
+            .sysctls
+            .insert(key.to_string(), value.to_string());
         Ok(())
     }
 
     fn pod_configure(&self, netns: BorrowedFd<'_>, iface: &PodIface) -> Result<()> {
         let mut s = self.enter("pod_configure")?;
         let Some(p) = s.pods.get_mut(&(netns.as_raw_fd(), iface.ifname.clone())) else {
-            return Err(DataplaneError::new("pod_configure", NlError::Kernel(Errno::ENODEV)));
+            return Err(DataplaneError::new(
+                "pod_configure",
+                NlError::Kernel(Errno::ENODEV),
+            ));
         };
         p.up = true;
         p.addresses = vec![iface.address];
-        p.default_via = iface.routes.iter().filter(|r| r.dst.prefix_len() == 0).filter_map(|r| r.via).collect();
+        p.default_via = iface
+            .routes
+            .iter()
+            .filter(|r| r.dst.prefix_len() == 0)
+            .filter_map(|r| r.via)
+            .collect();
         Ok(())
     }
 
     fn pod_inspect(&self, netns: BorrowedFd<'_>, ifname: &str) -> Result<Option<PodIfaceState>> {
-        Ok(self.enter("pod_inspect")?.pods.get(&(netns.as_raw_fd(), ifname.to_string())).cloned())
+        Ok(self
+            .enter("pod_inspect")?
+            .pods
+            .get(&(netns.as_raw_fd(), ifname.to_string()))
+            .cloned())
     }
 
     fn is_own_netns(&self, _netns: BorrowedFd<'_>) -> Result<bool> {

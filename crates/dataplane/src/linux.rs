@@ -13,8 +13,8 @@ use netlink_packet_route::link::{
     LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::errno::Errno;
@@ -103,7 +103,8 @@ fn addr_message(index: u32, addr: IpNet) -> AddressMessage {
     m.attributes.push(AddressAttribute::Local(addr.addr()));
     m.attributes.push(AddressAttribute::Address(addr.addr()));
     if let (IpNet::V4(v4), true) = (addr, addr.prefix_len() < 31) {
-        m.attributes.push(AddressAttribute::Broadcast(v4.broadcast()));
+        m.attributes
+            .push(AddressAttribute::Broadcast(v4.broadcast()));
     }
     m
 }
@@ -128,7 +129,8 @@ fn route_message(dst: IpNet, oif: u32, via: Option<IpAddr>, onlink: bool) -> Rou
             .push(RouteAttribute::Destination(RouteAddress::from(dst.addr())));
     }
     if let Some(gw) = via {
-        m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
     }
     m.attributes.push(RouteAttribute::Oif(oif));
     m
@@ -143,9 +145,12 @@ impl Dataplane for LinuxDataplane {
             m.attributes.push(LinkAttribute::Mtu(mtu));
             // a fixed MAC keeps the bridge from taking a port's MAC, which
             // changes as pods come and go and leaves pods' ARP caches stale
-            m.attributes.push(LinkAttribute::Address(bridge_mac(gateway.addr()).to_vec()));
             m.attributes
-                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+                .push(LinkAttribute::Address(bridge_mac(gateway.addr()).to_vec()));
+            m.attributes
+                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                    InfoKind::Bridge,
+                )]));
             match sock.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL) {
                 // another ADD created it meanwhile
                 Ok(()) | Err(NlError::Kernel(Errno::EEXIST)) => {}
@@ -187,7 +192,9 @@ impl Dataplane for LinuxDataplane {
         // the peer cannot be set up here: veth_open fails with ENOTCONN
         // until the host side exists; pod_configure brings it up
         peer.attributes
-            .push(LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(&netns)));
+            .push(LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(
+                &netns,
+            )));
         let mut m = link_by_name(&spec.host);
         up(&mut m);
         m.attributes.push(LinkAttribute::Mtu(spec.mtu));
@@ -220,7 +227,9 @@ impl Dataplane for LinuxDataplane {
         let mut m = link_by_name(ifname);
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(on)])),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+                on,
+            )])),
         ]));
         own(&op)?
             .request(RouteNetlinkMessage::NewLink(m), 0)
@@ -239,12 +248,17 @@ impl Dataplane for LinuxDataplane {
     fn link_index(&self, name: &str) -> Result<Option<u32>> {
         let op = format!("ip link show {name}");
         let mut sock = own(&op)?;
-        Ok(get_link(&mut sock, name).map_err(nl(op))?.map(|l| l.header.index))
+        Ok(get_link(&mut sock, name)
+            .map_err(nl(op))?
+            .map(|l| l.header.index))
     }
 
     fn route_replace(&self, route: &HostRoute) -> Result<()> {
         let via = route.via.map(|v| format!(" via {v}")).unwrap_or_default();
-        let op = format!("ip route replace {}{via} dev {} proto 84", route.dst, route.dev);
+        let op = format!(
+            "ip route replace {}{via} dev {} proto 84",
+            route.dst, route.dev
+        );
         let mut sock = own(&op)?;
         let index = get_link(&mut sock, &route.dev)
             .map_err(nl(&op))?
@@ -279,7 +293,10 @@ impl Dataplane for LinuxDataplane {
             RouteNetlinkMessage::NewAddress(addr_message(index, iface.address)),
             NLM_F_CREATE | NLM_F_EXCL,
         )
-        .map_err(nl(format!("ip addr add {} dev {name} (pod)", iface.address)))?;
+        .map_err(nl(format!(
+            "ip addr add {} dev {name} (pod)",
+            iface.address
+        )))?;
         let mut m = LinkMessage::default();
         m.header.index = index;
         up(&mut m);
@@ -292,7 +309,10 @@ impl Dataplane for LinuxDataplane {
                 RouteNetlinkMessage::NewRoute(route_message(r.dst, index, r.via, r.onlink)),
                 NLM_F_CREATE | NLM_F_REPLACE,
             )
-            .map_err(nl(format!("ip route replace {}{via} dev {name}{onlink} (pod)", r.dst)))?;
+            .map_err(nl(format!(
+                "ip route replace {}{via} dev {name}{onlink} (pod)",
+                r.dst
+            )))?;
         }
         Ok(())
     }
@@ -317,7 +337,9 @@ impl Dataplane for LinuxDataplane {
             .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
             .map_err(nl(&op))?
         {
-            let RouteNetlinkMessage::NewAddress(a) = msg else { continue };
+            let RouteNetlinkMessage::NewAddress(a) = msg else {
+                continue;
+            };
             if a.header.index != index {
                 continue;
             }
@@ -332,15 +354,20 @@ impl Dataplane for LinuxDataplane {
         let mut default_via = Vec::new();
         for msg in sock
             .dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()))
-            .map_err(nl(format!("ip route show (pod)")))?
+            .map_err(nl("ip route show (pod)"))?
         {
-            let RouteNetlinkMessage::NewRoute(r) = msg else { continue };
+            let RouteNetlinkMessage::NewRoute(r) = msg else {
+                continue;
+            };
             if r.header.destination_prefix_length != 0
                 || r.header.table != RouteHeader::RT_TABLE_MAIN
             {
                 continue;
             }
-            let oif = r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+            let oif = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
             for a in &r.attributes {
                 if let (true, RouteAttribute::Gateway(gw)) = (oif, a) {
                     match gw {

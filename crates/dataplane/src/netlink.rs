@@ -86,11 +86,20 @@ impl Netlink {
     }
 
     /// Sends a get request answered by one message (`RTM_GETLINK` by name).
-    pub fn dump_one(&mut self, msg: RouteNetlinkMessage) -> Result<Option<RouteNetlinkMessage>, NlError> {
+    pub fn dump_one(
+        &mut self,
+        msg: RouteNetlinkMessage,
+    ) -> Result<Option<RouteNetlinkMessage>, NlError> {
         let seq = self.send(msg, NLM_F_ACK)?;
         let mut first = None;
         let mut done = false;
-        self.receive(seq, |m| { first.get_or_insert(m); }, &mut done)?;
+        self.receive(
+            seq,
+            |m| {
+                first.get_or_insert(m);
+            },
+            &mut done,
+        )?;
         Ok(first)
     }
 

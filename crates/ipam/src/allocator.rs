@@ -27,7 +27,11 @@ pub type OwnerKey = (String, String, String);
 impl Owner {
     /// (network, container, ifname).
     pub fn key(&self) -> OwnerKey {
-        (self.network.clone(), self.container_id.clone(), self.ifname.clone())
+        (
+            self.network.clone(),
+            self.container_id.clone(),
+            self.ifname.clone(),
+        )
     }
 }
 
@@ -115,7 +119,10 @@ impl Allocator {
                 return Ok(ip);
             }
         }
-        Err(IpamError::Exhausted(self.range.net(), self.range.pod_capacity()))
+        Err(IpamError::Exhausted(
+            self.range.net(),
+            self.range.pod_capacity(),
+        ))
     }
 
     /// Records `ip` for `owner` as found on disk.
@@ -194,8 +201,14 @@ mod tests {
         let got: Vec<String> = (0..5)
             .map(|i| a.allocate(owner(&i.to_string())).expect("ip").to_string())
             .collect();
-        assert_eq!(got, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]);
-        assert!(matches!(a.allocate(owner("x")), Err(IpamError::Exhausted(..))));
+        assert_eq!(
+            got,
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+        );
+        assert!(matches!(
+            a.allocate(owner("x")),
+            Err(IpamError::Exhausted(..))
+        ));
         a.release(&owner("1").key());
         assert_eq!(a.allocate(owner("y")).expect("ip").to_string(), "10.0.0.3");
     }
@@ -212,7 +225,10 @@ mod tests {
     fn double_allocation_is_refused() {
         let mut a = alloc("10.0.0.0/24");
         a.allocate(owner("a")).expect("ip");
-        assert!(matches!(a.allocate(owner("a")), Err(IpamError::AlreadyAllocated { .. })));
+        assert!(matches!(
+            a.allocate(owner("a")),
+            Err(IpamError::AlreadyAllocated { .. })
+        ));
     }
 
     proptest! {

@@ -59,7 +59,10 @@ impl Pool {
             let path = entry.path();
             let text = std::fs::read_to_string(&path).map_err(io(&path))?;
             let owner = serde_json::from_str::<Owner>(&text).unwrap_or_else(|e| {
-                warnings.push(format!("{}: unreadable owner ({e}); address kept reserved", path.display()));
+                warnings.push(format!(
+                    "{}: unreadable owner ({e}); address kept reserved",
+                    path.display()
+                ));
                 Owner {
                     network: String::new(),
                     container_id: format!("unknown-{name}"),
@@ -68,7 +71,11 @@ impl Pool {
                 }
             });
             if !range.is_pod_address(ip) {
-                warnings.push(format!("{}: {ip} is outside {}", path.display(), range.net()));
+                warnings.push(format!(
+                    "{}: {ip} is outside {}",
+                    path.display(),
+                    range.net()
+                ));
             }
             alloc.insert(ip, owner);
         }
@@ -161,7 +168,10 @@ mod tests {
     }
 
     fn snapshot(p: &Pool) -> Vec<(IpAddr, Owner)> {
-        p.allocator().allocations().map(|(i, o)| (*i, o.clone())).collect()
+        p.allocator()
+            .allocations()
+            .map(|(i, o)| (*i, o.clone()))
+            .collect()
     }
 
     #[test]

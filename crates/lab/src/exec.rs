@@ -67,9 +67,14 @@ pub fn run(
     timeout: Duration,
 ) -> Result<Timed, ExecError> {
     let line = describe(&cmd);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let started = Instant::now();
-    let mut child = crate::netns::spawn_in(netns, &mut cmd).map_err(|err| ExecError::Spawn { cmd: line.clone(), err })?;
+    let mut child = crate::netns::spawn_in(netns, &mut cmd).map_err(|err| ExecError::Spawn {
+        cmd: line.clone(),
+        err,
+    })?;
     let pid = child.id();
     if let Some(mut input) = child.stdin.take() {
         // a child that exits without reading is not an error here
@@ -81,11 +86,17 @@ pub fn run(
         let _ = tx.send((out, Instant::now()));
     });
     match rx.recv_timeout(timeout) {
-        Ok((Ok(output), ended)) => Ok(Timed { output, took: ended - started }),
+        Ok((Ok(output), ended)) => Ok(Timed {
+            output,
+            took: ended - started,
+        }),
         Ok((Err(err), _)) => Err(ExecError::Spawn { cmd: line, err }),
         Err(_) => {
             // our own child, by PID
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             Err(ExecError::Timeout { cmd: line, timeout })
         }
     }

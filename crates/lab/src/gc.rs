@@ -16,14 +16,24 @@ pub fn is_trellisd(pid: u32) -> bool {
 fn alive(pid: u32) -> bool {
     // a zombie is dead for our purpose
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
 /// Names of all named network namespaces.
 pub fn namespaces() -> Vec<String> {
     std::fs::read_dir("/var/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -32,7 +42,10 @@ pub fn delete_namespaces(id: &str) -> Vec<String> {
     let prefix = format!("{id}-");
     let mut errors = Vec::new();
     // pods first, the fabric last, so veth pairs go away from the leaf up
-    let mut names: Vec<String> = namespaces().into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    let mut names: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for n in names {
         if let Err(e) = crate::exec::ip(&["netns", "del", &n]) {
@@ -68,7 +81,9 @@ pub fn sweep(all: bool) -> GcReport {
             continue;
         }
         let st = LabState::load(&dir).ok();
-        let live_owner = st.as_ref().is_some_and(|s| s.owner_pid != 0 && alive(s.owner_pid));
+        let live_owner = st
+            .as_ref()
+            .is_some_and(|s| s.owner_pid != 0 && alive(s.owner_pid));
         let persistent = st.as_ref().is_some_and(|s| s.owner_pid == 0);
         if !all && (live_owner || persistent) {
             report.kept.push(id.clone());
@@ -89,7 +104,9 @@ pub fn sweep(all: bool) -> GcReport {
         report.labs.push(id);
     }
     for ns in namespaces() {
-        if ns.starts_with(crate::PREFIX) && !known.iter().any(|id| ns.starts_with(&format!("{id}-"))) {
+        if ns.starts_with(crate::PREFIX)
+            && !known.iter().any(|id| ns.starts_with(&format!("{id}-")))
+        {
             match crate::exec::ip(&["netns", "del", &ns]) {
                 Ok(_) => report.strays.push(ns),
                 Err(e) => report.errors.push(e.to_string()),

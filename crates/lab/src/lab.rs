@@ -25,7 +25,11 @@ pub struct LabOptions {
 
 impl Default for LabOptions {
     fn default() -> Self {
-        Self { nodes: 1, name: None, mtu: 1500 }
+        Self {
+            nodes: 1,
+            name: None,
+            mtu: 1500,
+        }
     }
 }
 
@@ -82,7 +86,10 @@ impl Lab {
         };
         let dir = crate::state_root().join(&id);
         if dir.exists() {
-            bail!("lab {id} exists already ({}); `trellisctl lab down` it first", dir.display());
+            bail!(
+                "lab {id} exists already ({}); `trellisctl lab down` it first",
+                dir.display()
+            );
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let st = LabState {
@@ -92,7 +99,13 @@ impl Lab {
             pods: vec![],
         };
         // from here on, drop tears down whatever was made
-        let mut lab = Self { st, dir, bin: crate::bin_dir(), keep: false, children: HashMap::new() };
+        let mut lab = Self {
+            st,
+            dir,
+            bin: crate::bin_dir(),
+            keep: false,
+            children: HashMap::new(),
+        };
         lab.save()?;
         lab.build(&opts)?;
         lab.keep = keep;
@@ -101,14 +114,27 @@ impl Lab {
 
     /// Opens a persistent lab made by an earlier process.
     pub fn open(name: &str) -> anyhow::Result<Self> {
-        let id = if name.starts_with(crate::PREFIX) { name.to_string() } else { format!("{}{name}", crate::PREFIX) };
+        let id = if name.starts_with(crate::PREFIX) {
+            name.to_string()
+        } else {
+            format!("{}{name}", crate::PREFIX)
+        };
         let dir = crate::state_root().join(&id);
-        let st = LabState::load(&dir).with_context(|| format!("lab {name} not found in {}", dir.display()))?;
-        Ok(Self { st, dir, bin: crate::bin_dir(), keep: true, children: HashMap::new() })
+        let st = LabState::load(&dir)
+            .with_context(|| format!("lab {name} not found in {}", dir.display()))?;
+        Ok(Self {
+            st,
+            dir,
+            bin: crate::bin_dir(),
+            keep: true,
+            children: HashMap::new(),
+        })
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        self.st.save(&self.dir).with_context(|| format!("save lab state in {}", self.dir.display()))
+        self.st
+            .save(&self.dir)
+            .with_context(|| format!("save lab state in {}", self.dir.display()))
     }
 
     fn build(&mut self, opts: &LabOptions) -> anyhow::Result<()> {
@@ -131,9 +157,20 @@ impl Lab {
             self.st.nodes.push(node.clone());
             self.save()?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &fab, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &fab, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &fab, "link", "set", &name, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ip),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             // a default route, as real nodes have: proxy ARP only answers
             // for targets the node can route
@@ -183,7 +220,11 @@ impl Lab {
 
     /// Node `name`.
     pub fn node(&self, name: &str) -> anyhow::Result<&NodeState> {
-        self.st.nodes.iter().find(|n| n.name == name).ok_or_else(|| anyhow!("lab {} has no node {name}", self.st.id))
+        self.st
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("lab {} has no node {name}", self.st.id))
     }
 
     /// The agent socket of `node`.
@@ -219,13 +260,23 @@ impl Lab {
 
     /// Starts `node`'s agent inside its namespace and waits for its socket.
     pub fn start_agent(&mut self, node: &str) -> anyhow::Result<u32> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.agent_log(node))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log(node))?;
         let mut cmd = Command::new(self.bin.join("trellisd"));
         cmd.arg("--config").arg(self.agent_config(node));
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         let ns = netns::path(&self.ns(node));
-        let child = netns::spawn_in(Some(&ns), &mut cmd)
-            .with_context(|| format!("start {} in {}", self.bin.join("trellisd").display(), ns.display()))?;
+        let child = netns::spawn_in(Some(&ns), &mut cmd).with_context(|| {
+            format!(
+                "start {} in {}",
+                self.bin.join("trellisd").display(),
+                ns.display()
+            )
+        })?;
         let pid = child.id();
         self.children.insert(node.to_string(), child);
         if let Some(n) = self.st.nodes.iter_mut().find(|n| n.name == node) {
@@ -237,11 +288,17 @@ impl Lab {
         while UnixStream::connect(&sock).is_err() {
             if let Some(c) = self.children.get_mut(node) {
                 if let Ok(Some(status)) = c.try_wait() {
-                    bail!("trellisd on {node} exited ({status}); see {}", self.agent_log(node).display());
+                    bail!(
+                        "trellisd on {node} exited ({status}); see {}",
+                        self.agent_log(node).display()
+                    );
                 }
             }
             if Instant::now() > deadline {
-                bail!("trellisd on {node} did not open {} within {AGENT_WAIT:?}", sock.display());
+                bail!(
+                    "trellisd on {node} did not open {} within {AGENT_WAIT:?}",
+                    sock.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -262,7 +319,12 @@ impl Lab {
 
     /// Runs the `trellis` plugin as a runtime would, from `node`'s namespace,
     /// with exactly `env` and `stdin`.
-    pub fn cni_raw(&self, node: &str, env: &[(&str, &str)], stdin: &[u8]) -> Result<Timed, ExecError> {
+    pub fn cni_raw(
+        &self,
+        node: &str,
+        env: &[(&str, &str)],
+        stdin: &[u8],
+    ) -> Result<Timed, ExecError> {
         let mut cmd = Command::new(self.bin.join("trellis"));
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         for (k, v) in env {
@@ -277,15 +339,27 @@ impl Lab {
         vec![
             ("CNI_COMMAND".into(), command.into()),
             ("CNI_CONTAINERID".into(), ns.clone()),
-            ("CNI_NETNS".into(), netns::path(&ns).to_string_lossy().into_owned()),
+            (
+                "CNI_NETNS".into(),
+                netns::path(&ns).to_string_lossy().into_owned(),
+            ),
             ("CNI_IFNAME".into(), "eth0".into()),
             ("CNI_PATH".into(), self.bin.to_string_lossy().into_owned()),
-            ("CNI_ARGS".into(), format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")),
+            (
+                "CNI_ARGS".into(),
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+            ),
         ]
     }
 
     /// Runs one CNI command for pod `pod` with network config `conf`.
-    pub fn cni(&self, command: &str, node: &str, pod: &str, conf: &str) -> Result<Timed, ExecError> {
+    pub fn cni(
+        &self,
+        command: &str,
+        node: &str,
+        pod: &str,
+        conf: &str,
+    ) -> Result<Timed, ExecError> {
         let env = self.cni_env(command, node, pod);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         self.cni_raw(node, &env, conf.as_bytes())
@@ -296,21 +370,44 @@ impl Lab {
         self.node(node)?;
         let ns = self.pod_ns(node, pod);
         ip(&["netns", "add", &ns])?;
-        self.st.pods.push(PodState { node: node.into(), name: pod.into(), mode: mode.into(), ip: String::new() });
+        self.st.pods.push(PodState {
+            node: node.into(),
+            name: pod.into(),
+            mode: mode.into(),
+            ip: String::new(),
+        });
         self.save()?;
         let t = self.cni("ADD", node, pod, &self.netconf(node, mode))?;
-        let out: serde_json::Value = serde_json::from_slice(&t.output.stdout)
-            .with_context(|| format!("ADD {pod}: plugin printed {:?}", String::from_utf8_lossy(&t.output.stdout)))?;
+        let out: serde_json::Value =
+            serde_json::from_slice(&t.output.stdout).with_context(|| {
+                format!(
+                    "ADD {pod}: plugin printed {:?}",
+                    String::from_utf8_lossy(&t.output.stdout)
+                )
+            })?;
         if !t.output.status.success() {
             bail!("ADD {pod} on {node} failed: {out}");
         }
-        let address = out["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("ADD {pod}: no address in {out}"))?.to_string();
+        let address = out["ips"][0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("ADD {pod}: no address in {out}"))?
+            .to_string();
         let ip = address.split('/').next().unwrap_or_default().to_string();
-        if let Some(p) = self.st.pods.iter_mut().find(|p| p.node == node && p.name == pod) {
+        if let Some(p) = self
+            .st
+            .pods
+            .iter_mut()
+            .find(|p| p.node == node && p.name == pod)
+        {
             p.ip = address.clone();
         }
         self.save()?;
-        Ok(PodAttach { address, ip, took: t.took, result: out })
+        Ok(PodAttach {
+            address,
+            ip,
+            took: t.took,
+            result: out,
+        })
     }
 
     /// Detaches pod `pod` (CNI DEL) and removes its namespace.
@@ -324,7 +421,10 @@ impl Lab {
             .ok_or_else(|| anyhow!("lab {} has no pod {pod} on {node}", self.st.id))?;
         let t = self.cni("DEL", node, pod, &self.netconf(node, &mode))?;
         if !t.output.status.success() {
-            bail!("DEL {pod} on {node} failed: {}", String::from_utf8_lossy(&t.output.stdout));
+            bail!(
+                "DEL {pod} on {node} failed: {}",
+                String::from_utf8_lossy(&t.output.stdout)
+            );
         }
         ip(&["netns", "del", &self.pod_ns(node, pod)])?;
         self.st.pods.retain(|p| !(p.node == node && p.name == pod));
@@ -343,20 +443,41 @@ impl Lab {
     pub fn ping(&self, ns: &str, target: &str, count: u32) -> Option<Duration> {
         let c = count.to_string();
         let t = self
-            .exec(ns, &["ping", "-n", "-q", "-c", &c, "-i", "0.05", "-W", "1", target], Duration::from_secs(5 + u64::from(count)))
+            .exec(
+                ns,
+                &[
+                    "ping", "-n", "-q", "-c", &c, "-i", "0.05", "-W", "1", target,
+                ],
+                Duration::from_secs(5 + u64::from(count)),
+            )
             .ok()?;
         if !t.output.status.success() {
             return None;
         }
         let text = String::from_utf8_lossy(&t.output.stdout);
         // rtt min/avg/max/mdev = 0.030/0.041/0.052/0.011 ms
-        let avg = text.lines().find(|l| l.contains("min/avg/max"))?.split('=').nth(1)?.split('/').nth(1)?.trim().parse::<f64>().ok()?;
+        let avg = text
+            .lines()
+            .find(|l| l.contains("min/avg/max"))?
+            .split('=')
+            .nth(1)?
+            .split('/')
+            .nth(1)?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
         Some(Duration::from_secs_f64(avg / 1000.0))
     }
 
     /// A TCP exchange: a server in `server_ns` on `ip:port` echoes what a
     /// client in `client_ns` sends. Returns the peer address the server saw.
-    pub fn tcp_exchange(&self, client_ns: &str, server_ns: &str, ip: &str, port: u16) -> anyhow::Result<std::net::SocketAddr> {
+    pub fn tcp_exchange(
+        &self,
+        client_ns: &str,
+        server_ns: &str,
+        ip: &str,
+        port: u16,
+    ) -> anyhow::Result<std::net::SocketAddr> {
         use std::io::{Read, Write};
         let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
         let listener = netns::within(&netns::path(server_ns), || TcpListener::bind(addr))??;
@@ -381,11 +502,15 @@ impl Lab {
             Ok(b) => b,
             Err(e) => {
                 // unblock the server thread so it does not outlive the test
-                let _ = netns::within(&netns::path(client_ns), || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)));
+                let _ = netns::within(&netns::path(client_ns), || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                });
                 bail!("tcp {client_ns} -> {addr}: {e}");
             }
         };
-        let peer = server.join().map_err(|_| anyhow!("tcp server thread panicked"))??;
+        let peer = server
+            .join()
+            .map_err(|_| anyhow!("tcp server thread panicked"))??;
         if echoed != b"hello" {
             bail!("tcp {client_ns} -> {addr}: echo mismatch");
         }
@@ -409,7 +534,11 @@ impl Lab {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(anyhow!("lab {} teardown: {}", self.st.id, errors.join("; ")))
+            Err(anyhow!(
+                "lab {} teardown: {}",
+                self.st.id,
+                errors.join("; ")
+            ))
         }
     }
 }

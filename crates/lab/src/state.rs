@@ -58,7 +58,10 @@ impl LabState {
     /// Writes it (atomically).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join("lab.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(tmp, Self::file(dir))
     }
 }

@@ -5,7 +5,11 @@ use common::*;
 
 fn sysctl(lab: &trellis_lab::Lab, node: &str, key: &str) -> String {
     let t = lab
-        .exec(&lab.ns(node), &["cat", &format!("/proc/sys/{key}")], std::time::Duration::from_secs(5))
+        .exec(
+            &lab.ns(node),
+            &["cat", &format!("/proc/sys/{key}")],
+            std::time::Duration::from_secs(5),
+        )
         .expect("cat sysctl");
     String::from_utf8_lossy(&t.output.stdout).trim().to_string()
 }
@@ -23,22 +27,45 @@ fn attach_mode(mode: &str) {
     assert_ping(&lab, &b_ns, &a.ip);
     assert_ping(&lab, &a_ns, &node_ip);
     assert_ping(&lab, &node_ns, &a.ip);
-    let peer = lab.tcp_exchange(&a_ns, &b_ns, &b.ip, 8080).expect("tcp a->b");
+    let peer = lab
+        .tcp_exchange(&a_ns, &b_ns, &b.ip, 8080)
+        .expect("tcp a->b");
     assert_eq!(peer.ip().to_string(), a.ip, "pod source address kept");
-    let peer = lab.tcp_exchange(&node_ns, &a_ns, &a.ip, 8081).expect("tcp node->a");
+    let peer = lab
+        .tcp_exchange(&node_ns, &a_ns, &a.ip, 8081)
+        .expect("tcp node->a");
     // the node sources from the address of the interface the pod is behind
-    let node_src = if mode == "bridge" { "10.244.1.1" } else { node_ip.as_str() };
+    let node_src = if mode == "bridge" {
+        "10.244.1.1"
+    } else {
+        node_ip.as_str()
+    };
     assert_eq!(peer.ip().to_string(), node_src);
 
     // the pod's interface as specified
     let iface = &ip_json(&a_ns, &["addr", "show", "eth0"])[0];
     assert_eq!(iface["mtu"], 1500);
     assert_eq!(iface["operstate"], "UP");
-    let addr = iface["addr_info"].as_array().expect("addrs").iter().find(|x| x["family"] == "inet").expect("inet").clone();
+    let addr = iface["addr_info"]
+        .as_array()
+        .expect("addrs")
+        .iter()
+        .find(|x| x["family"] == "inet")
+        .expect("inet")
+        .clone();
     assert_eq!(addr["local"], a.ip.as_str());
     let routes = ip_json(&a_ns, &["route", "show"]);
-    let default = routes.as_array().expect("routes").iter().find(|r| r["dst"] == "default").expect("default route").clone();
-    let host = a.result["interfaces"][0]["name"].as_str().expect("host veth").to_string();
+    let default = routes
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["dst"] == "default")
+        .expect("default route")
+        .clone();
+    let host = a.result["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_string();
     assert!(host.starts_with("tl") && host.len() == 13, "{host}");
     let link = &ip_json(&node_ns, &["link", "show", &host])[0];
     match mode {
@@ -46,20 +73,37 @@ fn attach_mode(mode: &str) {
             assert_eq!(addr["prefixlen"], 24);
             assert_eq!(default["gateway"], "10.244.1.1");
             assert_eq!(link["master"], "cni0");
-            assert_eq!(link["linkinfo"]["info_slave_data"]["hairpin"], true, "hairpin on");
+            assert_eq!(
+                link["linkinfo"]["info_slave_data"]["hairpin"], true,
+                "hairpin on"
+            );
             let br = &ip_json(&node_ns, &["addr", "show", "cni0"])[0];
-            assert!(br["addr_info"].as_array().expect("a").iter().any(|x| x["local"] == "10.244.1.1" && x["prefixlen"] == 24));
+            assert!(br["addr_info"]
+                .as_array()
+                .expect("a")
+                .iter()
+                .any(|x| x["local"] == "10.244.1.1" && x["prefixlen"] == 24));
         }
         "routed" => {
             assert_eq!(addr["prefixlen"], 32);
             assert_eq!(default["gateway"], "169.254.1.1");
-            assert!(default["flags"].as_array().expect("flags").iter().any(|f| f == "onlink"), "{default}");
+            assert!(
+                default["flags"]
+                    .as_array()
+                    .expect("flags")
+                    .iter()
+                    .any(|f| f == "onlink"),
+                "{default}"
+            );
             assert_eq!(link["address"], "ee:ee:ee:ee:ee:ee");
             assert!(link.get("master").is_none());
             let hr = ip_json(&node_ns, &["route", "show", &format!("{}/32", a.ip)]);
             assert_eq!(hr[0]["dev"], host.as_str(), "{hr}");
             assert_eq!(hr[0]["protocol"], "84", "{hr}");
-            assert_eq!(sysctl(&lab, "n1", &format!("net/ipv4/conf/{host}/proxy_arp")), "1");
+            assert_eq!(
+                sysctl(&lab, "n1", &format!("net/ipv4/conf/{host}/proxy_arp")),
+                "1"
+            );
             // the host veth answers the pod's ARP for the gateway
             exec_ok(&lab, &a_ns, &["ip", "neigh", "flush", "dev", "eth0"]);
             assert_ping(&lab, &a_ns, &node_ip);
@@ -73,7 +117,10 @@ fn attach_mode(mode: &str) {
     // DEL removes the host veth and frees the address
     assert_eq!(allocations(&lab, "n1").len(), 2);
     lab.del_pod("n1", "a").expect("del a");
-    assert!(!links(&node_ns).contains(&host), "host veth {host} left behind");
+    assert!(
+        !links(&node_ns).contains(&host),
+        "host veth {host} left behind"
+    );
     assert_eq!(allocations(&lab, "n1"), vec![b.ip.clone()]);
     lab.del_pod("n1", "b").expect("del b");
     assert!(pod_veths(&node_ns).is_empty());
@@ -81,7 +128,9 @@ fn attach_mode(mode: &str) {
 }
 
 fn exec_ok(lab: &trellis_lab::Lab, ns: &str, args: &[&str]) {
-    let t = lab.exec(ns, args, std::time::Duration::from_secs(5)).expect("exec");
+    let t = lab
+        .exec(ns, args, std::time::Duration::from_secs(5))
+        .expect("exec");
     assert!(t.output.status.success(), "{args:?}");
 }
 
@@ -119,10 +168,24 @@ fn mtu_from_config() {
     if !privileged("mtu_from_config") {
         return;
     }
-    let mut lab = trellis_lab::Lab::create(trellis_lab::LabOptions { nodes: 1, mtu: 1400, ..Default::default() }).expect("lab");
+    let mut lab = trellis_lab::Lab::create(trellis_lab::LabOptions {
+        nodes: 1,
+        mtu: 1400,
+        ..Default::default()
+    })
+    .expect("lab");
     let a = lab.add_pod("n1", "a", "routed").expect("add");
-    assert_eq!(ip_json(&lab.pod_ns("n1", "a"), &["link", "show", "eth0"])[0]["mtu"], 1400);
+    assert_eq!(
+        ip_json(&lab.pod_ns("n1", "a"), &["link", "show", "eth0"])[0]["mtu"],
+        1400
+    );
     assert_eq!(a.result["interfaces"][1]["mtu"], 1400);
-    let host = a.result["interfaces"][0]["name"].as_str().expect("name").to_string();
-    assert_eq!(ip_json(&lab.ns("n1"), &["link", "show", &host])[0]["mtu"], 1400);
+    let host = a.result["interfaces"][0]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    assert_eq!(
+        ip_json(&lab.ns("n1"), &["link", "show", &host])[0]["mtu"],
+        1400
+    );
 }

@@ -29,35 +29,69 @@ fn fifty_concurrent_adds_then_dels() {
                 let conf = conf.clone();
                 std::thread::spawn(move || {
                     let t = lab.cni(command, "n1", &p, &conf).expect("run plugin");
-                    assert!(t.output.status.success(), "{command} {p}: {}", String::from_utf8_lossy(&t.output.stdout));
-                    if command == "ADD" { stdout_json(&t) } else { serde_json::Value::Null }
+                    assert!(
+                        t.output.status.success(),
+                        "{command} {p}: {}",
+                        String::from_utf8_lossy(&t.output.stdout)
+                    );
+                    if command == "ADD" {
+                        stdout_json(&t)
+                    } else {
+                        serde_json::Value::Null
+                    }
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     };
     let results = run_all("ADD");
     let ips: HashSet<String> = results
         .iter()
-        .map(|r| r["ips"][0]["address"].as_str().expect("addr").split('/').next().expect("ip").to_string())
+        .map(|r| {
+            r["ips"][0]["address"]
+                .as_str()
+                .expect("addr")
+                .split('/')
+                .next()
+                .expect("ip")
+                .to_string()
+        })
         .collect();
     assert_eq!(ips.len(), 50, "50 distinct addresses");
     let lab_ref = &*lab;
     let node_ns = lab_ref.ns("n1");
     assert_eq!(pod_veths(&node_ns).len(), 50);
-    assert_eq!(allocations(&lab_ref, "n1").len(), 50);
+    assert_eq!(allocations(lab_ref, "n1").len(), 50);
     for ip in &ips {
-        assert!(lab_ref.ping(&node_ns, ip, 1).is_some(), "pod {ip} unreachable");
+        assert!(
+            lab_ref.ping(&node_ns, ip, 1).is_some(),
+            "pod {ip} unreachable"
+        );
     }
     // pod to pod across the bridge, a sample
-    assert_ping(&lab_ref, &lab_ref.pod_ns("n1", "p0"), ips.iter().next().expect("ip"));
+    assert_ping(
+        lab_ref,
+        &lab_ref.pod_ns("n1", "p0"),
+        ips.iter().next().expect("ip"),
+    );
     run_all("DEL");
-    assert!(pod_veths(&node_ns).is_empty(), "links left: {:?}", pod_veths(&node_ns));
+    assert!(
+        pod_veths(&node_ns).is_empty(),
+        "links left: {:?}",
+        pod_veths(&node_ns)
+    );
     assert!(allocations(&lab, "n1").is_empty());
 }
 
 fn live_ips(lab: &Lab) -> Vec<String> {
-    lab.state().pods.iter().map(|p| p.ip.split('/').next().unwrap_or_default().to_string()).collect()
+    lab.state()
+        .pods
+        .iter()
+        .map(|p| p.ip.split('/').next().unwrap_or_default().to_string())
+        .collect()
 }
 
 #[test]
@@ -86,16 +120,27 @@ fn agent_restart_keeps_traffic_and_allocations() {
     lab.start_agent("n1").expect("start");
     let out = stream.join().expect("join");
     let text = String::from_utf8_lossy(&out.output.stdout).into_owned();
-    assert!(text.contains("150 packets transmitted, 150 received"), "packets lost across restart: {text}");
+    assert!(
+        text.contains("150 packets transmitted, 150 received"),
+        "packets lost across restart: {text}"
+    );
     assert_eq!(allocations(&lab, "n1"), before, "allocations survive");
     // new ADDs never reuse a live address; CHECK of old pods still passes
     for i in 0..5 {
-        let p = lab.add_pod("n1", &format!("c{i}"), "bridge").expect("add after restart");
+        let p = lab
+            .add_pod("n1", &format!("c{i}"), "bridge")
+            .expect("add after restart");
         assert!(p.ip != a.ip && p.ip != b.ip, "live ip reused: {}", p.ip);
     }
     let ips = live_ips(&lab);
     assert_eq!(ips.iter().collect::<HashSet<_>>().len(), ips.len());
-    let t = lab.cni("CHECK", "n1", "a", &lab.netconf("n1", "bridge")).expect("check");
-    assert!(t.output.status.success(), "CHECK after restart: {}", String::from_utf8_lossy(&t.output.stdout));
+    let t = lab
+        .cni("CHECK", "n1", "a", &lab.netconf("n1", "bridge"))
+        .expect("check");
+    assert!(
+        t.output.status.success(),
+        "CHECK after restart: {}",
+        String::from_utf8_lossy(&t.output.stdout)
+    );
     assert_ping(&lab, &a_ns, &b.ip);
 }

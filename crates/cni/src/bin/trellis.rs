@@ -2,17 +2,14 @@
 //! opens the pod netns, hands both to the node agent over a unix socket and
 //! prints the agent's answer in the shape of the version asked for.
 
-use nix::sys::statfs::fstatfs;
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::ExitCode;
-use trellis_cni::error::{CniError, INVALID_ENV, INCOMPATIBLE_VERSION, IO_FAILURE};
+use trellis_cni::error::{CniError, INCOMPATIBLE_VERSION, INVALID_ENV, IO_FAILURE};
 use trellis_cni::transport::{call, MAX_MESSAGE};
 use trellis_cni::{version, Command, Env, NetConf, Request, Response};
-
-/// statfs magic of nsfs, the filesystem behind namespace files.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 fn main() -> ExitCode {
     let mut stdin = Vec::new();
@@ -47,7 +44,10 @@ fn run(stdin: std::io::Result<Vec<u8>>) -> Result<Option<serde_json::Value>, Cni
         return Ok(Some(version::version_info()));
     }
     let stdin = stdin.map_err(|e| {
-        CniError::new(IO_FAILURE, format!("cannot read the network config from stdin: {e}"))
+        CniError::new(
+            IO_FAILURE,
+            format!("cannot read the network config from stdin: {e}"),
+        )
     })?;
     let conf = NetConf::parse(&stdin)?;
     let gate = |allowed: bool, what: &str| {
@@ -62,7 +62,9 @@ fn run(stdin: std::io::Result<Vec<u8>>) -> Result<Option<serde_json::Value>, Cni
     };
     match env.command {
         Command::Check => gate(conf.version.allows_check(), "CHECK")?,
-        Command::Status | Command::Gc => gate(conf.version.allows_status_gc(), env.command.as_str())?,
+        Command::Status | Command::Gc => {
+            gate(conf.version.allows_status_gc(), env.command.as_str())?
+        }
         _ => {}
     }
     let netns = open_netns(&env)?;
@@ -82,7 +84,8 @@ fn run(stdin: std::io::Result<Vec<u8>>) -> Result<Option<serde_json::Value>, Cni
 /// empty or already gone.
 fn open_netns(env: &Env) -> Result<Option<OwnedFd>, CniError> {
     let needed = matches!(env.command, Command::Add | Command::Check);
-    if env.netns.is_empty() || !matches!(env.command, Command::Add | Command::Check | Command::Del) {
+    if env.netns.is_empty() || !matches!(env.command, Command::Add | Command::Check | Command::Del)
+    {
         return Ok(None);
     }
     let file = match std::fs::File::open(&env.netns) {
@@ -96,7 +99,7 @@ fn open_netns(env: &Env) -> Result<Option<OwnedFd>, CniError> {
         }
     };
     let is_ns = fstatfs(&file)
-        .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+        .map(|s| s.filesystem_type() == NSFS_MAGIC)
         .unwrap_or(false);
     if !is_ns {
         if !needed {

@@ -24,9 +24,17 @@ fn run_ref(lab: &Lab, command: &str, pod_ns: &str, conf: &str) -> anyhow::Result
         .env("CNI_NETNS", netns::path(pod_ns))
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", REF_DIR);
-    let t = exec::run(cmd, Some(&netns::path(&lab.ns("n1"))), conf.as_bytes(), Duration::from_secs(30))?;
+    let t = exec::run(
+        cmd,
+        Some(&netns::path(&lab.ns("n1"))),
+        conf.as_bytes(),
+        Duration::from_secs(30),
+    )?;
     if !t.output.status.success() {
-        bail!("reference {command}: {}", String::from_utf8_lossy(&t.output.stdout));
+        bail!(
+            "reference {command}: {}",
+            String::from_utf8_lossy(&t.output.stdout)
+        );
     }
     Ok(t.took)
 }
@@ -34,7 +42,10 @@ fn run_ref(lab: &Lab, command: &str, pod_ns: &str, conf: &str) -> anyhow::Result
 fn run_ours(lab: &Lab, command: &str, pod: &str, conf: &str) -> anyhow::Result<Duration> {
     let t = lab.cni(command, "n1", pod, conf)?;
     if !t.output.status.success() {
-        bail!("trellis {command}: {}", String::from_utf8_lossy(&t.output.stdout));
+        bail!(
+            "trellis {command}: {}",
+            String::from_utf8_lossy(&t.output.stdout)
+        );
     }
     Ok(t.took)
 }
@@ -45,7 +56,10 @@ fn main() -> anyhow::Result<()> {
         bail!("usage: trellis-bench cni-add-del [--cycles N]");
     }
     let cycles: usize = match args.iter().position(|a| a == "--cycles") {
-        Some(i) => args.get(i + 1).context("--cycles needs a number")?.parse()?,
+        Some(i) => args
+            .get(i + 1)
+            .context("--cycles needs a number")?
+            .parse()?,
         None => 200,
     };
     if !Path::new(REF_DIR).join("bridge").exists() {

@@ -13,14 +13,22 @@ pub fn privileged(test: &str) -> bool {
     }
     for bin in ["trellis", "trellisd"] {
         let p = trellis_lab::bin_dir().join(bin);
-        assert!(p.exists(), "{} missing: run `cargo build --workspace --bins` first", p.display());
+        assert!(
+            p.exists(),
+            "{} missing: run `cargo build --workspace --bins` first",
+            p.display()
+        );
     }
     true
 }
 
 /// A one-node lab.
 pub fn lab(nodes: usize) -> Lab {
-    Lab::create(LabOptions { nodes, ..Default::default() }).expect("create lab")
+    Lab::create(LabOptions {
+        nodes,
+        ..Default::default()
+    })
+    .expect("create lab")
 }
 
 /// `ip -j -d ARGS` inside namespace `ns`, parsed.
@@ -46,7 +54,10 @@ pub fn links(ns: &str) -> Vec<String> {
 
 /// Host-side pod veths in `ns`.
 pub fn pod_veths(ns: &str) -> Vec<String> {
-    links(ns).into_iter().filter(|l| l.starts_with("tl")).collect()
+    links(ns)
+        .into_iter()
+        .filter(|l| l.starts_with("tl"))
+        .collect()
 }
 
 /// Addresses allocated on `node` (files in its IPAM directory).
@@ -54,7 +65,11 @@ pub fn allocations(lab: &Lab, node: &str) -> Vec<String> {
     let dir = lab.dir().join(format!("{node}-data/ipam"));
     let mut out = vec![];
     for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = f.file_name().to_string_lossy().into_owned();
             if name.parse::<std::net::IpAddr>().is_ok() {
                 out.push(name);
@@ -68,20 +83,29 @@ pub fn allocations(lab: &Lab, node: &str) -> Vec<String> {
 /// Parses the plugin's stdout.
 pub fn stdout_json(t: &exec::Timed) -> Value {
     serde_json::from_slice(&t.output.stdout).unwrap_or_else(|e| {
-        panic!("plugin printed no JSON ({e}): {:?}", String::from_utf8_lossy(&t.output.stdout))
+        panic!(
+            "plugin printed no JSON ({e}): {:?}",
+            String::from_utf8_lossy(&t.output.stdout)
+        )
     })
 }
 
 /// Pings must answer.
 pub fn assert_ping(lab: &Lab, ns: &str, target: &str) {
-    assert!(lab.ping(ns, target, 2).is_some(), "ping {ns} -> {target} failed");
+    assert!(
+        lab.ping(ns, target, 2).is_some(),
+        "ping {ns} -> {target} failed"
+    );
 }
 
 /// Bounded wait.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
