@@ -49,6 +49,10 @@ fn handle(stream: &UnixStream, service: &CniService) {
     }
     let (req, fd) = match receive(stream) {
         Ok(r) => r,
+        Err(trellis_cni::transport::TransportError::Empty) => {
+            tracing::debug!("probe connection");
+            return;
+        }
         Err(e) => {
             tracing::warn!("cni request refused: {e}");
             let err = trellis_cni::CniError::new(

@@ -22,6 +22,9 @@ pub enum TransportError {
     /// Socket-level failure.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The peer connected and closed without a request (a liveness probe).
+    #[error("connection closed without a request")]
+    Empty,
     /// The peer sent something that is not our protocol.
     #[error("malformed message: {0}")]
     Malformed(String),
@@ -109,6 +112,9 @@ pub fn receive(stream: &UnixStream) -> Result<(Request, Option<OwnedFd>), Transp
         }
         (msg.bytes, fds)
     };
+    if n == 0 {
+        return Err(TransportError::Empty);
+    }
     buf.truncate(n);
     let s = stream;
     s.take((MAX_MESSAGE - n) as u64).read_to_end(&mut buf)?;
