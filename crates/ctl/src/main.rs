@@ -4,7 +4,6 @@ mod demo;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::time::Duration;
 use trellis_lab::{Lab, LabOptions};
 
 /// trellis command line.
@@ -150,7 +149,6 @@ fn main() -> anyhow::Result<()> {
             if !r.errors.is_empty() {
                 anyhow::bail!("gc: {}", r.errors.join("; "));
             }
-            let _ = Duration::ZERO;
             Ok(())
         }
     }
