@@ -104,7 +104,13 @@ pub fn sweep(all: bool) -> GcReport {
         report.labs.push(id);
     }
     for ns in namespaces() {
+        // a lab made while we swept has its state directory already
+        let fresh = ns
+            .split('-')
+            .next()
+            .is_some_and(|id| root.join(id).exists());
         if ns.starts_with(crate::PREFIX)
+            && !fresh
             && !known.iter().any(|id| ns.starts_with(&format!("{id}-")))
         {
             match crate::exec::ip(&["netns", "del", &ns]) {
