@@ -1,5 +1,7 @@
 //! Pure types shared by the trellis crates. No I/O lives here.
 
 pub mod cidr;
+pub mod netconf;
+pub mod subnet;
 
 pub use cidr::{CidrError, HostRange};
