@@ -1,0 +1,262 @@
+//! [`Datastore`] on etcd v3.
+
+use crate::{Datastore, Event, KeyValue, LeaseId, Listing, Result, StoreError, WatchItem};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Client certificate auth files (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA that signed the server certificates.
+    pub ca: PathBuf,
+    /// Client certificate.
+    pub cert: PathBuf,
+    /// Client key.
+    pub key: PathBuf,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    /// `http(s)://host:port` endpoints; any one member is enough.
+    pub endpoints: Vec<String>,
+    /// TLS with a client certificate.
+    pub tls: Option<TlsFiles>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self { endpoints: vec!["http://127.0.0.1:2379".into()], tls: None, timeout: Duration::from_secs(5) }
+    }
+}
+
+/// etcd v3 behind [`Datastore`].
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EtcdStore({})", self.endpoints)
+    }
+}
+
+fn kv(k: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(k.key()).into_owned(),
+        value: k.value().to_vec(),
+        create_revision: k.create_revision(),
+        mod_revision: k.mod_revision(),
+        lease: k.lease(),
+    }
+}
+
+impl EtcdStore {
+    /// Connects (lazily: an unreachable etcd fails the first call, with the
+    /// endpoints named, not this one).
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self> {
+        let endpoints = opts.endpoints.join(",");
+        let mut co = ConnectOptions::new()
+            .with_connect_timeout(opts.timeout)
+            .with_timeout(opts.timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some(t) = &opts.tls {
+            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| StoreError::Tls(format!("{}: {e}", p.display())));
+            let tls = TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(read(&t.ca)?))
+                .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
+            co = co.with_tls(tls);
+        }
+        let client = Client::connect(opts.endpoints.clone(), Some(co))
+            .await
+            .map_err(|e| StoreError::Unreachable { endpoints: endpoints.clone(), reason: e.to_string() })?;
+        Ok(Self { client, endpoints, timeout: opts.timeout })
+    }
+
+    fn err(&self, e: etcd_client::Error) -> StoreError {
+        match e {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+                StoreError::Unreachable { endpoints: self.endpoints.clone(), reason: e.to_string() }
+            }
+            etcd_client::Error::GRpcStatus(ref s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
+            {
+                StoreError::Unreachable { endpoints: self.endpoints.clone(), reason: s.message().to_string() }
+            }
+            etcd_client::Error::GRpcStatus(ref s) if s.code() == tonic::Code::NotFound => StoreError::NotFound,
+            other => StoreError::Other(other.to_string()),
+        }
+    }
+
+    async fn bounded<T>(&self, f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| self.err(e)),
+            Err(_) => Err(StoreError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                reason: format!("no answer within {:?}", self.timeout),
+            }),
+        }
+    }
+
+    fn put_opts(lease: Option<LeaseId>) -> Option<PutOptions> {
+        lease.map(|l| PutOptions::new().with_lease(l))
+    }
+}
+
+impl Datastore for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let mut c = self.client.clone();
+        let resp = self.bounded(c.get(key, None)).await?;
+        Ok(resp.kvs().first().map(kv))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing> {
+        let mut c = self.client.clone();
+        let resp = self.bounded(c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(Listing { items: resp.kvs().iter().map(kv).collect(), revision })
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<bool> {
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, Self::put_opts(lease))]);
+        Ok(self.bounded(c.txn(txn)).await?.succeeded())
+    }
+
+    async fn update(&self, key: &str, value: Vec<u8>, mod_revision: i64, lease: Option<LeaseId>) -> Result<bool> {
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key, value, Self::put_opts(lease))]);
+        Ok(self.bounded(c.txn(txn)).await?.succeeded())
+    }
+
+    async fn delete(&self, key: &str, mod_revision: Option<i64>) -> Result<bool> {
+        let mut c = self.client.clone();
+        let compare: Vec<Compare> = match mod_revision {
+            Some(r) => vec![Compare::mod_revision(key, CompareOp::Equal, r)],
+            None => vec![Compare::create_revision(key, CompareOp::Greater, 0)],
+        };
+        let txn = Txn::new().when(compare).and_then([TxnOp::delete(key, None)]);
+        Ok(self.bounded(c.txn(txn)).await?.succeeded())
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
+        let mut c = self.client.clone();
+        let secs = ttl.as_secs().max(1) as i64;
+        Ok(self.bounded(c.lease_grant(secs, None)).await?.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut c = self.client.clone();
+        let (mut keeper, mut stream) = self.bounded(c.lease_keep_alive(lease)).await?;
+        self.bounded(keeper.keep_alive()).await?;
+        match self.bounded(stream.message()).await? {
+            Some(resp) if resp.ttl() > 0 => Ok(()),
+            _ => Err(StoreError::LeaseGone(lease)),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        let mut c = self.client.clone();
+        match self.bounded(c.lease_revoke(lease)).await {
+            Ok(_) => Ok(()),
+            // already expired: the goal is reached
+            Err(StoreError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, revision: i64) -> Result<mpsc::Receiver<WatchItem>> {
+        let (tx, rx) = mpsc::channel(1024);
+        let store = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move { store.watch_loop(prefix, revision, tx).await });
+        Ok(rx)
+    }
+}
+
+impl EtcdStore {
+    /// Runs until the receiver is dropped: watches from `next`, reconnects
+    /// after errors, resyncs with a listing after a compaction.
+    async fn watch_loop(self, prefix: String, revision: i64, tx: mpsc::Sender<WatchItem>) {
+        let mut next = revision + 1;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let mut c = self.client.clone();
+            let opts = WatchOptions::new().with_prefix().with_start_revision(next).with_progress_notify();
+            let mut stream = match c.watch(prefix.as_str(), Some(opts)).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!("watch {prefix}: {}; retrying", self.err(e));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    () = tx.closed() => return,
+                };
+                let resp = match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("watch {prefix}: {}; reconnecting", self.err(e));
+                        break;
+                    }
+                };
+                if resp.compact_revision() > 0 || (resp.canceled() && resp.compact_revision() > 0) {
+                    // we missed events: start over from a fresh listing
+                    match self.list(&prefix).await {
+                        Ok(listing) => {
+                            next = listing.revision + 1;
+                            if tx.send(WatchItem::Resync(listing)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!("watch {prefix}: resync: {e}"),
+                    }
+                    break;
+                }
+                if resp.canceled() {
+                    break;
+                }
+                let events: Vec<Event> = resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| {
+                        let k = e.kv()?;
+                        next = next.max(k.mod_revision() + 1);
+                        Some(match e.event_type() {
+                            EventType::Put => Event::Put(kv(k)),
+                            EventType::Delete => Event::Delete {
+                                key: String::from_utf8_lossy(k.key()).into_owned(),
+                                mod_revision: k.mod_revision(),
+                            },
+                        })
+                    })
+                    .collect();
+                if !events.is_empty() && tx.send(WatchItem::Events(events)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
