@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod config;
+pub mod lease;
 pub mod server;
 pub mod service;
 

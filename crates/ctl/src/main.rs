@@ -38,6 +38,9 @@ enum LabCmd {
         /// Pod MTU.
         #[arg(long, default_value_t = 1500)]
         mtu: u32,
+        /// Also run a real etcd on the fabric (192.0.2.2:2379).
+        #[arg(long)]
+        etcd: bool,
     },
     /// Destroy a persistent lab.
     Down {
@@ -89,11 +92,17 @@ fn main() -> anyhow::Result<()> {
     let Cmd::Lab { cmd } = cli.cmd;
     match cmd {
         LabCmd::Demo => demo::run(),
-        LabCmd::Up { name, nodes, mtu } => {
+        LabCmd::Up {
+            name,
+            nodes,
+            mtu,
+            etcd,
+        } => {
             let lab = Lab::create(LabOptions {
                 nodes,
                 name: Some(name),
                 mtu,
+                etcd,
             })?;
             println!(
                 "lab {} is up: {} node(s); state in {}",

@@ -2,13 +2,14 @@
 
 use crate::state::LabState;
 
-/// True when `pid` runs a trellisd (checked before any signal is sent).
-pub fn is_trellisd(pid: u32) -> bool {
+/// True when `pid` runs a program a lab starts (trellisd, etcd): checked
+/// before any signal is sent, so a recycled PID is never hit.
+pub fn is_lab_process(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             c.split(|b| *b == 0)
                 .next()
-                .is_some_and(|argv0| argv0.ends_with(b"trellisd"))
+                .is_some_and(|argv0| argv0.ends_with(b"trellisd") || argv0.ends_with(b"etcd"))
         })
         .unwrap_or(false)
 }
@@ -90,11 +91,12 @@ pub fn sweep(all: bool) -> GcReport {
             known.push(id);
             continue;
         }
-        for n in st.iter().flat_map(|s| s.nodes.iter()) {
-            if let Some(pid) = n.agent_pid {
-                if is_trellisd(pid) {
-                    crate::lab::stop_pid(pid, None);
-                }
+        let pids = st
+            .iter()
+            .flat_map(|s| s.nodes.iter().filter_map(|n| n.agent_pid).chain(s.etcd_pid));
+        for pid in pids {
+            if is_lab_process(pid) {
+                crate::lab::stop_pid(pid, None);
             }
         }
         report.errors.extend(delete_namespaces(&id));

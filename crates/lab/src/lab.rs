@@ -21,6 +21,8 @@ pub struct LabOptions {
     pub name: Option<String>,
     /// Pod MTU the agents hand out.
     pub mtu: u32,
+    /// Run a real etcd in its own namespace on the fabric (192.0.2.2).
+    pub etcd: bool,
 }
 
 impl Default for LabOptions {
@@ -29,6 +31,7 @@ impl Default for LabOptions {
             nodes: 1,
             name: None,
             mtu: 1500,
+            etcd: false,
         }
     }
 }
@@ -97,6 +100,7 @@ impl Lab {
             owner_pid: if keep { 0 } else { std::process::id() },
             nodes: vec![],
             pods: vec![],
+            etcd_pid: None,
         };
         // from here on, drop tears down whatever was made
         let mut lab = Self {
@@ -144,6 +148,10 @@ impl Lab {
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &fab, "addr", "add", "192.0.2.1/24", "dev", "br0"])?;
         ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        if opts.etcd {
+            crate::etcd::make_namespace(&self.etcd_ns(), &fab)?;
+            self.start_etcd()?;
+        }
         for i in 1..=opts.nodes {
             let name = format!("n{i}");
             let node = NodeState {
@@ -206,6 +214,27 @@ impl Lab {
     /// Namespace name of the fabric.
     pub fn fabric_ns(&self) -> String {
         format!("{}-fab", self.st.id)
+    }
+
+    /// Namespace name of the lab's etcd.
+    pub fn etcd_ns(&self) -> String {
+        format!("{}-etcd", self.st.id)
+    }
+
+    /// Starts the lab's etcd (keeping its data) and waits until it serves.
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let child = crate::etcd::start(&self.etcd_ns(), &self.dir)?;
+        self.st.etcd_pid = Some(child.id());
+        self.children.insert("etcd".into(), child);
+        self.save()
+    }
+
+    /// Stops the lab's etcd (its data stays for a restart).
+    pub fn stop_etcd(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.st.etcd_pid.take() {
+            stop_pid(pid, self.children.remove("etcd"));
+        }
+        self.save()
     }
 
     /// Namespace name of node `node`.
@@ -529,6 +558,9 @@ impl Lab {
                 stop_pid(pid, self.children.remove(&n.name));
             }
         }
+        if let Some(pid) = self.st.etcd_pid.take() {
+            stop_pid(pid, self.children.remove("etcd"));
+        }
         let errors = crate::gc::delete_namespaces(&self.st.id);
         let _ = std::fs::remove_dir_all(&self.dir);
         if errors.is_empty() {
@@ -557,7 +589,7 @@ impl Drop for Lab {
 pub(crate) fn stop_pid(pid: u32, child: Option<Child>) {
     use nix::sys::signal::{kill, Signal};
     let p = nix::unistd::Pid::from_raw(pid as i32);
-    if !crate::gc::is_trellisd(pid) && child.is_none() {
+    if !crate::gc::is_lab_process(pid) && child.is_none() {
         return;
     }
     let _ = kill(p, Signal::SIGTERM);

@@ -41,6 +41,9 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     /// Pods.
     pub pods: Vec<PodState>,
+    /// PID of the lab's etcd, when running.
+    #[serde(default)]
+    pub etcd_pid: Option<u32>,
 }
 
 impl LabState {

@@ -23,6 +23,7 @@ fn gc_sweeps_labs_of_dead_owners_only() {
         owner_pid: dead_pid,
         nodes: vec![],
         pods: vec![],
+        etcd_pid: None,
     }
     .save(&dir)
     .expect("save");

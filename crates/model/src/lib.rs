@@ -2,6 +2,7 @@
 
 pub mod cidr;
 pub mod netconf;
+pub mod node;
 pub mod subnet;
 
 pub use cidr::{CidrError, HostRange};

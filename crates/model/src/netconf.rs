@@ -203,12 +203,14 @@ impl ClusterConfig {
             "host-gw" => BackendType::HostGw,
             "bgp" => BackendType::Bgp,
             "ipip" => BackendType::Ipip,
-            other => return Err(err(
-                "Backend.Type",
-                format!(
+            other => {
+                return Err(err(
+                    "Backend.Type",
+                    format!(
                     "{other:?} is not supported; use \"vxlan\", \"host-gw\", \"bgp\" or \"ipip\""
                 ),
-            )),
+                ))
+            }
         };
         let vni = opt_u64(obj, "VNI", "Backend.VNI")?.unwrap_or(1);
         if vni == 0 || vni >= 1 << 24 {

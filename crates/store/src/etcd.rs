@@ -33,7 +33,11 @@ pub struct EtcdOptions {
 
 impl Default for EtcdOptions {
     fn default() -> Self {
-        Self { endpoints: vec!["http://127.0.0.1:2379".into()], tls: None, timeout: Duration::from_secs(5) }
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            tls: None,
+            timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -72,7 +76,9 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
         if let Some(t) = &opts.tls {
-            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| StoreError::Tls(format!("{}: {e}", p.display())));
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| StoreError::Tls(format!("{}: {e}", p.display())))
+            };
             let tls = TlsOptions::new()
                 .ca_certificate(Certificate::from_pem(read(&t.ca)?))
                 .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
@@ -80,26 +86,49 @@ impl EtcdStore {
         }
         let client = Client::connect(opts.endpoints.clone(), Some(co))
             .await
-            .map_err(|e| StoreError::Unreachable { endpoints: endpoints.clone(), reason: e.to_string() })?;
-        Ok(Self { client, endpoints, timeout: opts.timeout })
+            .map_err(|e| StoreError::Unreachable {
+                endpoints: endpoints.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            endpoints,
+            timeout: opts.timeout,
+        })
     }
 
     fn err(&self, e: etcd_client::Error) -> StoreError {
         match e {
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
-                StoreError::Unreachable { endpoints: self.endpoints.clone(), reason: e.to_string() }
+                StoreError::Unreachable {
+                    endpoints: self.endpoints.clone(),
+                    reason: e.to_string(),
+                }
             }
             etcd_client::Error::GRpcStatus(ref s)
-                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) =>
             {
-                StoreError::Unreachable { endpoints: self.endpoints.clone(), reason: s.message().to_string() }
+                StoreError::Unreachable {
+                    endpoints: self.endpoints.clone(),
+                    reason: s.message().to_string(),
+                }
             }
-            etcd_client::Error::GRpcStatus(ref s) if s.code() == tonic::Code::NotFound => StoreError::NotFound,
+            etcd_client::Error::GRpcStatus(ref s) if s.code() == tonic::Code::NotFound => {
+                StoreError::NotFound
+            }
+            // the keep-alive stream's answer for an expired or revoked lease
+            etcd_client::Error::LeaseKeepAliveError(_) => StoreError::NotFound,
             other => StoreError::Other(other.to_string()),
         }
     }
 
-    async fn bounded<T>(&self, f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>) -> Result<T> {
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(|e| self.err(e)),
             Err(_) => Err(StoreError::Unreachable {
@@ -123,9 +152,14 @@ impl Datastore for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
         let mut c = self.client.clone();
-        let resp = self.bounded(c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let resp = self
+            .bounded(c.get(prefix, Some(GetOptions::new().with_prefix())))
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(Listing { items: resp.kvs().iter().map(kv).collect(), revision })
+        Ok(Listing {
+            items: resp.kvs().iter().map(kv).collect(),
+            revision,
+        })
     }
 
     async fn create(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<bool> {
@@ -136,7 +170,20 @@ impl Datastore for EtcdStore {
         Ok(self.bounded(c.txn(txn)).await?.succeeded())
     }
 
-    async fn update(&self, key: &str, value: Vec<u8>, mod_revision: i64, lease: Option<LeaseId>) -> Result<bool> {
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<()> {
+        let mut c = self.client.clone();
+        self.bounded(c.put(key, value, Self::put_opts(lease)))
+            .await?;
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        mod_revision: i64,
+        lease: Option<LeaseId>,
+    ) -> Result<bool> {
         let mut c = self.client.clone();
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
@@ -150,7 +197,9 @@ impl Datastore for EtcdStore {
             Some(r) => vec![Compare::mod_revision(key, CompareOp::Equal, r)],
             None => vec![Compare::create_revision(key, CompareOp::Greater, 0)],
         };
-        let txn = Txn::new().when(compare).and_then([TxnOp::delete(key, None)]);
+        let txn = Txn::new()
+            .when(compare)
+            .and_then([TxnOp::delete(key, None)]);
         Ok(self.bounded(c.txn(txn)).await?.succeeded())
     }
 
@@ -162,9 +211,16 @@ impl Datastore for EtcdStore {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
         let mut c = self.client.clone();
-        let (mut keeper, mut stream) = self.bounded(c.lease_keep_alive(lease)).await?;
-        self.bounded(keeper.keep_alive()).await?;
-        match self.bounded(stream.message()).await? {
+        let gone = |e: StoreError| match e {
+            StoreError::NotFound => StoreError::LeaseGone(lease),
+            other => other,
+        };
+        let (mut keeper, mut stream) = self
+            .bounded(c.lease_keep_alive(lease))
+            .await
+            .map_err(gone)?;
+        self.bounded(keeper.keep_alive()).await.map_err(gone)?;
+        match self.bounded(stream.message()).await.map_err(gone)? {
             Some(resp) if resp.ttl() > 0 => Ok(()),
             _ => Err(StoreError::LeaseGone(lease)),
         }
@@ -190,6 +246,14 @@ impl Datastore for EtcdStore {
 }
 
 impl EtcdStore {
+    /// Compacts history up to `revision` (operations and tests of the
+    /// watch resync).
+    pub async fn compact(&self, revision: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        self.bounded(c.compact(revision, None)).await?;
+        Ok(())
+    }
+
     /// Runs until the receiver is dropped: watches from `next`, reconnects
     /// after errors, resyncs with a listing after a compaction.
     async fn watch_loop(self, prefix: String, revision: i64, tx: mpsc::Sender<WatchItem>) {
@@ -199,7 +263,10 @@ impl EtcdStore {
                 return;
             }
             let mut c = self.client.clone();
-            let opts = WatchOptions::new().with_prefix().with_start_revision(next).with_progress_notify();
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(next)
+                .with_progress_notify();
             let mut stream = match c.watch(prefix.as_str(), Some(opts)).await {
                 Ok(w) => w,
                 Err(e) => {

@@ -28,11 +28,33 @@ pub trait Datastore: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Listing>> + Send;
     /// Creates `key` only if it does not exist (compare-and-swap on
     /// creation); `false` when someone else holds it.
-    fn create(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> impl Future<Output = Result<bool>> + Send;
+    fn create(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    /// Writes `key` whatever it holds now.
+    fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Replaces `key` only if it is still at `mod_revision`.
-    fn update(&self, key: &str, value: Vec<u8>, mod_revision: i64, lease: Option<LeaseId>) -> impl Future<Output = Result<bool>> + Send;
+    fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        mod_revision: i64,
+        lease: Option<LeaseId>,
+    ) -> impl Future<Output = Result<bool>> + Send;
     /// Deletes `key`, only if still at `mod_revision` when given.
-    fn delete(&self, key: &str, mod_revision: Option<i64>) -> impl Future<Output = Result<bool>> + Send;
+    fn delete(
+        &self,
+        key: &str,
+        mod_revision: Option<i64>,
+    ) -> impl Future<Output = Result<bool>> + Send;
     /// A lease that expires `ttl` after its last keep-alive.
     fn grant(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId>> + Send;
     /// Refreshes a lease once; `Err(LeaseGone)` when it expired.
@@ -42,5 +64,9 @@ pub trait Datastore: Send + Sync + 'static {
     /// Changes under `prefix` after `revision`, in order. The stream
     /// reconnects by itself; when the revision was compacted away it sends a
     /// [`WatchItem::Resync`] with a fresh listing and goes on from there.
-    fn watch(&self, prefix: &str, revision: i64) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>>> + Send;
+    fn watch(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>>> + Send;
 }
