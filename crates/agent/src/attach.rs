@@ -160,6 +160,7 @@ pub fn plan(i: &PlanInput<'_>) -> Result<Plan, PlanError> {
                     dst: address,
                     dev: host.clone(),
                     via: None,
+                    onlink: false,
                 }),
                 sysctls: vec![
                     (format!("net/ipv4/conf/{host}/proxy_arp"), "1".into()),

@@ -4,12 +4,14 @@
 //! a feature works.
 
 use crate::{
-    Dataplane, DataplaneError, HostRoute, NlError, PodIface, PodIfaceState, Result, VethInfo,
-    VethSpec,
+    Dataplane, DataplaneError, HostRoute, NlError, PodIface, PodIfaceState, Result, Underlay,
+    VethInfo, VethSpec, VxlanSpec,
 };
 use ipnet::IpNet;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 
@@ -39,6 +41,10 @@ struct State {
     pods: BTreeMap<(i32, String), PodIfaceState>,
     calls: Vec<String>,
     fail: Option<(String, Errno)>,
+    neighbours: BTreeMap<(String, IpAddr), [u8; 6]>,
+    fdb: BTreeSet<(String, [u8; 6], IpAddr)>,
+    vxlan: Option<VxlanSpec>,
+    underlay: Option<Underlay>,
 }
 
 /// The fake dataplane.
@@ -71,6 +77,31 @@ impl FakeDataplane {
     /// Routes in the node namespace.
     pub fn routes(&self) -> Vec<HostRoute> {
         self.lock().routes.clone()
+    }
+
+    /// Neighbours as (dev, ip) -> mac.
+    pub fn neighbour_table(&self) -> BTreeMap<(String, IpAddr), [u8; 6]> {
+        self.lock().neighbours.clone()
+    }
+
+    /// FDB entries as (dev, mac, dst).
+    pub fn fdb_table(&self) -> BTreeSet<(String, [u8; 6], IpAddr)> {
+        self.lock().fdb.clone()
+    }
+
+    /// The VXLAN device, if made.
+    pub fn vxlan(&self) -> Option<VxlanSpec> {
+        self.lock().vxlan.clone()
+    }
+
+    /// Sets what [`Dataplane::underlay`] answers.
+    pub fn set_underlay(&self, u: Underlay) {
+        self.lock().underlay = Some(u);
+    }
+
+    /// Forgets every call recorded so far.
+    pub fn clear_calls(&self) {
+        self.lock().calls.clear();
     }
 
     /// sysctls written.
@@ -232,5 +263,77 @@ impl Dataplane for FakeDataplane {
     fn is_own_netns(&self, _netns: BorrowedFd<'_>) -> Result<bool> {
         drop(self.enter("is_own_netns")?);
         Ok(false)
+    }
+
+    fn vxlan_ensure(&self, spec: &VxlanSpec) -> Result<u32> {
+        let mut s = self.enter("vxlan_ensure")?;
+        if s.vxlan.as_ref() != Some(spec) {
+            s.vxlan = Some(spec.clone());
+            let link = s.add_link(&spec.name, spec.mtu, Some(spec.mac));
+            return Ok(link.index);
+        }
+        Ok(s.links.get(&spec.name).map(|l| l.index).unwrap_or(0))
+    }
+
+    fn route_delete(&self, dst: IpNet) -> Result<bool> {
+        let mut s = self.enter("route_delete")?;
+        let before = s.routes.len();
+        s.routes.retain(|r| r.dst != dst);
+        Ok(s.routes.len() != before)
+    }
+
+    fn routes_owned(&self) -> Result<Vec<HostRoute>> {
+        Ok(self.enter("routes_owned")?.routes.clone())
+    }
+
+    fn neigh_replace(&self, dev: &str, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        self.enter("neigh_replace")?
+            .neighbours
+            .insert((dev.to_string(), ip), mac);
+        Ok(())
+    }
+
+    fn neigh_delete(&self, dev: &str, ip: IpAddr) -> Result<bool> {
+        Ok(self
+            .enter("neigh_delete")?
+            .neighbours
+            .remove(&(dev.to_string(), ip))
+            .is_some())
+    }
+
+    fn neighbours(&self, dev: &str) -> Result<Vec<(IpAddr, [u8; 6])>> {
+        let s = self.enter("neighbours")?;
+        Ok(s.neighbours
+            .iter()
+            .filter(|((d, _), _)| d == dev)
+            .map(|((_, ip), mac)| (*ip, *mac))
+            .collect())
+    }
+
+    fn fdb_replace(&self, dev: &str, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        let mut s = self.enter("fdb_replace")?;
+        s.fdb.retain(|(d, m, _)| !(d == dev && *m == mac));
+        s.fdb.insert((dev.to_string(), mac, dst));
+        Ok(())
+    }
+
+    fn fdb_delete(&self, dev: &str, mac: [u8; 6], dst: IpAddr) -> Result<bool> {
+        Ok(self
+            .enter("fdb_delete")?
+            .fdb
+            .remove(&(dev.to_string(), mac, dst)))
+    }
+
+    fn fdb(&self, dev: &str) -> Result<Vec<([u8; 6], IpAddr)>> {
+        let s = self.enter("fdb")?;
+        Ok(s.fdb
+            .iter()
+            .filter(|(d, _, _)| d == dev)
+            .map(|(_, m, ip)| (*m, *ip))
+            .collect())
+    }
+
+    fn underlay(&self, _ip: IpAddr) -> Result<Option<Underlay>> {
+        Ok(self.enter("underlay")?.underlay.clone())
     }
 }

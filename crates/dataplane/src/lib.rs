@@ -8,6 +8,7 @@
 mod fake;
 mod linux;
 pub mod netlink;
+mod overlay;
 pub mod sysctl;
 
 pub use fake::{FakeDataplane, FakeLink};
@@ -72,7 +73,7 @@ pub struct VethInfo {
 }
 
 /// A route in the node's namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HostRoute {
     /// Destination.
     pub dst: IpNet,
@@ -80,6 +81,40 @@ pub struct HostRoute {
     pub dev: String,
     /// Next hop, if any.
     pub via: Option<IpAddr>,
+    /// The next hop is on the link even without a covering subnet.
+    pub onlink: bool,
+}
+
+/// The VXLAN device of the vxlan backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    /// Device name (`trellis.1`).
+    pub name: String,
+    /// VNI.
+    pub vni: u32,
+    /// UDP destination port.
+    pub port: u16,
+    /// Local underlay address.
+    pub local: IpAddr,
+    /// Underlay device.
+    pub dev: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Address on the device (the VTEP IP, a /32).
+    pub address: IpNet,
+    /// Its MAC, kept stable across restarts.
+    pub mac: [u8; 6],
+}
+
+/// The interface a node's underlay address lives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    /// Interface name.
+    pub dev: String,
+    /// The address with its prefix.
+    pub net: IpNet,
+    /// MTU.
+    pub mtu: u32,
 }
 
 /// How the pod's interface is configured once it is in the pod.
@@ -155,6 +190,38 @@ pub trait Dataplane: Send + Sync {
 
     /// True when `netns` is the namespace the agent itself runs in.
     fn is_own_netns(&self, netns: BorrowedFd<'_>) -> Result<bool>;
+
+    /// `ip link add NAME type vxlan id VNI dstport PORT local IP dev DEV
+    /// nolearning; ip link set NAME address MAC mtu MTU up; ip addr replace
+    /// ADDR dev NAME` — a device with other parameters is recreated.
+    fn vxlan_ensure(&self, spec: &VxlanSpec) -> Result<u32>;
+
+    /// `ip route del DST proto 84`; `Ok(false)` when absent.
+    fn route_delete(&self, dst: IpNet) -> Result<bool>;
+
+    /// `ip route show table main proto 84`.
+    fn routes_owned(&self) -> Result<Vec<HostRoute>>;
+
+    /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`.
+    fn neigh_replace(&self, dev: &str, ip: IpAddr, mac: [u8; 6]) -> Result<()>;
+
+    /// `ip neigh del IP dev DEV`; `Ok(false)` when absent.
+    fn neigh_delete(&self, dev: &str, ip: IpAddr) -> Result<bool>;
+
+    /// `ip neigh show dev DEV nud permanent`.
+    fn neighbours(&self, dev: &str) -> Result<Vec<(IpAddr, [u8; 6])>>;
+
+    /// `bridge fdb replace MAC dev DEV dst IP self permanent`.
+    fn fdb_replace(&self, dev: &str, mac: [u8; 6], dst: IpAddr) -> Result<()>;
+
+    /// `bridge fdb del MAC dev DEV dst IP self`; `Ok(false)` when absent.
+    fn fdb_delete(&self, dev: &str, mac: [u8; 6], dst: IpAddr) -> Result<bool>;
+
+    /// `bridge fdb show dev DEV` (entries with a remote destination).
+    fn fdb(&self, dev: &str) -> Result<Vec<([u8; 6], IpAddr)>>;
+
+    /// The interface holding `ip`, with its prefix and MTU.
+    fn underlay(&self, ip: IpAddr) -> Result<Option<Underlay>>;
 }
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.

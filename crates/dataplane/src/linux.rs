@@ -2,8 +2,8 @@
 
 use crate::netlink::{Netlink, NlError};
 use crate::{
-    sysctl, Dataplane, DataplaneError, HostRoute, PodIface, PodIfaceState, Result, VethInfo,
-    VethSpec, RTPROT_TRELLIS,
+    sysctl, Dataplane, DataplaneError, HostRoute, PodIface, PodIfaceState, Result, Underlay,
+    VethInfo, VethSpec, VxlanSpec, RTPROT_TRELLIS,
 };
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
@@ -50,7 +50,7 @@ fn family(ip: IpAddr) -> AddressFamily {
     }
 }
 
-fn link_by_name(name: &str) -> LinkMessage {
+pub(crate) fn link_by_name(name: &str) -> LinkMessage {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_string()));
     m
@@ -61,7 +61,10 @@ fn up(m: &mut LinkMessage) {
     m.header.change_mask = LinkFlags::Up;
 }
 
-fn get_link(sock: &mut Netlink, name: &str) -> std::result::Result<Option<LinkMessage>, NlError> {
+pub(crate) fn get_link(
+    sock: &mut Netlink,
+    name: &str,
+) -> std::result::Result<Option<LinkMessage>, NlError> {
     // RTM_GETLINK by name answers with one message or ENODEV
     match sock.dump_one(RouteNetlinkMessage::GetLink(link_by_name(name))) {
         Ok(Some(RouteNetlinkMessage::NewLink(m))) => Ok(Some(m)),
@@ -95,7 +98,7 @@ fn bridge_mac(gw: IpAddr) -> [u8; 6] {
     [0x0a, 0x58, b[0], b[1], b[2], b[3]]
 }
 
-fn addr_message(index: u32, addr: IpNet) -> AddressMessage {
+pub(crate) fn addr_message(index: u32, addr: IpNet) -> AddressMessage {
     let mut m = AddressMessage::default();
     m.header.family = family(addr.addr());
     m.header.prefix_len = addr.prefix_len();
@@ -266,7 +269,7 @@ impl Dataplane for LinuxDataplane {
             .header
             .index;
         sock.request(
-            RouteNetlinkMessage::NewRoute(route_message(route.dst, index, route.via, false)),
+            RouteNetlinkMessage::NewRoute(route_message(route.dst, index, route.via, route.onlink)),
             NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map_err(nl(op))
@@ -397,5 +400,45 @@ impl Dataplane for LinuxDataplane {
             .map_err(err)?;
         let mine = std::fs::metadata("/proc/thread-self/ns/net").map_err(err)?;
         Ok(theirs.ino() == mine.ino() && theirs.dev() == mine.dev())
+    }
+
+    fn vxlan_ensure(&self, spec: &VxlanSpec) -> Result<u32> {
+        crate::overlay::vxlan_ensure(spec)
+    }
+
+    fn route_delete(&self, dst: IpNet) -> Result<bool> {
+        crate::overlay::route_delete(dst)
+    }
+
+    fn routes_owned(&self) -> Result<Vec<HostRoute>> {
+        crate::overlay::routes_owned()
+    }
+
+    fn neigh_replace(&self, dev: &str, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        crate::overlay::neigh_replace(dev, ip, mac)
+    }
+
+    fn neigh_delete(&self, dev: &str, ip: IpAddr) -> Result<bool> {
+        crate::overlay::neigh_delete(dev, ip)
+    }
+
+    fn neighbours(&self, dev: &str) -> Result<Vec<(IpAddr, [u8; 6])>> {
+        crate::overlay::neighbours(dev)
+    }
+
+    fn fdb_replace(&self, dev: &str, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        crate::overlay::fdb_replace(dev, mac, dst)
+    }
+
+    fn fdb_delete(&self, dev: &str, mac: [u8; 6], dst: IpAddr) -> Result<bool> {
+        crate::overlay::fdb_delete(dev, mac, dst)
+    }
+
+    fn fdb(&self, dev: &str) -> Result<Vec<([u8; 6], IpAddr)>> {
+        crate::overlay::fdb(dev)
+    }
+
+    fn underlay(&self, ip: IpAddr) -> Result<Option<Underlay>> {
+        crate::overlay::underlay(ip)
     }
 }
