@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod config;
 pub mod lease;
+pub mod routes;
 pub mod server;
 pub mod service;
 
