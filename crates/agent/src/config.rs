@@ -19,8 +19,34 @@ fn default_socket() -> PathBuf {
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/trellis")
 }
-fn default_mtu() -> u32 {
-    1500
+fn default_ttl() -> u64 {
+    10
+}
+fn default_resync() -> u64 {
+    5
+}
+fn default_prefix() -> String {
+    "/trellis/v1/".into()
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdSection {
+    /// Client endpoints, e.g. `https://10.0.0.5:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// CA certificate (PEM) for TLS.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 fn default_mode() -> AttachMode {
     AttachMode::Bridge
@@ -35,11 +61,26 @@ fn default_bridge() -> String {
 pub struct AgentConfig {
     /// This node's name.
     pub node_name: String,
-    /// The node's pod subnet.
-    pub subnet: IpNet,
-    /// Pod MTU unless a network config overrides it.
-    #[serde(default = "default_mtu")]
-    pub mtu: u32,
+    /// The node's pod subnet, when it is not leased from the datastore.
+    #[serde(default)]
+    pub subnet: Option<IpNet>,
+    /// Pod MTU unless a network config overrides it; default: the underlay
+    /// MTU minus the backend's overhead (1500 without a datastore).
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// The cluster datastore; with it the node leases its subnet and
+    /// routes to the other nodes.
+    #[serde(default)]
+    pub etcd: Option<EtcdSection>,
+    /// This node's underlay address (required with `etcd`).
+    #[serde(default)]
+    pub public_ip: Option<std::net::Ipv4Addr>,
+    /// TTL of the node's subnet lease.
+    #[serde(default = "default_ttl")]
+    pub lease_ttl_seconds: u64,
+    /// Period of the full resync that repairs drift.
+    #[serde(default = "default_resync")]
+    pub resync_seconds: u64,
     /// Attach mode for network configs that do not name one.
     #[serde(default = "default_mode")]
     pub default_mode: AttachMode,
@@ -75,12 +116,44 @@ impl AgentConfig {
     /// Parses and validates a config document.
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: Self = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        HostRange::new(cfg.subnet).map_err(|e| format!("field \"subnet\": {e}"))?;
-        if !(576..=65535).contains(&cfg.mtu) {
-            return Err(format!(
-                "field \"mtu\": {} is not within 576..=65535",
-                cfg.mtu
-            ));
+        match (&cfg.subnet, &cfg.etcd) {
+            (Some(s), _) => {
+                HostRange::new(*s).map_err(|e| format!("field \"subnet\": {e}"))?;
+            }
+            (None, None) => {
+                return Err("field \"subnet\" is missing (or set \"etcd\" to lease one)".into())
+            }
+            (None, Some(_)) => {}
+        }
+        if let Some(e) = &cfg.etcd {
+            if e.endpoints.is_empty() {
+                return Err("field \"etcd.endpoints\" is empty".into());
+            }
+            if cfg.public_ip.is_none() {
+                return Err("field \"publicIp\" is missing (required with \"etcd\")".into());
+            }
+            let tls = [&e.ca_file, &e.cert_file, &e.key_file]
+                .iter()
+                .filter(|f| f.is_some())
+                .count();
+            if tls != 0 && tls != 3 {
+                return Err(
+                    "fields \"etcd.caFile\", \"etcd.certFile\", \"etcd.keyFile\" go together"
+                        .into(),
+                );
+            }
+            if !e.prefix.starts_with('/') || !e.prefix.ends_with('/') {
+                return Err(format!(
+                    "field \"etcd.prefix\": {:?} must start and end with '/'",
+                    e.prefix
+                ));
+            }
+        }
+        if let Some(m) = cfg.mtu.filter(|m| !(576..=65535).contains(m)) {
+            return Err(format!("field \"mtu\": {m} is not within 576..=65535"));
+        }
+        if cfg.lease_ttl_seconds < 2 {
+            return Err("field \"leaseTtlSeconds\" must be at least 2".into());
         }
         trellis_cni::env::validate_ifname(&cfg.bridge).map_err(|_| {
             format!(
@@ -94,11 +167,11 @@ impl AgentConfig {
         Ok(cfg)
     }
 
-    /// The directory of this subnet's allocations.
-    pub fn ipam_dir(&self) -> PathBuf {
+    /// The directory of `subnet`'s allocations.
+    pub fn ipam_dir(&self, subnet: IpNet) -> PathBuf {
         self.data_dir
             .join("ipam")
-            .join(self.subnet.to_string().replace('/', "_"))
+            .join(subnet.to_string().replace('/', "_"))
     }
 }
 
@@ -109,9 +182,11 @@ mod tests {
     #[test]
     fn defaults_and_errors() {
         let c = AgentConfig::parse(r#"{"nodeName":"n1","subnet":"10.244.1.0/24"}"#).expect("cfg");
-        assert_eq!(c.mtu, 1500);
+        assert_eq!(c.mtu, None);
         assert_eq!(c.default_mode, AttachMode::Bridge);
-        assert!(c.ipam_dir().ends_with("ipam/10.244.1.0_24"));
+        assert!(c
+            .ipam_dir(c.subnet.expect("subnet"))
+            .ends_with("ipam/10.244.1.0_24"));
         for (doc, needle) in [
             (r#"{"nodeName":"n1","subnet":"10.244.1.9/24"}"#, "subnet"),
             (
@@ -123,6 +198,19 @@ mod tests {
                 "bogus",
             ),
             (r#"{"subnet":"10.244.1.0/24"}"#, "nodeName"),
+            (r#"{"nodeName":"n1"}"#, "subnet"),
+            (
+                r#"{"nodeName":"n1","etcd":{"endpoints":["http://e:2379"]}}"#,
+                "publicIp",
+            ),
+            (
+                r#"{"nodeName":"n1","publicIp":"192.0.2.1","etcd":{"endpoints":[]}}"#,
+                "etcd.endpoints",
+            ),
+            (
+                r#"{"nodeName":"n1","publicIp":"192.0.2.1","etcd":{"endpoints":["http://e:2379"],"caFile":"/ca"}}"#,
+                "etcd.certFile",
+            ),
         ] {
             let e = AgentConfig::parse(doc).expect_err(doc);
             assert!(e.contains(needle), "{doc}: {e}");

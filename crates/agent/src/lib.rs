@@ -4,8 +4,10 @@
 //! `trellis-dataplane` crate.
 
 pub mod attach;
+pub mod cluster;
 pub mod config;
 pub mod lease;
+pub mod masq;
 pub mod routes;
 pub mod server;
 pub mod service;

@@ -4,7 +4,8 @@ use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use trellis_agent::cluster::{self, ClusterView};
 use trellis_agent::{server, AgentConfig, CniService};
 use trellis_dataplane::{Dataplane, LinuxDataplane};
 
@@ -36,11 +37,44 @@ fn main() -> anyhow::Result<()> {
     let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane::new());
     dp.sysctl_set("net/ipv4/ip_forward", "1")
         .context("enable IPv4 forwarding in the node's namespace")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let view = Arc::new(Mutex::new(ClusterView::default()));
+    // the node's subnet: leased from the datastore, or set in the config
+    let (subnet, mtu) = match cfg.etcd {
+        Some(_) => {
+            let (store, joined) = runtime.block_on(async {
+                let store = cluster::connect(&cfg).await?;
+                let joined = cluster::join(&store, &cfg, dp.as_ref()).await?;
+                anyhow::Ok((store, joined))
+            })?;
+            tracing::info!(
+                subnet = %joined.lease.subnet, backend = joined.cfg.backend.kind.as_str(),
+                mtu = joined.pod_mtu, underlay = %joined.local.underlay_dev, "joined the cluster"
+            );
+            let (subnet, mtu) = (ipnet::IpNet::V4(joined.lease.subnet), joined.pod_mtu);
+            runtime.spawn(cluster::run(
+                store,
+                cfg.clone(),
+                joined,
+                dp.clone(),
+                view.clone(),
+            ));
+            (subnet, mtu)
+        }
+        None => (
+            cfg.subnet.context("no subnet configured")?,
+            cfg.mtu.unwrap_or(1500),
+        ),
+    };
     let socket = cfg.socket.clone();
-    let service = Arc::new(CniService::new(cfg.clone(), dp).context("open IPAM state")?);
+    let service =
+        Arc::new(CniService::new(cfg.clone(), subnet, mtu, dp).context("open IPAM state")?);
     let listener = server::bind(&socket)?;
     tracing::info!(
-        node = %cfg.node_name, subnet = %cfg.subnet, socket = %socket.display(),
+        node = %cfg.node_name, %subnet, mtu, socket = %socket.display(),
         allocations = service.allocations().len(), "trellisd ready"
     );
     std::thread::spawn(move || server::serve(listener, service));

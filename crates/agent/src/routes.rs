@@ -12,10 +12,10 @@ use std::sync::Arc;
 use trellis_dataplane::{Dataplane, DataplaneError, HostRoute, VxlanSpec};
 use trellis_routing::{Desired, LocalNode, NextHop, VxlanLink, VXLAN_DEV};
 
-/// The VTEP MAC of a node: `0e:74:` + its subnet's network address, unique
-/// in the cluster and stable across restarts.
-pub fn vtep_mac(subnet: Ipv4Net) -> [u8; 6] {
-    let o = subnet.network().octets();
+/// The VTEP MAC of a node: `0e:74:` + its underlay address, unique in the
+/// cluster, known before the subnet is leased, stable across restarts.
+pub fn vtep_mac(public_ip: std::net::Ipv4Addr) -> [u8; 6] {
+    let o = public_ip.octets();
     [0x0e, 0x74, o[0], o[1], o[2], o[3]]
 }
 
@@ -53,7 +53,7 @@ fn vxlan_spec(local: &LocalNode, l: &VxlanLink) -> VxlanSpec {
         dev: l.dev.clone(),
         mtu: l.mtu,
         address: IpNet::new(IpAddr::V4(l.vtep_ip), 32).unwrap_or(IpNet::V4(local.subnet)),
-        mac: vtep_mac(local.subnet),
+        mac: vtep_mac(local.public_ip),
     }
 }
 
@@ -263,12 +263,13 @@ mod tests {
 
     fn node(i: u8) -> NodeRecord {
         let subnet: Ipv4Net = format!("10.244.{i}.0/24").parse().expect("n");
+        let ip: std::net::Ipv4Addr = format!("192.0.2.{}", 10 + i).parse().expect("ip");
         NodeRecord {
             node: format!("n{i}"),
             subnet,
-            public_ip: format!("192.0.2.{}", 10 + i).parse().expect("ip"),
+            public_ip: std::net::IpAddr::V4(ip),
             backend_type: "vxlan".into(),
-            vtep_mac: Some(trellis_dataplane::mac_string(&vtep_mac(subnet))),
+            vtep_mac: Some(trellis_dataplane::mac_string(&vtep_mac(ip))),
         }
     }
 

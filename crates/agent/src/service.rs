@@ -24,6 +24,7 @@ pub const ALREADY_ATTACHED: u32 = 104;
 pub struct CniService {
     cfg: AgentConfig,
     range: HostRange,
+    mtu: u32,
     dp: Arc<dyn Dataplane>,
     pool: Mutex<Pool>,
 }
@@ -45,16 +46,23 @@ fn pool_err(e: PoolError) -> CniError {
 }
 
 impl CniService {
-    /// Opens the node's IPAM state and builds the service.
-    pub fn new(cfg: AgentConfig, dp: Arc<dyn Dataplane>) -> anyhow::Result<Self> {
-        let range = HostRange::new(cfg.subnet)?;
-        let pool = Pool::open(&cfg.ipam_dir(), range)?;
+    /// Opens the IPAM state of `subnet` and builds the service; pods get
+    /// `mtu` unless their network config says otherwise.
+    pub fn new(
+        cfg: AgentConfig,
+        subnet: ipnet::IpNet,
+        mtu: u32,
+        dp: Arc<dyn Dataplane>,
+    ) -> anyhow::Result<Self> {
+        let range = HostRange::new(subnet)?;
+        let pool = Pool::open(&cfg.ipam_dir(subnet), range)?;
         for w in &pool.warnings {
             tracing::warn!("ipam: {w}");
         }
         Ok(Self {
             cfg,
             range,
+            mtu,
             dp,
             pool: Mutex::new(pool),
         })
@@ -126,7 +134,7 @@ impl CniService {
             mode: conf.mode.unwrap_or(self.cfg.default_mode),
             ip,
             range: self.range,
-            mtu: conf.mtu.unwrap_or(self.cfg.mtu),
+            mtu: conf.mtu.unwrap_or(self.mtu),
             bridge: conf.bridge.as_deref().unwrap_or(&self.cfg.bridge),
             container_id: &env.container_id,
             ifname: &env.ifname,
@@ -367,7 +375,11 @@ mod tests {
         ))
         .expect("cfg");
         let fake = Arc::new(FakeDataplane::new());
-        (CniService::new(cfg, fake.clone()).expect("service"), fake)
+        let subnet = cfg.subnet.expect("subnet");
+        (
+            CniService::new(cfg, subnet, 1500, fake.clone()).expect("service"),
+            fake,
+        )
     }
 
     fn request(cmd: &str, mode: &str) -> Request {

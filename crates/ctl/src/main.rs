@@ -41,6 +41,10 @@ enum LabCmd {
         /// Also run a real etcd on the fabric (192.0.2.2:2379).
         #[arg(long)]
         etcd: bool,
+        /// Cluster mode: etcd plus subnet leases and cross-node routing with
+        /// this backend (vxlan, host-gw or directrouting).
+        #[arg(long)]
+        backend: Option<String>,
     },
     /// Destroy a persistent lab.
     Down {
@@ -97,12 +101,17 @@ fn main() -> anyhow::Result<()> {
             nodes,
             mtu,
             etcd,
+            backend,
         } => {
             let lab = Lab::create(LabOptions {
                 nodes,
                 name: Some(name),
                 mtu,
                 etcd,
+                cluster: backend
+                    .as_deref()
+                    .map(trellis_lab::cluster_config)
+                    .transpose()?,
             })?;
             println!(
                 "lab {} is up: {} node(s); state in {}",

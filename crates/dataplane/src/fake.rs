@@ -45,6 +45,7 @@ struct State {
     fdb: BTreeSet<(String, [u8; 6], IpAddr)>,
     vxlan: Option<VxlanSpec>,
     underlay: Option<Underlay>,
+    nft: Option<String>,
 }
 
 /// The fake dataplane.
@@ -97,6 +98,11 @@ impl FakeDataplane {
     /// Sets what [`Dataplane::underlay`] answers.
     pub fn set_underlay(&self, u: Underlay) {
         self.lock().underlay = Some(u);
+    }
+
+    /// The last ruleset applied.
+    pub fn nft(&self) -> Option<String> {
+        self.lock().nft.clone()
     }
 
     /// Forgets every call recorded so far.
@@ -331,6 +337,11 @@ impl Dataplane for FakeDataplane {
             .filter(|(d, _, _)| d == dev)
             .map(|(_, m, ip)| (*m, *ip))
             .collect())
+    }
+
+    fn nft_apply(&self, ruleset: &str) -> Result<()> {
+        self.enter("nft_apply")?.nft = Some(ruleset.to_string());
+        Ok(())
     }
 
     fn underlay(&self, _ip: IpAddr) -> Result<Option<Underlay>> {

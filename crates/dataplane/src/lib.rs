@@ -8,6 +8,7 @@
 mod fake;
 mod linux;
 pub mod netlink;
+mod nft;
 mod overlay;
 pub mod sysctl;
 
@@ -222,6 +223,9 @@ pub trait Dataplane: Send + Sync {
 
     /// The interface holding `ip`, with its prefix and MTU.
     fn underlay(&self, ip: IpAddr) -> Result<Option<Underlay>>;
+
+    /// `nft -f -` with `ruleset`: one atomic transaction.
+    fn nft_apply(&self, ruleset: &str) -> Result<()>;
 }
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.

@@ -441,4 +441,8 @@ impl Dataplane for LinuxDataplane {
     fn underlay(&self, ip: IpAddr) -> Result<Option<Underlay>> {
         crate::overlay::underlay(ip)
     }
+
+    fn nft_apply(&self, ruleset: &str) -> Result<()> {
+        crate::nft::apply(ruleset)
+    }
 }

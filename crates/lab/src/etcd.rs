@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 /// The address etcd listens on, on the lab fabric.
 pub const ETCD_IP: &str = "192.0.2.2";
+/// The key prefix lab agents use.
+pub const PREFIX: &str = "/trellis/v1/";
 /// Its client endpoint.
 pub const ETCD_ENDPOINT: &str = "http://192.0.2.2:2379";
 

@@ -23,6 +23,9 @@ pub struct LabOptions {
     pub mtu: u32,
     /// Run a real etcd in its own namespace on the fabric (192.0.2.2).
     pub etcd: bool,
+    /// A cluster network config (flannel net-conf.json): the agents lease
+    /// their subnets from the lab's etcd (implied) and route between nodes.
+    pub cluster: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -32,6 +35,7 @@ impl Default for LabOptions {
             name: None,
             mtu: 1500,
             etcd: false,
+            cluster: None,
         }
     }
 }
@@ -148,9 +152,12 @@ impl Lab {
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &fab, "addr", "add", "192.0.2.1/24", "dev", "br0"])?;
         ip(&["-n", &fab, "link", "set", "br0", "up"])?;
-        if opts.etcd {
+        if opts.etcd || opts.cluster.is_some() {
             crate::etcd::make_namespace(&self.etcd_ns(), &fab)?;
             self.start_etcd()?;
+        }
+        if let Some(conf) = &opts.cluster {
+            self.etcdctl(&["put", &format!("{}config", crate::etcd::PREFIX), conf])?;
         }
         for i in 1..=opts.nodes {
             let name = format!("n{i}");
@@ -183,13 +190,25 @@ impl Lab {
             // a default route, as real nodes have: proxy ARP only answers
             // for targets the node can route
             ip(&["-n", &ns, "route", "add", "default", "via", "192.0.2.1"])?;
-            let cfg = serde_json::json!({
-                "nodeName": name,
-                "subnet": node.subnet,
-                "mtu": opts.mtu,
-                "socket": self.socket(&name),
-                "dataDir": self.dir.join(format!("{name}-data")),
-            });
+            let cfg = if opts.cluster.is_some() {
+                serde_json::json!({
+                    "nodeName": name,
+                    "socket": self.socket(&name),
+                    "dataDir": self.dir.join(format!("{name}-data")),
+                    "etcd": {"endpoints": [crate::etcd::ETCD_ENDPOINT], "prefix": crate::etcd::PREFIX},
+                    "publicIp": node.ip,
+                    "leaseTtlSeconds": 4,
+                    "resyncSeconds": 2,
+                })
+            } else {
+                serde_json::json!({
+                    "nodeName": name,
+                    "subnet": node.subnet,
+                    "mtu": opts.mtu,
+                    "socket": self.socket(&name),
+                    "dataDir": self.dir.join(format!("{name}-data")),
+                })
+            };
             std::fs::write(self.agent_config(&name), serde_json::to_vec_pretty(&cfg)?)?;
             self.start_agent(&name)?;
         }
@@ -331,7 +350,29 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        // a leased subnet is written by the agent before it serves
+        let leased = self.dir.join(format!("{node}-data")).join("subnet");
+        if let Ok(s) = std::fs::read_to_string(leased) {
+            if let Some(n) = self.st.nodes.iter_mut().find(|n| n.name == node) {
+                n.subnet = s.trim().to_string();
+            }
+            self.save()?;
+        }
         Ok(pid)
+    }
+
+    /// Runs `etcdctl ARGS` against the lab's etcd, from its namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(crate::etcd::ETCD_ENDPOINT)
+            .args(args);
+        Ok(exec::check(
+            cmd,
+            Some(&netns::path(&self.etcd_ns())),
+            Duration::from_secs(10),
+        )?)
     }
 
     /// Stops `node`'s agent (SIGTERM, then SIGKILL after 5 s). Its pods keep running.

@@ -22,6 +22,20 @@ use std::path::PathBuf;
 /// Every lab id, and so every namespace a lab makes, starts with this.
 pub const PREFIX: &str = "trl";
 
+/// The lab's cluster network config for `backend` (`vxlan`, `host-gw`,
+/// `directrouting`): 10.244.0.0/16 split in /24s.
+pub fn cluster_config(backend: &str) -> anyhow::Result<String> {
+    let b = match backend {
+        "vxlan" => r#"{"Type":"vxlan"}"#,
+        "host-gw" => r#"{"Type":"host-gw"}"#,
+        "directrouting" => r#"{"Type":"vxlan","DirectRouting":true}"#,
+        other => anyhow::bail!("backend {other:?}: use vxlan, host-gw or directrouting"),
+    };
+    Ok(format!(
+        r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{b}}}"#
+    ))
+}
+
 /// Where labs keep their state, sockets and logs.
 pub fn state_root() -> PathBuf {
     PathBuf::from("/run/trellis-lab")
