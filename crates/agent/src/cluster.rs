@@ -88,8 +88,8 @@ pub async fn join<D: Datastore>(
         .ok_or_else(|| {
             anyhow!("no cluster network config at {key}: write a flannel-style net-conf.json there")
         })?;
-    let cfg = ClusterConfig::parse(&String::from_utf8_lossy(&kv.value))
-        .with_context(|| key.clone())?;
+    let cfg =
+        ClusterConfig::parse(&String::from_utf8_lossy(&kv.value)).with_context(|| key.clone())?;
     match cfg.backend.kind {
         BackendType::Vxlan | BackendType::HostGw => {}
         BackendType::Bgp => bail!("{key}: Backend.Type \"bgp\" is not available in this version"),

@@ -45,6 +45,9 @@ enum LabCmd {
         /// this backend (vxlan, host-gw or directrouting).
         #[arg(long)]
         backend: Option<String>,
+        /// Underlay segments: 1 (one L2 fabric) or 2 (routed between).
+        #[arg(long, default_value_t = 1)]
+        segments: usize,
     },
     /// Destroy a persistent lab.
     Down {
@@ -102,12 +105,14 @@ fn main() -> anyhow::Result<()> {
             mtu,
             etcd,
             backend,
+            segments,
         } => {
             let lab = Lab::create(LabOptions {
                 nodes,
                 name: Some(name),
                 mtu,
                 etcd,
+                segments,
                 cluster: backend
                     .as_deref()
                     .map(trellis_lab::cluster_config)

@@ -35,6 +35,8 @@ pub fn make_namespace(ns: &str, fabric_ns: &str) -> anyhow::Result<()> {
         "eth0",
     ])?;
     ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    // reachable from every segment through the fabric router
+    ip(&["-n", ns, "route", "add", "default", "via", "192.0.2.1"])?;
     Ok(())
 }
 

@@ -23,6 +23,9 @@ pub struct LabOptions {
     pub mtu: u32,
     /// Run a real etcd in its own namespace on the fabric (192.0.2.2).
     pub etcd: bool,
+    /// Underlay segments: 1 (one L2 fabric) or 2 (192.0.2.0/24 and
+    /// 198.51.100.0/24, routed by the fabric namespace: an L3 underlay).
+    pub segments: usize,
     /// A cluster network config (flannel net-conf.json): the agents lease
     /// their subnets from the lab's etcd (implied) and route between nodes.
     pub cluster: Option<String>,
@@ -35,6 +38,7 @@ impl Default for LabOptions {
             name: None,
             mtu: 1500,
             etcd: false,
+            segments: 1,
             cluster: None,
         }
     }
@@ -60,6 +64,17 @@ pub struct Lab {
     bin: PathBuf,
     keep: bool,
     children: HashMap<String, Child>,
+}
+
+/// The first three octets of each underlay segment; `.1` is the router.
+const SEGMENTS: [&str; 2] = ["192.0.2", "198.51.100"];
+/// The lab's "internet" host.
+pub const INTERNET_IP: &str = "203.0.113.2";
+
+fn sysctl_cmd(kv: &str) -> Command {
+    let mut c = Command::new("sysctl");
+    c.args(["-q", "-w", kv]);
+    c
 }
 
 const AGENT_WAIT: Duration = Duration::from_secs(10);
@@ -105,6 +120,9 @@ impl Lab {
             nodes: vec![],
             pods: vec![],
             etcd_pid: None,
+            cluster: false,
+            mtu: opts.mtu,
+            segments: 1,
         };
         // from here on, drop tears down whatever was made
         let mut lab = Self {
@@ -149,9 +167,39 @@ impl Lab {
         let fab = self.fabric_ns();
         ip(&["netns", "add", &fab])?;
         ip(&["-n", &fab, "link", "set", "lo", "up"])?;
-        ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &fab, "addr", "add", "192.0.2.1/24", "dev", "br0"])?;
-        ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        // the fabric namespace is also the router between segments and to
+        // the lab's "internet"
+        exec::check(
+            sysctl_cmd("net.ipv4.ip_forward=1"),
+            Some(&netns::path(&fab)),
+            Duration::from_secs(5),
+        )?;
+        for (seg, gw) in SEGMENTS.iter().take(opts.segments.clamp(1, 2)).enumerate() {
+            let br = format!("br{seg}");
+            ip(&["-n", &fab, "link", "add", &br, "type", "bridge"])?;
+            ip(&["-n", &fab, "addr", "add", &format!("{gw}.1/24"), "dev", &br])?;
+            ip(&["-n", &fab, "link", "set", &br, "up"])?;
+        }
+        let inet = self.internet_ns();
+        ip(&["netns", "add", &inet])?;
+        ip(&["-n", &inet, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", &fab, "link", "add", "inet", "type", "veth", "peer", "name", "eth0", "netns",
+            &inet,
+        ])?;
+        ip(&["-n", &fab, "addr", "add", "203.0.113.1/24", "dev", "inet"])?;
+        ip(&["-n", &fab, "link", "set", "inet", "up"])?;
+        ip(&[
+            "-n",
+            &inet,
+            "addr",
+            "add",
+            &format!("{INTERNET_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &inet, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &inet, "route", "add", "default", "via", "203.0.113.1"])?;
         if opts.etcd || opts.cluster.is_some() {
             crate::etcd::make_namespace(&self.etcd_ns(), &fab)?;
             self.start_etcd()?;
@@ -159,60 +207,98 @@ impl Lab {
         if let Some(conf) = &opts.cluster {
             self.etcdctl(&["put", &format!("{}config", crate::etcd::PREFIX), conf])?;
         }
-        for i in 1..=opts.nodes {
-            let name = format!("n{i}");
-            let node = NodeState {
-                name: name.clone(),
-                ip: format!("192.0.2.{}", 10 + i),
-                subnet: format!("10.244.{i}.0/24"),
-                agent_pid: None,
-            };
-            let ns = self.ns(&name);
-            ip(&["netns", "add", &ns])?;
-            self.st.nodes.push(node.clone());
-            self.save()?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n", &fab, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
-            ip(&["-n", &fab, "link", "set", &name, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", node.ip),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            // a default route, as real nodes have: proxy ARP only answers
-            // for targets the node can route
-            ip(&["-n", &ns, "route", "add", "default", "via", "192.0.2.1"])?;
-            let cfg = if opts.cluster.is_some() {
-                serde_json::json!({
-                    "nodeName": name,
-                    "socket": self.socket(&name),
-                    "dataDir": self.dir.join(format!("{name}-data")),
-                    "etcd": {"endpoints": [crate::etcd::ETCD_ENDPOINT], "prefix": crate::etcd::PREFIX},
-                    "publicIp": node.ip,
-                    "leaseTtlSeconds": 4,
-                    "resyncSeconds": 2,
-                })
-            } else {
-                serde_json::json!({
-                    "nodeName": name,
-                    "subnet": node.subnet,
-                    "mtu": opts.mtu,
-                    "socket": self.socket(&name),
-                    "dataDir": self.dir.join(format!("{name}-data")),
-                })
-            };
-            std::fs::write(self.agent_config(&name), serde_json::to_vec_pretty(&cfg)?)?;
-            self.start_agent(&name)?;
+        self.st.cluster = opts.cluster.is_some();
+        self.st.mtu = opts.mtu;
+        self.st.segments = opts.segments.clamp(1, 2);
+        for _ in 0..opts.nodes {
+            self.add_node()?;
         }
         Ok(())
+    }
+
+    /// Adds one more node (`nN`), wired to its segment, with its agent
+    /// running. Nodes alternate between segments in a two-segment lab.
+    pub fn add_node(&mut self) -> anyhow::Result<String> {
+        let i = self.st.nodes.len() + 1;
+        let seg = if self.st.segments == 2 && i % 2 == 0 {
+            1
+        } else {
+            0
+        };
+        let gw = SEGMENTS[seg];
+        let name = format!("n{i}");
+        let node = NodeState {
+            name: name.clone(),
+            ip: format!("{gw}.{}", 10 + i),
+            subnet: format!("10.244.{i}.0/24"),
+            agent_pid: None,
+        };
+        let (fab, ns) = (self.fabric_ns(), self.ns(&name));
+        ip(&["netns", "add", &ns])?;
+        self.st.nodes.push(node.clone());
+        self.save()?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", &fab, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &fab,
+            "link",
+            "set",
+            &name,
+            "master",
+            &format!("br{seg}"),
+            "up",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        // a default route, as real nodes have: proxy ARP only answers for
+        // targets the node can route
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{gw}.1"),
+        ])?;
+        let cfg = if self.st.cluster {
+            serde_json::json!({
+                "nodeName": name,
+                "socket": self.socket(&name),
+                "dataDir": self.dir.join(format!("{name}-data")),
+                "etcd": {"endpoints": [crate::etcd::ETCD_ENDPOINT], "prefix": crate::etcd::PREFIX},
+                "publicIp": node.ip,
+                "leaseTtlSeconds": 4,
+                "resyncSeconds": 2,
+            })
+        } else {
+            serde_json::json!({
+                "nodeName": name,
+                "subnet": node.subnet,
+                "mtu": self.st.mtu,
+                "socket": self.socket(&name),
+                "dataDir": self.dir.join(format!("{name}-data")),
+            })
+        };
+        std::fs::write(self.agent_config(&name), serde_json::to_vec_pretty(&cfg)?)?;
+        self.start_agent(&name)?;
+        Ok(name)
+    }
+
+    /// Namespace name of the lab's "internet" (203.0.113.2, outside the cluster).
+    pub fn internet_ns(&self) -> String {
+        format!("{}-inet", self.st.id)
     }
 
     /// The lab id.
@@ -336,9 +422,11 @@ impl Lab {
         while UnixStream::connect(&sock).is_err() {
             if let Some(c) = self.children.get_mut(node) {
                 if let Ok(Some(status)) = c.try_wait() {
+                    let log = std::fs::read_to_string(self.agent_log(node)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
                     bail!(
-                        "trellisd on {node} exited ({status}); see {}",
-                        self.agent_log(node).display()
+                        "trellisd on {node} exited ({status}); last log lines:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                     );
                 }
             }

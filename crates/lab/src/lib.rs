@@ -14,7 +14,7 @@ mod lab;
 pub mod netns;
 pub mod state;
 
-pub use lab::{Lab, LabOptions, PodAttach};
+pub use lab::{Lab, LabOptions, PodAttach, INTERNET_IP};
 pub use state::{LabState, NodeState, PodState};
 
 use std::path::PathBuf;

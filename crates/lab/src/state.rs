@@ -44,6 +44,15 @@ pub struct LabState {
     /// PID of the lab's etcd, when running.
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    /// Agents lease subnets from etcd and route between nodes.
+    #[serde(default)]
+    pub cluster: bool,
+    /// Pod MTU of agents without a datastore.
+    #[serde(default)]
+    pub mtu: u32,
+    /// Underlay segments.
+    #[serde(default)]
+    pub segments: usize,
 }
 
 impl LabState {

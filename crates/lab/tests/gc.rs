@@ -24,6 +24,9 @@ fn gc_sweeps_labs_of_dead_owners_only() {
         nodes: vec![],
         pods: vec![],
         etcd_pid: None,
+        cluster: false,
+        mtu: 1500,
+        segments: 1,
     }
     .save(&dir)
     .expect("save");
