@@ -220,7 +220,7 @@ impl Lab {
     /// running. Nodes alternate between segments in a two-segment lab.
     pub fn add_node(&mut self) -> anyhow::Result<String> {
         let i = self.st.nodes.len() + 1;
-        let seg = if self.st.segments == 2 && i % 2 == 0 {
+        let seg = if self.st.segments == 2 && i.is_multiple_of(2) {
             1
         } else {
             0
