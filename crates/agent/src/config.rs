@@ -16,6 +16,9 @@ use trellis_model::HostRange;
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_AGENT_SOCKET)
 }
+fn default_status_socket() -> PathBuf {
+    PathBuf::from("/run/trellis/status.sock")
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/trellis")
 }
@@ -90,6 +93,9 @@ pub struct AgentConfig {
     /// The CNI socket.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// The status socket (`trellisctl status`).
+    #[serde(default = "default_status_socket")]
+    pub status_socket: PathBuf,
     /// Where allocations are kept.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,

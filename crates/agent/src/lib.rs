@@ -11,6 +11,7 @@ pub mod masq;
 pub mod routes;
 pub mod server;
 pub mod service;
+pub mod status;
 
 pub use config::AgentConfig;
 pub use service::CniService;

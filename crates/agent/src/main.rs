@@ -43,6 +43,13 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let view = Arc::new(Mutex::new(ClusterView::default()));
     // the node's subnet: leased from the datastore, or set in the config
+    let mut facts = trellis_agent::status::NodeFacts {
+        node: cfg.node_name.clone(),
+        subnet: String::new(),
+        backend: None,
+        mtu: 0,
+        public_ip: cfg.public_ip.map(|i| i.to_string()),
+    };
     let (subnet, mtu) = match cfg.etcd {
         Some(_) => {
             let (store, joined) = runtime.block_on(async {
@@ -55,6 +62,7 @@ fn main() -> anyhow::Result<()> {
                 mtu = joined.pod_mtu, underlay = %joined.local.underlay_dev, "joined the cluster"
             );
             let (subnet, mtu) = (ipnet::IpNet::V4(joined.lease.subnet), joined.pod_mtu);
+            facts.backend = Some(joined.cfg.backend.kind.as_str().into());
             runtime.spawn(cluster::run(
                 store,
                 cfg.clone(),
@@ -71,7 +79,18 @@ fn main() -> anyhow::Result<()> {
     };
     let socket = cfg.socket.clone();
     let service =
-        Arc::new(CniService::new(cfg.clone(), subnet, mtu, dp).context("open IPAM state")?);
+        Arc::new(CniService::new(cfg.clone(), subnet, mtu, dp.clone()).context("open IPAM state")?);
+    facts.subnet = subnet.to_string();
+    facts.mtu = mtu;
+    trellis_agent::status::serve(
+        &cfg.status_socket,
+        trellis_agent::status::StatusSource {
+            facts,
+            view,
+            dp,
+            service: service.clone(),
+        },
+    )?;
     let listener = server::bind(&socket)?;
     tracing::info!(
         node = %cfg.node_name, %subnet, mtu, socket = %socket.display(),
@@ -81,5 +100,6 @@ fn main() -> anyhow::Result<()> {
     let sig = signals.wait()?;
     tracing::info!("{sig:?}: shutting down");
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&cfg.status_socket);
     Ok(())
 }

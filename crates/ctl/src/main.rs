@@ -1,6 +1,7 @@
 //! `trellisctl`: the trellis command line.
 
 mod demo;
+mod status;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -16,6 +17,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// This node's subnet, backend, peers and programmed routes/ARP/FDB.
+    Status {
+        /// The agent's status socket.
+        #[arg(long, default_value = "/run/trellis/status.sock")]
+        socket: std::path::PathBuf,
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
     /// A virtual cluster on this machine, in network namespaces.
     Lab {
         #[command(subcommand)]
@@ -80,6 +90,18 @@ enum LabCmd {
         /// Pod name.
         pod: String,
     },
+    /// `trellisctl status` of one lab node.
+    Status {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+        /// Node.
+        #[arg(long, default_value = "n1")]
+        node: String,
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
     /// Show a lab's nodes and pods.
     Show {
         /// Lab name.
@@ -96,8 +118,15 @@ enum LabCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let Cmd::Lab { cmd } = cli.cmd;
+    let cmd = match cli.cmd {
+        Cmd::Status { socket, output } => return print_status(&socket, &output),
+        Cmd::Lab { cmd } => cmd,
+    };
     match cmd {
+        LabCmd::Status { name, node, output } => {
+            let lab = Lab::open(&name)?;
+            print_status(&lab.status_socket(&node), &output)
+        }
         LabCmd::Demo => demo::run(),
         LabCmd::Up {
             name,
@@ -175,4 +204,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
+    let st = status::fetch(socket)?;
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&st)?),
+        "table" => print!("{}", status::render(&st)),
+        other => anyhow::bail!("-o {other}: use table or json"),
+    }
+    Ok(())
 }

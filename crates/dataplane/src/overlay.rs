@@ -326,6 +326,14 @@ fn neigh_dump(dev: &str, family: AddressFamily, op: &str) -> Result<Vec<NeighRow
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
                     ip = Some(IpAddr::V6(*v6))
                 }
+                // AF_BRIDGE rows (FDB) carry the remote as raw bytes
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                    ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                        _ => None,
+                    }
+                }
                 NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
                     let mut m = [0u8; 6];
                     m.copy_from_slice(b);

@@ -276,6 +276,7 @@ impl Lab {
             serde_json::json!({
                 "nodeName": name,
                 "socket": self.socket(&name),
+                "statusSocket": self.status_socket(&name),
                 "dataDir": self.dir.join(format!("{name}-data")),
                 "etcd": {"endpoints": [crate::etcd::ETCD_ENDPOINT], "prefix": crate::etcd::PREFIX},
                 "publicIp": node.ip,
@@ -288,6 +289,7 @@ impl Lab {
                 "subnet": node.subnet,
                 "mtu": self.st.mtu,
                 "socket": self.socket(&name),
+                "statusSocket": self.status_socket(&name),
                 "dataDir": self.dir.join(format!("{name}-data")),
             })
         };
@@ -364,6 +366,11 @@ impl Lab {
     /// The agent socket of `node`.
     pub fn socket(&self, node: &str) -> PathBuf {
         self.dir.join(format!("{node}.sock"))
+    }
+
+    /// The status socket of `node`'s agent.
+    pub fn status_socket(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.status.sock"))
     }
 
     fn agent_config(&self, node: &str) -> PathBuf {

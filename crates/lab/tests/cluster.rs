@@ -54,6 +54,17 @@ fn routes(lab: &Lab, node: &str) -> String {
     exec::ip(&["-n", &lab.ns(node), "route", "show", "proto", "84"]).expect("ip route")
 }
 
+fn status(lab: &Lab, node: &str) -> serde_json::Value {
+    use std::io::Read;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(lab.status_socket(node)).expect("status socket");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read");
+    serde_json::from_str(&body).expect("status json")
+}
+
 fn backend_on_l2(backend: &str) {
     let mut lab = cluster_lab(backend, 3, 1);
     let p = pods(&mut lab, "bridge");
@@ -62,6 +73,17 @@ fn backend_on_l2(backend: &str) {
     let has_vxlan = exec::ip(&["-n", &lab.ns("n1"), "link"])
         .expect("link")
         .contains("trellis.1");
+    // the agent's status agrees with the kernel
+    let st = status(&lab, "n1");
+    assert_eq!(st["peers"].as_array().expect("peers").len(), 2, "{st}");
+    assert_eq!(st["routes"].as_array().expect("routes").len(), 2, "{st}");
+    let vx = if backend == "vxlan" { 2 } else { 0 };
+    assert_eq!(st["fdb"].as_array().expect("fdb").len(), vx, "{st}");
+    assert_eq!(
+        st["neighbours"].as_array().expect("neigh").len(),
+        vx,
+        "{st}"
+    );
     match backend {
         "vxlan" => assert!(r.contains("dev trellis.1") && has_vxlan, "{r}"),
         // same segment: plain routes, and host-gw makes no VXLAN device at all
