@@ -1,8 +1,7 @@
-//! `trellis-bench cni-add-del [--cycles N]`: trellis against the reference
-//! `bridge` + `host-local` plugins, side by side in one lab, alternating
-//! which goes first each cycle. Ends with one `key=value` line.
+//! `cni-add-del`: trellis against the reference `bridge` + `host-local`
+//! plugins, side by side in one lab, alternating which goes first each cycle.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use trellis_lab::{exec, netns, Lab, LabOptions};
 
 const REF_DIR: &str = "/usr/lib/cni";
 
-fn p50(v: &mut [Duration]) -> f64 {
+pub fn p50(v: &mut [Duration]) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64() * 1e3
 }
@@ -50,18 +49,8 @@ fn run_ours(lab: &Lab, command: &str, pod: &str, conf: &str) -> anyhow::Result<D
     Ok(t.took)
 }
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) != Some("cni-add-del") {
-        bail!("usage: trellis-bench cni-add-del [--cycles N]");
-    }
-    let cycles: usize = match args.iter().position(|a| a == "--cycles") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--cycles needs a number")?
-            .parse()?,
-        None => 200,
-    };
+/// Runs `cycles` ADD+DEL cycles of each and prints the result line.
+pub fn run(cycles: usize) -> anyhow::Result<()> {
     if !Path::new(REF_DIR).join("bridge").exists() {
         bail!("reference plugins not found in {REF_DIR} (apt-get install containernetworking-plugins)");
     }

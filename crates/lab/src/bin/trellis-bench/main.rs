@@ -1,0 +1,32 @@
+//! `trellis-bench`: side-by-side benchmarks in lab namespaces. Each ends
+//! with one `key=value` line.
+//!
+//! - `cni-add-del [--cycles N]`: trellis vs the reference bridge + host-local.
+//! - `converge [--nodes N]`: one real agent programming N simulated nodes.
+//! - `throughput [--runs N] [--seconds S]`: iperf3 pod-to-pod per backend vs node-to-node.
+
+mod cni;
+mod converge;
+mod throughput;
+
+use anyhow::{bail, Context};
+
+fn flag(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a number"))?
+            .parse()?),
+        None => Ok(default),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("cni-add-del") => cni::run(flag(&args, "--cycles", 200)?),
+        Some("converge") => converge::run(flag(&args, "--nodes", 200)?),
+        Some("throughput") => throughput::run(flag(&args, "--runs", 5)?, flag(&args, "--seconds", 3)?),
+        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S]"),
+    }
+}
