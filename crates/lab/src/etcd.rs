@@ -98,3 +98,218 @@ pub fn start(ns: &str, dir: &Path) -> anyhow::Result<Child> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// TLS files of a lab CA: the CA, and a client certificate it signed.
+#[derive(Debug, Clone)]
+pub struct LabTls {
+    /// CA certificate (PEM).
+    pub ca: std::path::PathBuf,
+    /// Client certificate (PEM), CN=trellisd.
+    pub cert: std::path::PathBuf,
+    /// Client key (PEM).
+    pub key: std::path::PathBuf,
+    /// Server certificate and key for the members.
+    pub server: (std::path::PathBuf, std::path::PathBuf),
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let mut c = Command::new("openssl");
+    c.current_dir(dir).args(args);
+    crate::exec::check(c, None, Duration::from_secs(20))
+        .map(drop)
+        .context("openssl")
+}
+
+/// Makes a CA, a server certificate valid for `ips`, and a client
+/// certificate, all EC P-256, under `dir`.
+pub fn make_tls(dir: &Path, ips: &[String]) -> anyhow::Result<LabTls> {
+    std::fs::create_dir_all(dir)?;
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&key);
+    ca.extend_from_slice(&[
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=trellis-lab-ca",
+    ]);
+    openssl(dir, &ca)?;
+    let san: Vec<String> = ips
+        .iter()
+        .map(|i| format!("IP:{i}"))
+        .chain(["IP:127.0.0.1".to_string()])
+        .collect();
+    std::fs::write(
+        dir.join("server.ext"),
+        format!(
+            "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+            san.join(",")
+        ),
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    for (name, cn) in [("server", "etcd"), ("client", "trellisd")] {
+        let mut req = vec!["req"];
+        req.extend_from_slice(&key);
+        let (k, csr, subj) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("/CN={cn}"),
+        );
+        req.extend_from_slice(&["-keyout", &k, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req)?;
+        let (pem, ext) = (format!("{name}.pem"), format!("{name}.ext"));
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        )?;
+    }
+    Ok(LabTls {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+        server: (dir.join("server.pem"), dir.join("server.key")),
+    })
+}
+
+/// One member of a lab etcd cluster.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Member name (`m0`..).
+    pub name: String,
+    /// Namespace.
+    pub ns: String,
+    /// Address on the fabric.
+    pub ip: String,
+}
+
+impl Member {
+    /// Client URL.
+    pub fn client_url(&self, tls: bool) -> String {
+        format!("{}://{}:2379", if tls { "https" } else { "http" }, self.ip)
+    }
+}
+
+/// Starts member `m` of `all` (peers over plain HTTP on the fabric, clients
+/// over HTTPS with client-certificate auth when `tls` is given).
+pub fn start_member(
+    m: &Member,
+    all: &[Member],
+    dir: &Path,
+    tls: Option<&LabTls>,
+) -> anyhow::Result<Child> {
+    let data = dir.join(format!("etcd-{}", m.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("etcd-{}.log", m.name)))?;
+    let peer = format!("http://{}:2380", m.ip);
+    let cluster: Vec<String> = all
+        .iter()
+        .map(|x| format!("{}=http://{}:2380", x.name, x.ip))
+        .collect();
+    let url = m.client_url(tls.is_some());
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", &m.name, "--data-dir"])
+        .arg(&data)
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args([
+            "--initial-cluster",
+            &cluster.join(","),
+            "--initial-cluster-state",
+            "new",
+        ])
+        .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(t) = tls {
+        cmd.arg("--cert-file")
+            .arg(&t.server.0)
+            .arg("--key-file")
+            .arg(&t.server.1);
+        cmd.arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
+            .arg(&t.ca);
+    }
+    netns::spawn_in(Some(&netns::path(&m.ns)), &mut cmd).context("start etcd member")
+}
+
+/// Waits until `ip:2379` accepts connections from inside `ns`.
+pub fn wait_listening(ns: &str, ip: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let addr: std::net::SocketAddr = format!("{ip}:2379").parse()?;
+    while !netns::within(&netns::path(ns), || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+    })? {
+        if Instant::now() > deadline {
+            bail!("etcd at {addr} did not listen within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Adds namespace `ns` on the fabric at `ip` (as [`make_namespace`] does
+/// for the lab's own etcd), with link name `link` on the fabric side.
+pub fn make_member_namespace(
+    ns: &str,
+    fabric_ns: &str,
+    link: &str,
+    ip_addr: &str,
+) -> anyhow::Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n", fabric_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["-n", fabric_ns, "link", "set", link, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{ip_addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", ns, "route", "add", "default", "via", "192.0.2.1"])?;
+    Ok(())
+}

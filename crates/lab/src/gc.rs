@@ -91,9 +91,13 @@ pub fn sweep(all: bool) -> GcReport {
             known.push(id);
             continue;
         }
-        let pids = st
-            .iter()
-            .flat_map(|s| s.nodes.iter().filter_map(|n| n.agent_pid).chain(s.etcd_pid));
+        let pids = st.iter().flat_map(|s| {
+            s.nodes
+                .iter()
+                .filter_map(|n| n.agent_pid)
+                .chain(s.etcd_pid)
+                .chain(s.extra_pids.iter().copied())
+        });
         for pid in pids {
             if is_lab_process(pid) {
                 crate::lab::stop_pid(pid, None);

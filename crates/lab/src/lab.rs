@@ -120,6 +120,7 @@ impl Lab {
             nodes: vec![],
             pods: vec![],
             etcd_pid: None,
+            extra_pids: vec![],
             cluster: false,
             mtu: opts.mtu,
             segments: 1,
@@ -333,6 +334,60 @@ impl Lab {
         let child = crate::etcd::start(&self.etcd_ns(), &self.dir)?;
         self.st.etcd_pid = Some(child.id());
         self.children.insert("etcd".into(), child);
+        self.save()
+    }
+
+    /// Starts an extra etcd cluster of `members` (1 to 3) at 192.0.2.3.. on
+    /// the fabric, for datastore tests; with `tls`, clients must present a
+    /// certificate of the lab CA. The members stop with the lab.
+    pub fn start_etcd_cluster(
+        &mut self,
+        members: usize,
+        tls: bool,
+    ) -> anyhow::Result<(Vec<crate::etcd::Member>, Option<crate::etcd::LabTls>)> {
+        let all: Vec<crate::etcd::Member> = (0..members.clamp(1, 3))
+            .map(|i| crate::etcd::Member {
+                name: format!("m{i}"),
+                ns: format!("{}-etcdm{i}", self.st.id),
+                ip: format!("192.0.2.{}", 3 + i),
+            })
+            .collect();
+        let certs = if tls {
+            let ips: Vec<String> = all.iter().map(|m| m.ip.clone()).collect();
+            Some(crate::etcd::make_tls(&self.dir.join("pki"), &ips)?)
+        } else {
+            None
+        };
+        for (i, m) in all.iter().enumerate() {
+            crate::etcd::make_member_namespace(
+                &m.ns,
+                &self.fabric_ns(),
+                &format!("etcdm{i}"),
+                &m.ip,
+            )?;
+        }
+        for m in &all {
+            let child = crate::etcd::start_member(m, &all, &self.dir, certs.as_ref())?;
+            self.st.extra_pids.push(child.id());
+            self.children.insert(format!("etcd-{}", m.name), child);
+        }
+        self.save()?;
+        for m in &all {
+            crate::etcd::wait_listening(&m.ns, &m.ip, Duration::from_secs(20))?;
+        }
+        Ok((all, certs))
+    }
+
+    /// Kills member `name` of the extra etcd cluster (SIGKILL, as a crash).
+    pub fn kill_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut child = self
+            .children
+            .remove(&format!("etcd-{name}"))
+            .ok_or_else(|| anyhow!("no etcd member {name}"))?;
+        let pid = child.id();
+        child.kill()?;
+        child.wait()?;
+        self.st.extra_pids.retain(|p| *p != pid);
         self.save()
     }
 
@@ -696,6 +751,14 @@ impl Lab {
         }
         if let Some(pid) = self.st.etcd_pid.take() {
             stop_pid(pid, self.children.remove("etcd"));
+        }
+        for pid in std::mem::take(&mut self.st.extra_pids) {
+            let child = self
+                .children
+                .iter()
+                .find(|(_, c)| c.id() == pid)
+                .map(|(k, _)| k.clone());
+            stop_pid(pid, child.and_then(|k| self.children.remove(&k)));
         }
         let errors = crate::gc::delete_namespaces(&self.st.id);
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -44,6 +44,9 @@ pub struct LabState {
     /// PID of the lab's etcd, when running.
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    /// Other processes the lab started (extra etcd members).
+    #[serde(default)]
+    pub extra_pids: Vec<u32>,
     /// Agents lease subnets from etcd and route between nodes.
     #[serde(default)]
     pub cluster: bool,

@@ -24,6 +24,7 @@ fn gc_sweeps_labs_of_dead_owners_only() {
         nodes: vec![],
         pods: vec![],
         etcd_pid: None,
+        extra_pids: vec![],
         cluster: false,
         mtu: 1500,
         segments: 1,

@@ -291,3 +291,123 @@ fn dead_node_subnet_frees_only_after_ttl_and_exhaustion_is_an_error() {
         assert_eq!(late.subnet, dead.subnet);
     });
 }
+
+#[test]
+fn tls_with_client_certificates() {
+    if !privileged("tls_with_client_certificates") {
+        return;
+    }
+    let mut lab = Lab::create(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .expect("lab");
+    let (members, certs) = lab.start_etcd_cluster(1, true).expect("tls etcd");
+    let certs = certs.expect("certs");
+    let url = members[0].client_url(true);
+    on_node(&lab, || async {
+        let tls = trellis_store::TlsFiles {
+            ca: certs.ca.clone(),
+            cert: certs.cert.clone(),
+            key: certs.key.clone(),
+        };
+        let opts = EtcdOptions {
+            endpoints: vec![url.clone()],
+            tls: Some(tls),
+            timeout: Duration::from_secs(5),
+        };
+        let s = EtcdStore::connect(&opts)
+            .await
+            .expect("connect with a client certificate");
+        assert!(s
+            .create("/tls/k", b"v".to_vec(), None)
+            .await
+            .expect("create over tls"));
+        assert_eq!(s.get("/tls/k").await.expect("get").expect("kv").value, b"v");
+        // without a client certificate the server refuses
+        let plain = EtcdOptions {
+            endpoints: vec![url.clone()],
+            tls: None,
+            timeout: Duration::from_secs(2),
+        };
+        let refused = match EtcdStore::connect(&plain).await {
+            Ok(s) => s.get("/tls/k").await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(
+            refused.is_err(),
+            "plain client accepted by a client-cert etcd"
+        );
+        // a missing certificate file is named
+        let bad = trellis_store::TlsFiles {
+            ca: certs.ca.clone(),
+            cert: "/nonexistent.pem".into(),
+            key: certs.key.clone(),
+        };
+        let err = EtcdStore::connect(&EtcdOptions {
+            endpoints: vec![url],
+            tls: Some(bad),
+            timeout: Duration::from_secs(2),
+        })
+        .await
+        .expect_err("bad cert path");
+        assert!(err.to_string().contains("/nonexistent.pem"), "{err}");
+    });
+}
+
+#[test]
+fn survives_the_loss_of_one_member_of_three() {
+    if !privileged("survives_the_loss_of_one_member_of_three") {
+        return;
+    }
+    let mut lab = Lab::create(LabOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .expect("lab");
+    let (members, _) = lab.start_etcd_cluster(3, false).expect("3 members");
+    let endpoints: Vec<String> = members.iter().map(|m| m.client_url(false)).collect();
+    let opts = EtcdOptions {
+        endpoints: endpoints.clone(),
+        tls: None,
+        timeout: Duration::from_secs(3),
+    };
+    let (store, rev) = on_node(&lab, || async {
+        let s = EtcdStore::connect(&opts).await.expect("connect");
+        assert!(s
+            .create("/ha/a", b"1".to_vec(), None)
+            .await
+            .expect("create"));
+        let rev = s.list("/ha/").await.expect("list").revision;
+        (s, rev)
+    });
+    drop(store);
+    lab.kill_etcd_member(&members[0].name).expect("kill m0");
+    on_node(&lab, || async {
+        let s = EtcdStore::connect(&opts).await.expect("connect after loss");
+        let mut rx = s.watch("/ha/", rev).await.expect("watch");
+        // writes and reads go on with two of three members (retrying while
+        // the client moves off the dead endpoint)
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match s.create("/ha/b", b"2".to_vec(), None).await {
+                Ok(true) => break,
+                Ok(false) => panic!("key existed"),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("retrying after member loss: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cluster unusable after losing one member: {e}"),
+            }
+        }
+        assert_eq!(s.list("/ha/").await.expect("list").items.len(), 2);
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("watch event in time")
+            .expect("item")
+        {
+            WatchItem::Events(ev) => assert!(matches!(&ev[0], Event::Put(kv) if kv.key == "/ha/b")),
+            other => panic!("expected the put, got {other:?}"),
+        }
+    });
+}
