@@ -88,10 +88,17 @@ pub fn run() -> anyhow::Result<()> {
     }
     let id = lab.id().to_string();
     lab.destroy()?;
-    println!(
-        "\nlab {id} torn down; demo took {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("\nlab {id} torn down");
+    // across nodes: each backend, and the L3 case where it matters
+    for (backend, segments) in [
+        ("vxlan", 1),
+        ("host-gw", 1),
+        ("directrouting", 2),
+        ("host-gw", 2),
+    ] {
+        failures += crate::cluster_demo::run(backend, segments)?;
+    }
+    println!("\ndemo took {:.1} s", started.elapsed().as_secs_f64());
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");
     }

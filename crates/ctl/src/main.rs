@@ -1,5 +1,6 @@
 //! `trellisctl`: the trellis command line.
 
+mod cluster_demo;
 mod demo;
 mod status;
 
