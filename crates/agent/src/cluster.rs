@@ -170,7 +170,9 @@ pub async fn run<D: Datastore + Clone>(
     ));
     let mut rec = RouteReconciler::new(dp.clone(), joined.local.clone(), joined.cfg.network);
     let resync_every = Duration::from_secs(agent.resync_seconds);
-    let masquerade = masq::ruleset(joined.cfg.network);
+    let vxlan_port =
+        (joined.cfg.backend.kind == BackendType::Vxlan).then_some(joined.cfg.backend.port);
+    let masquerade = masq::ruleset(joined.cfg.network, vxlan_port);
     loop {
         // list, repair against the kernel, then follow the watch
         let listing = match store.list(&format!("{prefix}subnets/")).await {

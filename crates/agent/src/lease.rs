@@ -120,3 +120,32 @@ pub async fn release<D: Datastore>(store: &D, lease: &SubnetLease) -> Result<(),
     store.revoke(lease.lease).await?;
     Ok(())
 }
+
+/// Releases every claim held by `node` (after its agent stopped): a clean
+/// decommission. Returns the subnets freed.
+pub async fn decommission<D: Datastore>(
+    store: &D,
+    prefix: &str,
+    node: &str,
+) -> Result<Vec<Ipv4Net>, LeaseError> {
+    let listing = store.list(&format!("{prefix}subnets/")).await?;
+    let mut freed = Vec::new();
+    for kv in listing.items {
+        let Some(net) = parse_subnet_key(prefix, &kv.key) else {
+            continue;
+        };
+        let holder = serde_json::from_slice::<NodeRecord>(&kv.value)
+            .map(|r| r.node)
+            .unwrap_or_default();
+        if holder != node {
+            continue;
+        }
+        if kv.lease != 0 {
+            store.revoke(kv.lease).await?;
+        } else {
+            store.delete(&kv.key, Some(kv.mod_revision)).await?;
+        }
+        freed.push(net);
+    }
+    Ok(freed)
+}

@@ -16,6 +16,10 @@ struct Args {
     /// Agent config file (JSON).
     #[arg(long, default_value = "/etc/trellis/trellisd.json")]
     config: PathBuf,
+    /// Release this node's subnet in the datastore and exit (run after the
+    /// agent stopped, when the node leaves the cluster for good).
+    #[arg(long)]
+    decommission: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,6 +32,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let cfg = AgentConfig::load(&args.config)?;
+    if args.decommission {
+        return decommission(&cfg);
+    }
     // signals are taken by one thread; block them before any other starts
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
@@ -101,5 +108,27 @@ fn main() -> anyhow::Result<()> {
     tracing::info!("{sig:?}: shutting down");
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&cfg.status_socket);
+    Ok(())
+}
+
+fn decommission(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let etcd = cfg
+        .etcd
+        .as_ref()
+        .context("--decommission needs an \"etcd\" section in the config")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let freed = rt.block_on(async {
+        let store = cluster::connect(cfg).await?;
+        anyhow::Ok(trellis_agent::lease::decommission(&store, &etcd.prefix, &cfg.node_name).await?)
+    })?;
+    let _ = std::fs::remove_file(cfg.data_dir.join("subnet"));
+    if freed.is_empty() {
+        println!("node {} held no subnet", cfg.node_name);
+    }
+    for net in freed {
+        println!("node {}: released {net}", cfg.node_name);
+    }
     Ok(())
 }

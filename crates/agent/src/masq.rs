@@ -1,22 +1,42 @@
-//! Egress masquerade, rendered as a value: pod traffic leaving the cluster
-//! network is SNATed to the node's address; pod-to-pod traffic keeps its
-//! source on every backend.
+//! The node's nftables table, rendered as a value:
+//! - egress masquerade: pod traffic leaving the cluster network is SNATed
+//!   to the node's address; pod-to-pod traffic keeps its source;
+//! - no connection tracking where nothing needs it: pod-to-pod packets and
+//!   the VXLAN carrier between nodes skip conntrack (the `raw` hooks), which
+//!   is most of what a tracked forwarding path costs. (NetworkPolicy, when it
+//!   comes, must keep tracking the pods it selects.)
 
 use ipnet::Ipv4Net;
 
 /// The `inet trellis` table. Applied as one `nft -f` transaction that
 /// creates, empties and refills the table, so it is idempotent and atomic.
-pub fn ruleset(cluster: Ipv4Net) -> String {
+/// `vxlan_port` is the backend's UDP port when VXLAN is in use.
+pub fn ruleset(cluster: Ipv4Net, vxlan_port: Option<u16>) -> String {
+    let carrier = |hook: &str| {
+        match vxlan_port {
+        Some(p) => format!(
+            "\tchain raw_{hook} {{\n\t\ttype filter hook {hook} priority raw; policy accept;\n\t\tudp dport {p} notrack\n{}\t}}\n",
+            if hook == "prerouting" { format!("\t\tip saddr {cluster} ip daddr {cluster} notrack\n") } else { String::new() }
+        ),
+        None if hook == "prerouting" => format!(
+            "\tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tip saddr {cluster} ip daddr {cluster} notrack\n\t}}\n"
+        ),
+        None => String::new(),
+    }
+    };
     format!(
         "table inet trellis {{}}\n\
          delete table inet trellis\n\
          table inet trellis {{\n\
+         {}{}\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr {cluster} ip daddr {cluster} return\n\
          \t\tip saddr {cluster} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
          \t}}\n\
-         }}\n"
+         }}\n",
+        carrier("prerouting"),
+        carrier("output"),
     )
 }
 
@@ -26,7 +46,10 @@ mod tests {
 
     #[test]
     fn golden() {
-        let r = ruleset("10.244.0.0/16".parse().expect("net"));
+        let r = ruleset("10.244.0.0/16".parse().expect("net"), Some(8472));
+        assert!(r.contains("udp dport 8472 notrack"));
+        assert!(r.contains("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 notrack"));
+        assert!(!ruleset("10.244.0.0/16".parse().expect("net"), None).contains("udp dport"));
         assert!(r.contains("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return"));
         assert!(
             r.contains("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random")
@@ -48,7 +71,7 @@ mod tests {
         };
         use std::io::Write;
         // the check needs only the table definition (no delete of a table that may not exist)
-        let r = ruleset("10.244.0.0/16".parse().expect("net"))
+        let r = ruleset("10.244.0.0/16".parse().expect("net"), Some(8472))
             .replace("delete table inet trellis\n", "");
         child
             .stdin

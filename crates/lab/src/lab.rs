@@ -511,6 +511,20 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Stops `node`'s agent and releases its subnet (`trellisd --decommission`).
+    pub fn decommission(&mut self, node: &str) -> anyhow::Result<String> {
+        self.stop_agent(node)?;
+        let mut cmd = Command::new(self.bin.join("trellisd"));
+        cmd.arg("--config")
+            .arg(self.agent_config(node))
+            .arg("--decommission");
+        Ok(exec::check(
+            cmd,
+            Some(&netns::path(&self.ns(node))),
+            Duration::from_secs(20),
+        )?)
+    }
+
     /// Runs `etcdctl ARGS` against the lab's etcd, from its namespace.
     pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new("etcdctl");

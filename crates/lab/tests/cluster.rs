@@ -74,6 +74,15 @@ fn backend_on_l2(backend: &str) {
         .expect("link")
         .contains("trellis.1");
     // the agent's status agrees with the kernel
+    // the backend's MTU reaches the pods without any manual step
+    let mtu = ip_json(&p[0].1, &["link", "show", "eth0"])[0]["mtu"]
+        .as_u64()
+        .expect("mtu");
+    assert_eq!(
+        mtu,
+        if backend == "host-gw" { 1500 } else { 1450 },
+        "{backend}"
+    );
     let st = status(&lab, "n1");
     assert_eq!(st["peers"].as_array().expect("peers").len(), 2, "{st}");
     assert_eq!(st["routes"].as_array().expect("routes").len(), 2, "{st}");
@@ -192,6 +201,31 @@ fn join_within_a_second_and_death_withdraws() {
         || !routes(&lab, "n1").contains(&subnet),
     );
     eprintln!("new node routed {joined_in:?} after its agent served");
+}
+
+#[test]
+fn decommission_releases_at_once() {
+    if !privileged("decommission_releases_at_once") {
+        return;
+    }
+    let mut lab = cluster_lab("host-gw", 3, 1);
+    let subnet = lab.node("n3").expect("n3").subnet.clone();
+    wait_for("n1 routes to n3", Duration::from_secs(5), || {
+        routes(&lab, "n1").contains(&subnet)
+    });
+    let out = lab.decommission("n3").expect("decommission");
+    assert!(out.contains(&format!("released {subnet}")), "{out}");
+    // far sooner than the 4 s lease TTL
+    wait_for(
+        "route to a decommissioned node withdrawn",
+        Duration::from_millis(1500),
+        || !routes(&lab, "n1").contains(&subnet),
+    );
+    let key = format!("/trellis/v1/subnets/{}", subnet.replace('/', "-"));
+    assert!(
+        lab.etcdctl(&["get", &key]).expect("get").trim().is_empty(),
+        "claim still in etcd"
+    );
 }
 
 #[test]

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("cni-add-del") => cni::run(flag(&args, "--cycles", 200)?),
         Some("converge") => converge::run(flag(&args, "--nodes", 200)?),
-        Some("throughput") => throughput::run(flag(&args, "--runs", 5)?, flag(&args, "--seconds", 3)?),
+        Some("throughput") => throughput::run(flag(&args, "--runs", 9)?, flag(&args, "--seconds", 2)?),
         _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S]"),
     }
 }
