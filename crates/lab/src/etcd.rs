@@ -17,27 +17,7 @@ pub const ETCD_ENDPOINT: &str = "http://192.0.2.2:2379";
 
 /// Adds namespace `ns` on the fabric at [`ETCD_IP`].
 pub fn make_namespace(ns: &str, fabric_ns: &str) -> anyhow::Result<()> {
-    ip(&["netns", "add", ns])?;
-    ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    ip(&[
-        "-n", fabric_ns, "link", "add", "etcd", "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ])?;
-    ip(&[
-        "-n", fabric_ns, "link", "set", "etcd", "master", "br0", "up",
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{ETCD_IP}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    // reachable from every segment through the fabric router
-    ip(&["-n", ns, "route", "add", "default", "via", "192.0.2.1"])?;
-    Ok(())
+    make_member_namespace(ns, fabric_ns, "etcd", ETCD_IP)
 }
 
 /// Starts etcd in `ns` with its data in `dir` and waits until it serves.
@@ -286,8 +266,9 @@ pub fn wait_listening(ns: &str, ip: &str, limit: Duration) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Adds namespace `ns` on the fabric at `ip` (as [`make_namespace`] does
-/// for the lab's own etcd), with link name `link` on the fabric side.
+/// Adds namespace `ns` on the fabric at `ip_addr`, with link name `link`
+/// on the fabric side and a default route through the fabric router, so
+/// every segment reaches it.
 pub fn make_member_namespace(
     ns: &str,
     fabric_ns: &str,
