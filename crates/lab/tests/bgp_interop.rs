@@ -1,0 +1,163 @@
+//! The BGP codec against a real BIRD 2: our OPEN, KEEPALIVE and UPDATE are
+//! accepted (BIRD's RIB shows our prefix), and BIRD's are decoded (its
+//! static prefix arrives with its next hop).
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use trellis_bgp::wire::{AFI_IPV4, SAFI_UNICAST};
+use trellis_bgp::{decode, encode, Capability, Ctx, Message, Open, PathAttribute, Update};
+use trellis_lab::{exec, netns};
+
+struct Bird(std::process::Child);
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read_msg(s: &mut TcpStream, buf: &mut Vec<u8>, ctx: Ctx) -> Message {
+    loop {
+        if let Some((m, n)) = decode(buf, ctx).expect("decode a message from BIRD") {
+            buf.drain(..n);
+            return m;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read from BIRD");
+        assert!(n > 0, "BIRD closed the session");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn codec_interoperates_with_bird() {
+    if !privileged("codec_interoperates_with_bird") {
+        return;
+    }
+    let lab = lab(2);
+    let dir = lab.dir().join("bird");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("bird.conf");
+    std::fs::write(
+        &conf,
+        "router id 192.0.2.11;\n\
+         protocol device {}\n\
+         protocol static s4 { ipv4; route 10.99.0.0/24 blackhole; }\n\
+         protocol bgp trellis {\n  local 192.0.2.11 as 64512;\n  neighbor 192.0.2.12 as 64512;\n  direct;\n  hold time 90;\n  ipv4 { import all; export all; };\n}\n",
+    )
+    .expect("conf");
+    let sock = dir.join("bird.ctl");
+    let mut cmd = Command::new("bird");
+    cmd.arg("-f")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-s")
+        .arg(&sock)
+        .arg("-P")
+        .arg(dir.join("bird.pid"));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let _bird = Bird(
+        netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd)
+            .expect("start bird (apt-get install bird2)"),
+    );
+    wait_for("bird control socket", Duration::from_secs(10), || {
+        sock.exists()
+    });
+
+    let ctx = Ctx {
+        four_octet_as: true,
+    };
+    let (got, routes) = netns::within(&netns::path(&lab.ns("n2")), || {
+        let addr = "192.0.2.11:179".parse().expect("addr");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect to BIRD: {e}"),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let open = Open {
+            asn: 64512,
+            hold_time: 90,
+            id: Ipv4Addr::new(192, 0, 2, 12),
+            capabilities: vec![
+                Capability::MultiProtocol(AFI_IPV4, SAFI_UNICAST),
+                Capability::RouteRefresh,
+                Capability::FourOctetAs(64512),
+            ],
+        };
+        s.write_all(&encode(&Message::Open(open), ctx))
+            .expect("send open");
+        let mut buf = Vec::new();
+        let their = match read_msg(&mut s, &mut buf, Ctx::default()) {
+            Message::Open(o) => o,
+            other => panic!("expected BIRD's OPEN, got {other:?}"),
+        };
+        assert_eq!(their.asn, 64512);
+        assert!(their.four_octet_as());
+        s.write_all(&encode(&Message::Keepalive, ctx))
+            .expect("keepalive");
+        // announce our prefix
+        let ours = Update {
+            attributes: vec![
+                PathAttribute::Origin(0),
+                PathAttribute::AsPath(vec![]),
+                PathAttribute::NextHop(Ipv4Addr::new(192, 0, 2, 12)),
+                PathAttribute::LocalPref(100),
+            ],
+            nlri: vec!["10.244.7.0/24".parse().expect("net")],
+            ..Default::default()
+        };
+        s.write_all(&encode(&Message::Update(ours), ctx))
+            .expect("send update");
+        // collect BIRD's messages until its static prefix shows up
+        let mut got = None;
+        let until = Instant::now() + Duration::from_secs(10);
+        while got.is_none() && Instant::now() < until {
+            if let Message::Update(u) = read_msg(&mut s, &mut buf, ctx) {
+                if u.announced()
+                    .contains(&"10.99.0.0/24".parse().expect("net"))
+                {
+                    let nh = u.attributes.iter().find_map(|a| match a {
+                        PathAttribute::NextHop(n) => Some(*n),
+                        _ => None,
+                    });
+                    got = Some(nh);
+                }
+            }
+        }
+        s.write_all(&encode(&Message::Keepalive, ctx))
+            .expect("keepalive");
+        // while the session is up, BIRD's RIB must hold our prefix
+        let mut routes = String::new();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !routes.contains("10.244.7.0/24") && Instant::now() < until {
+            let mut birdc = Command::new("birdc");
+            birdc.arg("-s").arg(&sock).args(["show", "route"]);
+            routes = exec::check(birdc, None, Duration::from_secs(10)).expect("birdc");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (got, routes)
+    })
+    .expect("netns");
+    assert_eq!(
+        got,
+        Some(Some(Ipv4Addr::new(192, 0, 2, 11))),
+        "BIRD's prefix with its next hop"
+    );
+    assert!(
+        routes.contains("10.244.7.0/24"),
+        "our prefix is not in BIRD's RIB:\n{routes}"
+    );
+}
