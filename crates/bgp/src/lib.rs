@@ -5,6 +5,7 @@
 //! The FSM, RIBs and route reflection build on it; nothing here touches a
 //! socket or the kernel.
 
+pub mod fsm;
 pub mod wire;
 
 pub use wire::{
