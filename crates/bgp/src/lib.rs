@@ -6,6 +6,7 @@
 //! socket or the kernel.
 
 pub mod fsm;
+pub mod rib;
 pub mod wire;
 
 pub use wire::{
