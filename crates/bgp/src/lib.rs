@@ -6,6 +6,7 @@
 //! socket or the kernel.
 
 pub mod fsm;
+pub mod md5;
 pub mod rib;
 pub mod wire;
 

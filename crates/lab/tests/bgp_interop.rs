@@ -161,3 +161,99 @@ fn codec_interoperates_with_bird() {
         "our prefix is not in BIRD's RIB:\n{routes}"
     );
 }
+
+/// Starts BIRD in `ns` peering with 192.0.2.12 under `password`.
+fn bird_with_password(lab: &trellis_lab::Lab, password: &str) -> (Bird, std::path::PathBuf) {
+    let dir = lab.dir().join("bird-md5");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("bird.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "router id 192.0.2.11;\nprotocol device {{}}\nprotocol bgp trellis {{\n  local 192.0.2.11 as 64512;\n  neighbor 192.0.2.12 as 64512;\n  direct;\n  password \"{password}\";\n  ipv4 {{ import all; export none; }};\n}}\n"
+        ),
+    )
+    .expect("conf");
+    let sock = dir.join("bird.ctl");
+    let mut cmd = Command::new("bird");
+    cmd.arg("-f")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-s")
+        .arg(&sock)
+        .arg("-P")
+        .arg(dir.join("bird.pid"));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let bird =
+        Bird(netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd).expect("start bird"));
+    wait_for("bird control socket", Duration::from_secs(10), || {
+        sock.exists()
+    });
+    (bird, sock)
+}
+
+/// Connects from n2 with `key` (none: unsigned) and tries to get BIRD's OPEN.
+fn try_session(lab: &trellis_lab::Lab, key: Option<&[u8]>) -> Result<Open, String> {
+    netns::within(&netns::path(&lab.ns("n2")), || {
+        let peer: std::net::SocketAddr = "192.0.2.11:179".parse().expect("addr");
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .map_err(|e| e.to_string())?;
+        if let Some(k) = key {
+            use std::os::fd::AsFd;
+            trellis_bgp::md5::set_md5(sock.as_fd(), peer, k).map_err(|e| e.to_string())?;
+        }
+        sock.connect_timeout(&peer.into(), Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let open = Open {
+            asn: 64512,
+            hold_time: 90,
+            id: Ipv4Addr::new(192, 0, 2, 12),
+            capabilities: vec![Capability::FourOctetAs(64512)],
+        };
+        s.write_all(&encode(&Message::Open(open), Ctx::default()))
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        match read_msg(&mut s, &mut buf, Ctx::default()) {
+            Message::Open(o) => Ok(o),
+            other => Err(format!("got {other:?}")),
+        }
+    })
+    .expect("netns")
+}
+
+#[test]
+fn md5_password_must_match() {
+    if !privileged("md5_password_must_match") {
+        return;
+    }
+    let lab = lab(2);
+    let (_bird, _sock) = bird_with_password(&lab, "trellis-secret");
+    // the matching key establishes (retry while BIRD comes up)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match try_session(&lab, Some(b"trellis-secret")) {
+            Ok(o) => {
+                assert_eq!(o.asn, 64512);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("matching MD5 key did not establish: {e}"),
+        }
+    }
+    // BIRD is up; a wrong key or none: the kernel drops the SYN, so the
+    // connection times out (it is not refused) and no session ever starts
+    for key in [Some(b"wrong".as_slice()), None] {
+        let r = try_session(&lab, key);
+        let e = r.expect_err("session established with a wrong or missing MD5 key");
+        assert!(
+            e.contains("timed out"),
+            "{key:?}: expected the SYN to be dropped, got {e}"
+        );
+    }
+}
