@@ -40,34 +40,14 @@ fn codec_interoperates_with_bird() {
         return;
     }
     let lab = lab(2);
-    let dir = lab.dir().join("bird");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let conf = dir.join("bird.conf");
-    std::fs::write(
-        &conf,
+    let (_bird, sock) = start_bird(
+        &lab,
+        "bird",
         "router id 192.0.2.11;\n\
          protocol device {}\n\
          protocol static s4 { ipv4; route 10.99.0.0/24 blackhole; }\n\
          protocol bgp trellis {\n  local 192.0.2.11 as 64512;\n  neighbor 192.0.2.12 as 64512;\n  direct;\n  hold time 90;\n  ipv4 { import all; export all; };\n}\n",
-    )
-    .expect("conf");
-    let sock = dir.join("bird.ctl");
-    let mut cmd = Command::new("bird");
-    cmd.arg("-f")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-s")
-        .arg(&sock)
-        .arg("-P")
-        .arg(dir.join("bird.pid"));
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let _bird = Bird(
-        netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd)
-            .expect("start bird (apt-get install bird2)"),
     );
-    wait_for("bird control socket", Duration::from_secs(10), || {
-        sock.exists()
-    });
 
     let ctx = Ctx {
         four_octet_as: true,
@@ -162,34 +142,42 @@ fn codec_interoperates_with_bird() {
     );
 }
 
-/// Starts BIRD in `ns` peering with 192.0.2.12 under `password`.
-fn bird_with_password(lab: &trellis_lab::Lab, password: &str) -> (Bird, std::path::PathBuf) {
-    let dir = lab.dir().join("bird-md5");
+/// Starts BIRD in node n1 with `conf` (its own directory under the lab);
+/// returns it with its control socket once that exists.
+fn start_bird(lab: &trellis_lab::Lab, name: &str, conf: &str) -> (Bird, std::path::PathBuf) {
+    let dir = lab.dir().join(name);
     std::fs::create_dir_all(&dir).expect("dir");
-    let conf = dir.join("bird.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "router id 192.0.2.11;\nprotocol device {{}}\nprotocol bgp trellis {{\n  local 192.0.2.11 as 64512;\n  neighbor 192.0.2.12 as 64512;\n  direct;\n  password \"{password}\";\n  ipv4 {{ import all; export none; }};\n}}\n"
-        ),
-    )
-    .expect("conf");
+    let path = dir.join("bird.conf");
+    std::fs::write(&path, conf).expect("conf");
     let sock = dir.join("bird.ctl");
     let mut cmd = Command::new("bird");
     cmd.arg("-f")
         .arg("-c")
-        .arg(&conf)
+        .arg(&path)
         .arg("-s")
         .arg(&sock)
         .arg("-P")
         .arg(dir.join("bird.pid"));
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let bird =
-        Bird(netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd).expect("start bird"));
+    let bird = Bird(
+        netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd)
+            .expect("start bird (apt-get install bird2)"),
+    );
     wait_for("bird control socket", Duration::from_secs(10), || {
         sock.exists()
     });
     (bird, sock)
+}
+
+/// Starts BIRD peering with 192.0.2.12 under `password`.
+fn bird_with_password(lab: &trellis_lab::Lab, password: &str) -> (Bird, std::path::PathBuf) {
+    start_bird(
+        lab,
+        "bird-md5",
+        &format!(
+            "router id 192.0.2.11;\nprotocol device {{}}\nprotocol bgp trellis {{\n  local 192.0.2.11 as 64512;\n  neighbor 192.0.2.12 as 64512;\n  direct;\n  password \"{password}\";\n  ipv4 {{ import all; export none; }};\n}}\n"
+        ),
+    )
 }
 
 /// Connects from n2 with `key` (none: unsigned) and tries to get BIRD's OPEN.
