@@ -131,11 +131,52 @@ impl EtcdStore {
     ) -> Result<T> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(|e| self.err(e)),
-            Err(_) => Err(StoreError::Unreachable {
-                endpoints: self.endpoints.clone(),
-                reason: format!("no answer within {:?}", self.timeout),
-            }),
+            Err(_) => Err(self.no_answer()),
         }
+    }
+
+    fn no_answer(&self) -> StoreError {
+        StoreError::Unreachable {
+            endpoints: self.endpoints.clone(),
+            reason: format!("no answer within {:?}", self.timeout),
+        }
+    }
+
+    /// Runs one request within the timeout, again (on another channel
+    /// endpoint) while retrying is safe: the balanced channel can hand out a
+    /// dead endpoint for a while after a member dies, and reads fail while
+    /// the members elect a new leader. A write is retried only when it never
+    /// left (etcd's own client rule), so a compare-and-swap is never
+    /// applied twice.
+    async fn retried<T, Fut>(&self, safe: Safety, mut f: impl FnMut(Client) -> Fut) -> Result<T>
+    where
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e))
+                    if retry_is_safe(safe, &e)
+                        && tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tracing::debug!("etcd: {e}; trying another endpoint");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(self.err(e)),
+                Err(_) => return Err(self.no_answer()),
+            }
+        }
+    }
+
+    async fn transact(&self, txn: Txn) -> Result<bool> {
+        Ok(self
+            .retried(Safety::Write, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?
+            .succeeded())
     }
 
     fn put_opts(lease: Option<LeaseId>) -> Option<PutOptions> {
@@ -143,17 +184,41 @@ impl EtcdStore {
     }
 }
 
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether a request may run twice.
+#[derive(Clone, Copy)]
+enum Safety {
+    /// Reads: retried on any unavailability.
+    Read,
+    /// Writes: retried only when they cannot have reached a server.
+    Write,
+}
+
+fn retry_is_safe(safe: Safety, e: &etcd_client::Error) -> bool {
+    match (safe, e) {
+        (_, etcd_client::Error::TransportError(_)) => true,
+        (Safety::Read, etcd_client::Error::GRpcStatus(s)) => s.code() == tonic::Code::Unavailable,
+        (Safety::Write, etcd_client::Error::GRpcStatus(s)) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
 impl Datastore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut c = self.client.clone();
-        let resp = self.bounded(c.get(key, None)).await?;
+        let resp = self
+            .retried(Safety::Read, |mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(kv))
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
-        let mut c = self.client.clone();
         let resp = self
-            .bounded(c.get(prefix, Some(GetOptions::new().with_prefix())))
+            .retried(Safety::Read, |mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok(Listing {
@@ -163,17 +228,18 @@ impl Datastore for EtcdStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<bool> {
-        let mut c = self.client.clone();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, Self::put_opts(lease))]);
-        Ok(self.bounded(c.txn(txn)).await?.succeeded())
+        self.transact(txn).await
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<()> {
-        let mut c = self.client.clone();
-        self.bounded(c.put(key, value, Self::put_opts(lease)))
-            .await?;
+        self.retried(Safety::Write, |mut c| {
+            let value = value.clone();
+            async move { c.put(key, value, Self::put_opts(lease)).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -184,15 +250,13 @@ impl Datastore for EtcdStore {
         mod_revision: i64,
         lease: Option<LeaseId>,
     ) -> Result<bool> {
-        let mut c = self.client.clone();
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::put(key, value, Self::put_opts(lease))]);
-        Ok(self.bounded(c.txn(txn)).await?.succeeded())
+        self.transact(txn).await
     }
 
     async fn delete(&self, key: &str, mod_revision: Option<i64>) -> Result<bool> {
-        let mut c = self.client.clone();
         let compare: Vec<Compare> = match mod_revision {
             Some(r) => vec![Compare::mod_revision(key, CompareOp::Equal, r)],
             None => vec![Compare::create_revision(key, CompareOp::Greater, 0)],
@@ -200,23 +264,28 @@ impl Datastore for EtcdStore {
         let txn = Txn::new()
             .when(compare)
             .and_then([TxnOp::delete(key, None)]);
-        Ok(self.bounded(c.txn(txn)).await?.succeeded())
+        self.transact(txn).await
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
-        let mut c = self.client.clone();
         let secs = ttl.as_secs().max(1) as i64;
-        Ok(self.bounded(c.lease_grant(secs, None)).await?.id())
+        Ok(self
+            .retried(Safety::Write, |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await?
+            .id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        let mut c = self.client.clone();
         let gone = |e: StoreError| match e {
             StoreError::NotFound => StoreError::LeaseGone(lease),
             other => other,
         };
         let (mut keeper, mut stream) = self
-            .bounded(c.lease_keep_alive(lease))
+            .retried(Safety::Write, |mut c| async move {
+                c.lease_keep_alive(lease).await
+            })
             .await
             .map_err(gone)?;
         self.bounded(keeper.keep_alive()).await.map_err(gone)?;
@@ -227,8 +296,13 @@ impl Datastore for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {
-        let mut c = self.client.clone();
-        match self.bounded(c.lease_revoke(lease)).await {
+        match self
+            .retried(
+                Safety::Write,
+                |mut c| async move { c.lease_revoke(lease).await },
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             // already expired: the goal is reached
             Err(StoreError::NotFound) => Ok(()),
@@ -249,8 +323,10 @@ impl EtcdStore {
     /// Compacts history up to `revision` (operations and tests of the
     /// watch resync).
     pub async fn compact(&self, revision: i64) -> Result<()> {
-        let mut c = self.client.clone();
-        self.bounded(c.compact(revision, None)).await?;
+        self.retried(Safety::Write, |mut c| async move {
+            c.compact(revision, None).await
+        })
+        .await?;
         Ok(())
     }
 
