@@ -32,6 +32,17 @@ pub struct Path {
     pub originator_id: Option<Ipv4Addr>,
     /// CLUSTER_LIST length (RFC 4456).
     pub cluster_list_len: usize,
+    /// The attributes as received (without MP_REACH/MP_UNREACH), for
+    /// reflection; shared by every prefix of one UPDATE.
+    pub attrs: std::sync::Arc<Vec<crate::wire::PathAttribute>>,
+}
+
+impl Path {
+    /// The router that originated the path: ORIGINATOR_ID when reflected,
+    /// else the peer's router id.
+    pub fn originator(&self) -> Ipv4Addr {
+        self.originator_id.unwrap_or(self.router_id)
+    }
 }
 
 /// A change of the best path for a prefix.
@@ -118,6 +129,11 @@ impl Rib {
         self.reselect(touched)
     }
 
+    /// What `peer` sent that was accepted (its Adj-RIB-In after policy).
+    pub fn adj_in(&self, peer: &PeerId) -> Option<&BTreeMap<IpNet, Path>> {
+        self.adj_in.get(peer)
+    }
+
     /// Forgets everything `peer` sent (its session went down).
     pub fn peer_down(&mut self, peer: &PeerId) -> Vec<Change> {
         let Some(table) = self.adj_in.remove(peer) else {
@@ -172,6 +188,7 @@ mod tests {
             router_id: Ipv4Addr::from(nh),
             originator_id: None,
             cluster_list_len: 0,
+            attrs: Default::default(),
         }
     }
 

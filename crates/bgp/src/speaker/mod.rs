@@ -1,0 +1,244 @@
+//! The speaker: sessions (one task per peer around the pure FSM), a
+//! listener (with per-peer TCP MD5 keys), and one core task that owns the
+//! RIBs, the import policy, route reflection, graceful restart and the
+//! Adj-RIB-Out of every peer. Kernel-free: best-path changes go out on a
+//! channel as [`RouteEvent`]s.
+
+mod core;
+pub mod out;
+mod session;
+
+use crate::fsm::State;
+use crate::import::ImportPolicy;
+use crate::wire::{Open, Update};
+use ipnet::IpNet;
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The speaker's own settings.
+#[derive(Debug, Clone)]
+pub struct SpeakerConfig {
+    /// Our AS.
+    pub asn: u32,
+    /// Our router id (the node's IPv4 address).
+    pub router_id: Ipv4Addr,
+    /// Where to accept connections (None: only dial out).
+    pub listen: Option<SocketAddr>,
+    /// Our cluster id: set when this speaker is a route reflector.
+    pub cluster_id: Option<Ipv4Addr>,
+    /// Hold time we offer.
+    pub hold_time: u16,
+    /// Connect-retry interval.
+    pub connect_retry: Duration,
+    /// Graceful-restart time we announce (0: none).
+    pub restart_time: u16,
+    /// We come back from a restart with forwarding state kept (R and F bits).
+    pub restarting: bool,
+    /// Import policy.
+    pub policy: ImportPolicy,
+}
+
+/// The kind of a peer, for status output and reflection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerKind {
+    /// Node-to-node mesh.
+    Mesh,
+    /// A route reflector we are a client of.
+    Reflector,
+    /// A client of ours (we are the reflector).
+    RrClient,
+    /// A router outside the cluster (ToR, BIRD).
+    External,
+}
+
+impl PeerKind {
+    /// As printed.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Mesh => "mesh",
+            Self::Reflector => "reflector",
+            Self::RrClient => "rr-client",
+            Self::External => "external",
+        }
+    }
+}
+
+/// One configured peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Its address.
+    pub addr: IpAddr,
+    /// Its TCP port (179).
+    pub port: u16,
+    /// Its AS.
+    pub asn: u32,
+    /// Our AS on this session.
+    pub local_as: u32,
+    /// Kind (a reflector's clients are `RrClient`).
+    pub kind: PeerKind,
+    /// TCP MD5 password.
+    pub password: Option<String>,
+    /// Wait for the peer to connect; never dial.
+    pub passive: bool,
+    /// eBGP multihop (TTL 255 instead of 1).
+    pub multihop: bool,
+    /// Source address for our connections.
+    pub local_addr: Option<IpAddr>,
+    /// Most prefixes accepted from it (0: no limit).
+    pub max_prefixes: usize,
+}
+
+/// A best-path change for the agent to install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteEvent {
+    /// Route `prefix` via `next_hop` (learned from `peer`).
+    Best {
+        /// Destination.
+        prefix: IpNet,
+        /// Next hop.
+        next_hop: IpAddr,
+        /// The peer it came from.
+        peer: IpAddr,
+    },
+    /// No route to `prefix` any more.
+    Gone {
+        /// Destination.
+        prefix: IpNet,
+    },
+    /// `peer` sent everything it has (End-of-RIB).
+    EndOfRib {
+        /// The peer.
+        peer: IpAddr,
+    },
+}
+
+/// One peer, as `trellisctl bgp status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    /// Address.
+    pub addr: IpAddr,
+    /// AS.
+    pub asn: u32,
+    /// mesh / reflector / rr-client / external.
+    pub kind: PeerKind,
+    /// FSM state.
+    pub state: String,
+    /// Seconds in this state.
+    pub since_secs: u64,
+    /// The peer's router id once known.
+    pub router_id: Option<Ipv4Addr>,
+    /// Prefixes the peer currently announces to us.
+    pub received: usize,
+    /// Of those, accepted into the Loc-RIB candidates.
+    pub accepted: usize,
+    /// Prefixes we advertise to it.
+    pub advertised: usize,
+    /// Routes kept as stale during the peer's graceful restart.
+    pub stale: usize,
+    /// The last error or notification.
+    pub last_error: Option<String>,
+}
+
+/// Sessions report to the core with these.
+#[derive(Debug)]
+pub(crate) struct SessionMsg {
+    peer: IpAddr,
+    gen: u64,
+    msg: FromSession,
+}
+
+#[derive(Debug)]
+pub(crate) enum FromSession {
+    State(State),
+    Up {
+        open: Box<Open>,
+        local: Option<IpAddr>,
+    },
+    Down {
+        why: String,
+        graceful: bool,
+    },
+    Update(Update),
+    Refresh(u16, u8),
+    Note(String),
+}
+
+enum Cmd {
+    SetPeers(Vec<PeerSpec>),
+    Announce(IpNet),
+    Withdraw(IpNet),
+    SetPolicy(ImportPolicy),
+    Status(oneshot::Sender<Vec<PeerStatus>>),
+    LocRib(oneshot::Sender<usize>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running speaker. Dropping it ends every session without a Cease
+/// (as a crash would; peers with graceful restart keep our routes);
+/// [`Speaker::shutdown`] ends them politely.
+pub struct Speaker {
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Speaker {
+    /// Binds the listener and starts the core. Returns the speaker and the
+    /// stream of best-path changes.
+    pub async fn start(
+        cfg: SpeakerConfig,
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<RouteEvent>)> {
+        let listener = match cfg.listen {
+            Some(addr) => Some(core::bind(addr)?),
+            None => None,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        tokio::spawn(core::run(cfg, listener, rx, ev_tx));
+        Ok((Self { tx }, ev_rx))
+    }
+
+    /// Sets the peers: unchanged ones keep their sessions, changed ones
+    /// restart, missing ones stop.
+    pub fn set_peers(&self, peers: Vec<PeerSpec>) {
+        let _ = self.tx.send(Cmd::SetPeers(peers));
+    }
+
+    /// Originates `prefix` (next hop self).
+    pub fn announce(&self, prefix: IpNet) {
+        let _ = self.tx.send(Cmd::Announce(prefix));
+    }
+
+    /// Stops originating `prefix`.
+    pub fn withdraw(&self, prefix: IpNet) {
+        let _ = self.tx.send(Cmd::Withdraw(prefix));
+    }
+
+    /// Replaces the import policy; routes that now fail it are withdrawn,
+    /// peers whose routes were refused are asked to send them again.
+    pub fn set_policy(&self, policy: ImportPolicy) {
+        let _ = self.tx.send(Cmd::SetPolicy(policy));
+    }
+
+    /// Every peer's status.
+    pub async fn status(&self) -> Vec<PeerStatus> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Status(tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Number of prefixes in the Loc-RIB.
+    pub async fn loc_rib_len(&self) -> usize {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::LocRib(tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Sends a Cease to every peer and stops.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Shutdown(tx));
+        let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+    }
+}

@@ -1,0 +1,313 @@
+//! Speakers talking to each other over loopback (127.0.0.x, each its own
+//! router): mesh, route reflection with loop prevention, import policy,
+//! max-prefix, withdrawal on session loss and graceful restart.
+
+use ipnet::IpNet;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use trellis_bgp::import::ImportPolicy;
+use trellis_bgp::{PeerKind, PeerSpec, RouteEvent, Speaker, SpeakerConfig};
+
+fn port() -> u16 {
+    // one port per test process: tests in this file run in parallel,
+    // so each test gets its own loopback addresses instead
+    17900 + (std::process::id() % 1000) as u16
+}
+
+fn ip(n: u8, base: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, base, n))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("net")
+}
+
+struct Node {
+    speaker: Speaker,
+    events: mpsc::UnboundedReceiver<RouteEvent>,
+    routes: BTreeMap<IpNet, IpAddr>,
+}
+
+impl Node {
+    fn drain(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                RouteEvent::Best {
+                    prefix, next_hop, ..
+                } => {
+                    self.routes.insert(prefix, next_hop);
+                }
+                RouteEvent::Gone { prefix } => {
+                    self.routes.remove(&prefix);
+                }
+                RouteEvent::EndOfRib { .. } => {}
+            }
+        }
+    }
+
+    async fn wait_for(&mut self, what: &str, cond: impl Fn(&BTreeMap<IpNet, IpAddr>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.drain();
+            if cond(&self.routes) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: routes {:?}",
+                self.routes
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn cfg(n: u8, base: u8, cluster: Option<Ipv4Addr>, policy: ImportPolicy) -> SpeakerConfig {
+    SpeakerConfig {
+        asn: 64512,
+        router_id: Ipv4Addr::new(127, 0, base, n),
+        listen: Some(SocketAddr::new(ip(n, base), port())),
+        cluster_id: cluster,
+        hold_time: 9,
+        connect_retry: Duration::from_millis(300),
+        restart_time: 0,
+        restarting: false,
+        policy,
+    }
+}
+
+fn peer(n: u8, base: u8, me: u8, kind: PeerKind) -> PeerSpec {
+    PeerSpec {
+        addr: ip(n, base),
+        port: port(),
+        asn: 64512,
+        local_as: 64512,
+        kind,
+        password: None,
+        // the lower address dials, the higher one waits
+        passive: me > n,
+        multihop: false,
+        local_addr: Some(ip(me, base)),
+        max_prefixes: 0,
+    }
+}
+
+async fn start(n: u8, base: u8, cluster: Option<Ipv4Addr>, policy: ImportPolicy) -> Node {
+    let (speaker, events) = Speaker::start(cfg(n, base, cluster, policy))
+        .await
+        .expect("start speaker");
+    Node {
+        speaker,
+        events,
+        routes: BTreeMap::new(),
+    }
+}
+
+fn subnet(n: u8) -> IpNet {
+    net(&format!("10.244.{n}.0/24"))
+}
+
+/// Only node subnets, each from its owner.
+fn node_policy(base: u8, nodes: &[u8], me: u8) -> ImportPolicy {
+    ImportPolicy {
+        inside: vec![net("10.244.0.0/16")],
+        owners: Some(
+            nodes
+                .iter()
+                .map(|n| (Ipv4Addr::new(127, 0, base, *n), subnet(*n)))
+                .collect::<HashMap<_, _>>(),
+        ),
+        own: vec![subnet(me)],
+        max_prefixes: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_mesh_learns_every_subnet_and_forgets_a_dead_peer() {
+    let base = 11;
+    let ids = [1u8, 2, 3];
+    let mut nodes = Vec::new();
+    for &n in &ids {
+        let node = start(n, base, None, node_policy(base, &ids, n)).await;
+        node.speaker.announce(subnet(n));
+        node.speaker.set_peers(
+            ids.iter()
+                .filter(|&&m| m != n)
+                .map(|&m| peer(m, base, n, PeerKind::Mesh))
+                .collect(),
+        );
+        nodes.push(node);
+    }
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let me = ids[i];
+        node.wait_for("mesh", |r| {
+            ids.iter()
+                .filter(|&&m| m != me)
+                .all(|&m| r.get(&subnet(m)) == Some(&ip(m, base)))
+        })
+        .await;
+        assert_eq!(node.routes.len(), 2, "only the other nodes' subnets");
+    }
+    let st = nodes[0].speaker.status().await;
+    assert_eq!(st.len(), 2);
+    assert!(st
+        .iter()
+        .all(|p| p.state == "Established" && p.accepted == 1 && p.advertised == 1));
+    // node 3 stops: the others withdraw its subnet
+    nodes[2].speaker.shutdown().await;
+    for node in nodes.iter_mut().take(2) {
+        node.wait_for("withdrawn", |r| !r.contains_key(&subnet(3)))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflector_passes_routes_between_clients_only_once() {
+    let base = 12;
+    let ids = [1u8, 2, 3, 4];
+    let cluster = Some(Ipv4Addr::new(0, 0, 0, 1));
+    // 1 reflects for 2, 3, 4; clients peer with 1 only
+    let mut nodes = Vec::new();
+    for &n in &ids {
+        let rr = n == 1;
+        let node = start(
+            n,
+            base,
+            if rr { cluster } else { None },
+            node_policy(base, &ids, n),
+        )
+        .await;
+        node.speaker.announce(subnet(n));
+        let peers = if rr {
+            ids[1..]
+                .iter()
+                .map(|&m| peer(m, base, n, PeerKind::RrClient))
+                .collect()
+        } else {
+            vec![peer(1, base, n, PeerKind::Reflector)]
+        };
+        node.speaker.set_peers(peers);
+        nodes.push(node);
+    }
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let me = ids[i];
+        node.wait_for("reflected", |r| {
+            ids.iter()
+                .filter(|&&m| m != me)
+                .all(|&m| r.get(&subnet(m)) == Some(&ip(m, base)))
+        })
+        .await;
+    }
+    // every client has exactly one session; the reflector advertises the
+    // other three subnets to each client (its own plus two reflected)
+    let st = nodes[0].speaker.status().await;
+    assert_eq!(st.len(), 3);
+    assert!(st.iter().all(|p| p.advertised == 3), "{st:?}");
+    assert_eq!(nodes[1].speaker.status().await.len(), 1);
+    // a client's own route never comes back to it (ORIGINATOR_ID)
+    assert!(!nodes[1].routes.contains_key(&subnet(2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_refuses_outside_and_foreign_prefixes_and_enforces_max_prefix() {
+    let base = 13;
+    let a = start(1, base, None, node_policy(base, &[1, 2], 1)).await;
+    let mut a = a;
+    let b = start(2, base, None, ImportPolicy::default()).await;
+    a.speaker.set_peers(vec![peer(2, base, 1, PeerKind::Mesh)]);
+    b.speaker.set_peers(vec![peer(1, base, 2, PeerKind::Mesh)]);
+    // node 2 owns 10.244.2.0/24 but also announces a subnet it does not
+    // hold, one outside the cluster network and node 1's own
+    for p in [subnet(2), subnet(7), net("192.168.50.0/24"), subnet(1)] {
+        b.speaker.announce(p);
+    }
+    a.wait_for("owned subnet", |r| r.contains_key(&subnet(2)))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.drain();
+    assert_eq!(
+        a.routes.keys().copied().collect::<Vec<_>>(),
+        vec![subnet(2)]
+    );
+    let st = a.speaker.status().await;
+    assert_eq!((st[0].received, st[0].accepted), (4, 1), "{st:?}");
+    // the lease of 10.244.7.0/24 moves to node 2: a route refresh brings it in
+    a.speaker.set_policy(ImportPolicy {
+        owners: Some(HashMap::from([(Ipv4Addr::new(127, 0, base, 2), subnet(7))])),
+        ..node_policy(base, &[1, 2], 1)
+    });
+    a.wait_for("after policy change", |r| {
+        r.contains_key(&subnet(7)) && !r.contains_key(&subnet(2))
+    })
+    .await;
+
+    // max-prefix: 2 of 5
+    let base = 14;
+    let mut c = start(1, base, None, ImportPolicy::default()).await;
+    let d = start(2, base, None, ImportPolicy::default()).await;
+    let mut p = peer(2, base, 1, PeerKind::External);
+    p.max_prefixes = 2;
+    c.speaker.set_peers(vec![p]);
+    d.speaker
+        .set_peers(vec![peer(1, base, 2, PeerKind::External)]);
+    for i in 0..5 {
+        d.speaker.announce(subnet(100 + i));
+    }
+    c.wait_for("two", |r| r.len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.drain();
+    assert_eq!(c.routes.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_keeps_routes_until_end_of_rib() {
+    let base = 15;
+    let mut a = start(1, base, None, ImportPolicy::default()).await;
+    let gr = |n: u8, restarting: bool| SpeakerConfig {
+        restart_time: 30,
+        restarting,
+        ..cfg(n, base, None, ImportPolicy::default())
+    };
+    let (a2, ev) = {
+        // a speaks GR too
+        a.speaker.shutdown().await;
+        Speaker::start(gr(1, false)).await.expect("a")
+    };
+    a.speaker = a2;
+    a.events = ev;
+    a.speaker.set_peers(vec![peer(2, base, 1, PeerKind::Mesh)]);
+    let (b, _bev) = Speaker::start(gr(2, false)).await.expect("b");
+    b.speaker_setup(base);
+    b.announce(subnet(2));
+    b.announce(subnet(22));
+    a.wait_for("learned", |r| r.len() == 2).await;
+    // b "crashes" (its sessions end without a Cease) and comes back
+    // restarting, with only one of its two subnets
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.drain();
+    assert_eq!(a.routes.len(), 2, "kept as stale during the restart");
+    let st = a.speaker.status().await;
+    assert_eq!(st[0].stale, 2, "{st:?}");
+    let (b, _bev) = Speaker::start(gr(2, true)).await.expect("b again");
+    b.announce(subnet(2));
+    b.speaker_setup(base);
+    a.wait_for("stale one gone after End-of-RIB", |r| {
+        r.contains_key(&subnet(2)) && !r.contains_key(&subnet(22))
+    })
+    .await;
+    assert_eq!(a.speaker.status().await[0].stale, 0);
+}
+
+trait Setup {
+    fn speaker_setup(&self, base: u8);
+}
+
+impl Setup for Speaker {
+    fn speaker_setup(&self, base: u8) {
+        self.set_peers(vec![peer(1, base, 2, PeerKind::Mesh)]);
+    }
+}
