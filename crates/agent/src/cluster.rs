@@ -41,6 +41,22 @@ pub struct ClusterView {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Problems the backend reported.
     pub problems: Vec<String>,
+    /// The BGP speaker, with the bgp backend.
+    pub bgp: Option<BgpView>,
+}
+
+/// The BGP speaker as status shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpView {
+    /// Our AS.
+    pub asn: u32,
+    /// Router id.
+    pub router_id: String,
+    /// Cluster id when this node is a route reflector.
+    pub route_reflector_cluster_id: Option<String>,
+    /// Peers.
+    pub peers: Vec<trellis_bgp::PeerStatus>,
 }
 
 /// Connects to the configured etcd.
@@ -91,8 +107,7 @@ pub async fn join<D: Datastore>(
     let cfg =
         ClusterConfig::parse(&String::from_utf8_lossy(&kv.value)).with_context(|| key.clone())?;
     match cfg.backend.kind {
-        BackendType::Vxlan | BackendType::HostGw => {}
-        BackendType::Bgp => bail!("{key}: Backend.Type \"bgp\" is not available in this version"),
+        BackendType::Vxlan | BackendType::HostGw | BackendType::Bgp => {}
         BackendType::Ipip => {
             if !std::path::Path::new("/sys/module/ipip").exists() {
                 bail!("{key}: Backend.Type \"ipip\" needs the kernel's ipip module, which this kernel does not have");
@@ -117,7 +132,9 @@ pub async fn join<D: Datastore>(
         subnet: Ipv4Net::default(),
         public_ip: IpAddr::V4(public_ip),
         backend_type: cfg.backend.kind.as_str().into(),
-        vtep_mac: Some(trellis_dataplane::mac_string(&vtep_mac(public_ip))),
+        vtep_mac: (cfg.backend.kind == BackendType::Vxlan)
+            .then(|| trellis_dataplane::mac_string(&vtep_mac(public_ip))),
+        bgp: agent.bgp.clone(),
     };
     let ttl = Duration::from_secs(agent.lease_ttl_seconds);
     let lease = claim(store, prefix, &cfg, &record, previous, ttl).await?;
@@ -243,7 +260,7 @@ pub async fn run<D: Datastore + Clone>(
     }
 }
 
-fn record(prefix: &str, key: &str, value: &[u8]) -> Option<(String, NodeRecord)> {
+pub(crate) fn record(prefix: &str, key: &str, value: &[u8]) -> Option<(String, NodeRecord)> {
     parse_subnet_key(prefix, key)?;
     match serde_json::from_slice::<NodeRecord>(value) {
         Ok(r) => Some((r.node.clone(), r)),
@@ -254,14 +271,14 @@ fn record(prefix: &str, key: &str, value: &[u8]) -> Option<(String, NodeRecord)>
     }
 }
 
-fn records<'a>(
+pub(crate) fn records<'a>(
     prefix: &str,
     kvs: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> BTreeMap<String, NodeRecord> {
     kvs.filter_map(|(k, v)| record(prefix, k, v)).collect()
 }
 
-fn set_view(
+pub(crate) fn set_view(
     view: &Arc<Mutex<ClusterView>>,
     nodes: &BTreeMap<String, NodeRecord>,
     problems: &[String],
@@ -302,7 +319,12 @@ fn resync(
 
 /// Refreshes the lease every third of its TTL; if it was lost (etcd down
 /// longer than the TTL), claims the same subnet again.
-async fn keep_lease<D: Datastore>(store: D, prefix: String, mut joined: Joined, ttl: Duration) {
+pub(crate) async fn keep_lease<D: Datastore>(
+    store: D,
+    prefix: String,
+    mut joined: Joined,
+    ttl: Duration,
+) {
     loop {
         tokio::time::sleep(ttl / 3).await;
         match store.keep_alive(joined.lease.lease).await {

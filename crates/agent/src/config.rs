@@ -51,9 +51,6 @@ pub struct EtcdSection {
     #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
-fn default_mode() -> AttachMode {
-    AttachMode::Bridge
-}
 fn default_bridge() -> String {
     "cni0".into()
 }
@@ -84,9 +81,15 @@ pub struct AgentConfig {
     /// Period of the full resync that repairs drift.
     #[serde(default = "default_resync")]
     pub resync_seconds: u64,
-    /// Attach mode for network configs that do not name one.
-    #[serde(default = "default_mode")]
-    pub default_mode: AttachMode,
+    /// Attach mode for network configs that do not name one (default:
+    /// routed with the bgp backend, like Calico; bridge otherwise).
+    #[serde(default)]
+    pub default_mode: Option<AttachMode>,
+    /// This node's BGP role (AS, route-reflector cluster id); also set by
+    /// `--bgp-as` / `--bgp-route-reflector-cluster-id`. A `Node` resource in
+    /// the datastore overrides it.
+    #[serde(default)]
+    pub bgp: Option<trellis_model::bgp::NodeBgp>,
     /// Bridge name in bridge mode unless a network config overrides it.
     #[serde(default = "default_bridge")]
     pub bridge: String,
@@ -189,7 +192,7 @@ mod tests {
     fn defaults_and_errors() {
         let c = AgentConfig::parse(r#"{"nodeName":"n1","subnet":"10.244.1.0/24"}"#).expect("cfg");
         assert_eq!(c.mtu, None);
-        assert_eq!(c.default_mode, AttachMode::Bridge);
+        assert_eq!(c.default_mode, None);
         assert!(c
             .ipam_dir(c.subnet.expect("subnet"))
             .ends_with("ipam/10.244.1.0_24"));

@@ -4,6 +4,7 @@
 //! `trellis-dataplane` crate.
 
 pub mod attach;
+pub mod bgp;
 pub mod cluster;
 pub mod config;
 pub mod lease;

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use trellis_agent::cluster::{self, ClusterView};
 use trellis_agent::{server, AgentConfig, CniService};
+use trellis_cni::config::AttachMode;
 use trellis_dataplane::{Dataplane, LinuxDataplane};
+use trellis_model::netconf::BackendType;
 
 /// The trellis node agent.
 #[derive(Parser, Debug)]
@@ -20,6 +22,12 @@ struct Args {
     /// agent stopped, when the node leaves the cluster for good).
     #[arg(long)]
     decommission: bool,
+    /// This node's AS with the bgp backend (a `Node` resource overrides it).
+    #[arg(long, value_name = "AS")]
+    bgp_as: Option<u32>,
+    /// Make this node a BGP route reflector with this cluster id.
+    #[arg(long, value_name = "IPV4")]
+    bgp_route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,7 +39,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = AgentConfig::load(&args.config)?;
+    let mut cfg = AgentConfig::load(&args.config)?;
+    if args.bgp_as.is_some() || args.bgp_route_reflector_cluster_id.is_some() {
+        let b = cfg.bgp.get_or_insert_with(Default::default);
+        if args.bgp_as == Some(0) {
+            anyhow::bail!("--bgp-as: 0 is not an AS number");
+        }
+        b.as_number = args.bgp_as.or(b.as_number);
+        b.route_reflector_cluster_id = args
+            .bgp_route_reflector_cluster_id
+            .or(b.route_reflector_cluster_id);
+    }
     if args.decommission {
         return decommission(&cfg);
     }
@@ -70,13 +88,25 @@ fn main() -> anyhow::Result<()> {
             );
             let (subnet, mtu) = (ipnet::IpNet::V4(joined.lease.subnet), joined.pod_mtu);
             facts.backend = Some(joined.cfg.backend.kind.as_str().into());
-            runtime.spawn(cluster::run(
-                store,
-                cfg.clone(),
-                joined,
-                dp.clone(),
-                view.clone(),
-            ));
+            if joined.cfg.backend.kind == BackendType::Bgp {
+                // like Calico: no bridge unless asked for
+                cfg.default_mode.get_or_insert(AttachMode::Routed);
+                runtime.spawn(trellis_agent::bgp::run(
+                    store,
+                    cfg.clone(),
+                    joined,
+                    dp.clone(),
+                    view.clone(),
+                ));
+            } else {
+                runtime.spawn(cluster::run(
+                    store,
+                    cfg.clone(),
+                    joined,
+                    dp.clone(),
+                    view.clone(),
+                ));
+            }
             (subnet, mtu)
         }
         None => (

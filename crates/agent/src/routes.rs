@@ -270,6 +270,7 @@ mod tests {
             public_ip: std::net::IpAddr::V4(ip),
             backend_type: "vxlan".into(),
             vtep_mac: Some(trellis_dataplane::mac_string(&vtep_mac(ip))),
+            bgp: None,
         }
     }
 

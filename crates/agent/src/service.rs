@@ -131,7 +131,10 @@ impl CniService {
 
     fn plan_for(&self, env: &Env, conf: &NetConf, ip: std::net::IpAddr) -> Result<Plan, CniError> {
         plan(&PlanInput {
-            mode: conf.mode.unwrap_or(self.cfg.default_mode),
+            mode: conf
+                .mode
+                .or(self.cfg.default_mode)
+                .unwrap_or(trellis_cni::config::AttachMode::Bridge),
             ip,
             range: self.range,
             mtu: conf.mtu.unwrap_or(self.mtu),

@@ -38,10 +38,11 @@ pub struct Me {
 pub struct ImportPolicy {
     /// Accepted prefixes must lie inside one of these (empty: anywhere).
     pub inside: Vec<IpNet>,
-    /// When set, a prefix is accepted only from the router that owns it:
+    /// When set, node peers give us only what the originating router owns:
     /// the originator (ORIGINATOR_ID, else the peer's router id) must map
-    /// to exactly this prefix (a node and its leased subnet). Routers not
-    /// in the map own nothing.
+    /// to exactly this prefix (a node and its leased subnet); routers not
+    /// in the map own nothing. External peers may pass on any owned prefix
+    /// (a ToR re-announcing node subnets), nothing else.
     pub owners: Option<HashMap<Ipv4Addr, IpNet>>,
     /// Never accepted (our own subnet).
     pub own: Vec<IpNet>,
@@ -96,8 +97,9 @@ impl std::fmt::Display for Refusal {
 }
 
 impl ImportPolicy {
-    /// Whether `prefix` from `originator` may enter the Loc-RIB.
-    pub fn check(&self, prefix: &IpNet, originator: Ipv4Addr) -> Result<(), Refusal> {
+    /// Whether `prefix` from `originator` may enter the Loc-RIB; `node`:
+    /// it came from a node peer (not an external router).
+    pub fn check(&self, prefix: &IpNet, originator: Ipv4Addr, node: bool) -> Result<(), Refusal> {
         if self
             .own
             .iter()
@@ -109,6 +111,16 @@ impl ImportPolicy {
             return Err(Refusal::Outside(*prefix));
         }
         if let Some(owners) = &self.owners {
+            if !node {
+                if owners.values().any(|o| o == prefix) {
+                    return Ok(());
+                }
+                return Err(Refusal::NotOwner {
+                    prefix: *prefix,
+                    originator,
+                    owns: owners.get(&originator).copied(),
+                });
+            }
             match owners.get(&originator) {
                 Some(o) if o == prefix => {}
                 owns => {
@@ -349,24 +361,29 @@ mod tests {
             own: vec![net("10.244.1.0/24")],
             max_prefixes: 0,
         };
-        assert_eq!(pol.check(&net("10.244.2.0/24"), n2), Ok(()));
+        assert_eq!(pol.check(&net("10.244.2.0/24"), n2, true), Ok(()));
         assert!(matches!(
-            pol.check(&net("10.99.0.0/24"), n2),
+            pol.check(&net("10.99.0.0/24"), n2, true),
             Err(Refusal::Outside(_))
         ));
         assert!(matches!(
-            pol.check(&net("10.244.3.0/24"), n2),
+            pol.check(&net("10.244.3.0/24"), n2, true),
             Err(Refusal::NotOwner { owns: Some(_), .. })
         ));
         assert!(matches!(
-            pol.check(&net("10.244.3.0/24"), Ipv4Addr::new(192, 0, 2, 99)),
+            pol.check(&net("10.244.3.0/24"), Ipv4Addr::new(192, 0, 2, 99), true),
             Err(Refusal::NotOwner { owns: None, .. })
         ));
         assert!(matches!(
-            pol.check(&net("10.244.1.0/25"), n2),
+            pol.check(&net("10.244.1.0/25"), n2, true),
             Err(Refusal::Own(_))
         ));
+        // a router passes on node subnets, not others
+        let tor = Ipv4Addr::new(192, 0, 2, 1);
+        assert_eq!(pol.check(&net("10.244.2.0/24"), tor, false), Ok(()));
+        assert!(pol.check(&net("10.244.3.0/24"), tor, false).is_err());
+        assert!(pol.check(&net("10.98.0.0/24"), tor, false).is_err());
         let open = ImportPolicy::default();
-        assert_eq!(open.check(&net("0.0.0.0/0"), n2), Ok(()));
+        assert_eq!(open.check(&net("0.0.0.0/0"), n2, true), Ok(()));
     }
 }

@@ -51,6 +51,7 @@ fn record(node: &str) -> NodeRecord {
         public_ip: "192.0.2.11".parse().expect("ip"),
         backend_type: "vxlan".into(),
         vtep_mac: None,
+        bgp: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Pure types shared by the trellis crates. No I/O lives here.
 
+pub mod bgp;
 pub mod cidr;
 pub mod netconf;
 pub mod node;

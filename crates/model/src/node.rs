@@ -20,6 +20,10 @@ pub struct NodeRecord {
     /// VXLAN tunnel endpoint MAC, for the vxlan backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<String>,
+    /// BGP settings from the agent's command line (a `Node` resource in the
+    /// datastore overrides them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::bgp::NodeBgp>,
 }
 
 /// The datastore key of a subnet claim: `subnets/10.244.1.0-24`.

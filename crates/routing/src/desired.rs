@@ -192,6 +192,7 @@ mod tests {
             public_ip: ip.parse().expect("ip"),
             backend_type: "vxlan".into(),
             vtep_mac: Some(mac.into()),
+            bgp: None,
         }
     }
 

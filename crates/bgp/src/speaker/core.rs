@@ -406,6 +406,7 @@ impl Core {
             ebgp: r.asn != p.spec.local_as,
         };
         let imp = import(u, &from, &self.me);
+        let from_node = p.spec.kind != PeerKind::External;
         let mut withdrawn = imp.withdrawn;
         for w in &withdrawn {
             p.refused.remove(w);
@@ -424,7 +425,7 @@ impl Core {
             let verdict = self
                 .cfg
                 .policy
-                .check(&prefix, path.originator())
+                .check(&prefix, path.originator(), from_node)
                 .and_then(|()| {
                     let known = self
                         .rib
@@ -468,12 +469,21 @@ impl Core {
         self.cfg.policy = policy;
         let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
         for addr in addrs {
+            let from_node = self
+                .peers
+                .get(&addr)
+                .is_some_and(|p| p.spec.kind != PeerKind::External);
             let bad: Vec<IpNet> = self
                 .rib
                 .adj_in(&addr)
                 .map(|t| {
                     t.iter()
-                        .filter(|(p, path)| self.cfg.policy.check(p, path.originator()).is_err())
+                        .filter(|(p, path)| {
+                            self.cfg
+                                .policy
+                                .check(p, path.originator(), from_node)
+                                .is_err()
+                        })
                         .map(|(p, _)| *p)
                         .collect()
                 })

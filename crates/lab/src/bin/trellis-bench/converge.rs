@@ -54,6 +54,7 @@ fn sim(i: usize, skip: &str) -> NodeRecord {
         public_ip: IpAddr::V4(ip),
         backend_type: "vxlan".into(),
         vtep_mac: Some(mac_string(&[0x0e, 0x74, 198, 51, (i >> 8) as u8, i as u8])),
+        bgp: None,
     }
 }
 

@@ -1,0 +1,422 @@
+//! BGP configuration as Kubernetes-shaped resources (Calico's shapes):
+//! `BGPConfiguration` (AS, mesh on/off, timers), `BGPPeer` (external
+//! routers, global or per node) and `Node` (a node's AS and route-reflector
+//! cluster id). Read from manifests (`trellisctl apply -f`, YAML or JSON,
+//! several documents per file), validated with the document and field
+//! named, stored as JSON under `<prefix>bgp/`.
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// The API group and version of trellis resources.
+pub const API_VERSION: &str = "trellis.dev/v1";
+/// The AS nodes use unless configured.
+pub const DEFAULT_AS: u32 = 64512;
+
+/// `BGPConfiguration` spec (the one named `default` applies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpConfiguration {
+    /// The nodes' AS.
+    #[serde(default = "default_as")]
+    pub as_number: u32,
+    /// Node-to-node mesh (when no node is a route reflector).
+    #[serde(default = "yes")]
+    pub node_to_node_mesh_enabled: bool,
+    /// Hold time offered to peers (0, or 3 and more).
+    #[serde(default = "default_hold")]
+    pub hold_time_seconds: u16,
+    /// Graceful-restart time (0 turns graceful restart off).
+    #[serde(default = "default_restart")]
+    pub graceful_restart_seconds: u16,
+    /// Most prefixes accepted from one peer (0: no limit).
+    #[serde(default = "default_max_prefixes")]
+    pub max_prefixes: usize,
+}
+
+fn default_as() -> u32 {
+    DEFAULT_AS
+}
+fn yes() -> bool {
+    true
+}
+fn default_hold() -> u16 {
+    90
+}
+fn default_restart() -> u16 {
+    120
+}
+fn default_max_prefixes() -> usize {
+    10_000
+}
+
+impl Default for BgpConfiguration {
+    fn default() -> Self {
+        Self {
+            as_number: DEFAULT_AS,
+            node_to_node_mesh_enabled: true,
+            hold_time_seconds: default_hold(),
+            graceful_restart_seconds: default_restart(),
+            max_prefixes: default_max_prefixes(),
+        }
+    }
+}
+
+/// `BGPPeer` spec: a router outside the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpPeer {
+    /// Its address.
+    #[serde(rename = "peerIP")]
+    pub peer_ip: IpAddr,
+    /// Its AS (the nodes' AS: iBGP; another: eBGP).
+    pub as_number: u32,
+    /// Only this node peers with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Only nodes whose address is inside this subnet peer with it (one
+    /// peer resource per rack or segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_subnet: Option<Ipv4Net>,
+    /// TCP MD5 password (RFC 2385).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// eBGP multihop (TTL 255).
+    #[serde(default)]
+    pub multihop: bool,
+    /// Most prefixes accepted from it (default: the configuration's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prefixes: Option<usize>,
+}
+
+/// `Node` spec, BGP part.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeBgp {
+    /// The node's AS (default: the configuration's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    /// Set: the node is a route reflector with this cluster id.
+    #[serde(
+        default,
+        rename = "routeReflectorClusterID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub route_reflector_cluster_id: Option<Ipv4Addr>,
+}
+
+/// `Node` spec.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    /// BGP settings.
+    #[serde(default)]
+    pub bgp: NodeBgp,
+}
+
+/// One resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// BGPConfiguration.
+    Configuration(String, BgpConfiguration),
+    /// BGPPeer.
+    Peer(String, BgpPeer),
+    /// Node.
+    Node(String, NodeSpec),
+}
+
+impl Resource {
+    /// Its kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Configuration(..) => "BGPConfiguration",
+            Self::Peer(..) => "BGPPeer",
+            Self::Node(..) => "Node",
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Configuration(n, _) | Self::Peer(n, _) | Self::Node(n, _) => n,
+        }
+    }
+
+    /// Its datastore key.
+    pub fn key(&self, prefix: &str) -> String {
+        let dir = match self {
+            Self::Configuration(..) => "configurations",
+            Self::Peer(..) => "peers",
+            Self::Node(..) => "nodes",
+        };
+        format!("{prefix}bgp/{dir}/{}", self.name())
+    }
+
+    /// Its stored value (the spec as JSON).
+    pub fn value(&self) -> Vec<u8> {
+        let v = match self {
+            Self::Configuration(_, s) => serde_json::to_vec(s),
+            Self::Peer(_, s) => serde_json::to_vec(s),
+            Self::Node(_, s) => serde_json::to_vec(s),
+        };
+        v.unwrap_or_default()
+    }
+}
+
+/// Where BGP resources live.
+pub fn bgp_prefix(prefix: &str) -> String {
+    format!("{prefix}bgp/")
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Doc {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<Meta>,
+    #[serde(default)]
+    spec: serde_yaml::Value,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    name: Option<String>,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !n.starts_with(['-', '.'])
+}
+
+fn validate(r: &Resource) -> Result<(), String> {
+    match r {
+        Resource::Configuration(name, c) => {
+            if name != "default" {
+                return Err(format!(
+                    "metadata.name: only the BGPConfiguration named \"default\" is used, not {name:?}"
+                ));
+            }
+            if c.as_number == 0 {
+                return Err("spec.asNumber: 0 is not an AS number".into());
+            }
+            if (1..3).contains(&c.hold_time_seconds) {
+                return Err("spec.holdTimeSeconds: must be 0 or at least 3".into());
+            }
+            if c.graceful_restart_seconds > 4095 {
+                return Err("spec.gracefulRestartSeconds: at most 4095".into());
+            }
+        }
+        Resource::Peer(_, p) => {
+            if p.as_number == 0 {
+                return Err("spec.asNumber: 0 is not an AS number".into());
+            }
+            if p.peer_ip.is_unspecified() || p.peer_ip.is_multicast() {
+                return Err(format!("spec.peerIP: {} cannot be a peer", p.peer_ip));
+            }
+            if p.password
+                .as_ref()
+                .is_some_and(|k| k.is_empty() || k.len() > 80)
+            {
+                return Err("spec.password: 1 to 80 bytes".into());
+            }
+            if p.node.is_some() && p.node_subnet.is_some() {
+                return Err("spec: set node or nodeSubnet, not both".into());
+            }
+        }
+        Resource::Node(_, n) => {
+            if n.bgp.as_number == Some(0) {
+                return Err("spec.bgp.asNumber: 0 is not an AS number".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn one(doc: Doc) -> Result<Resource, String> {
+    match doc.api_version.as_deref() {
+        Some(API_VERSION) => {}
+        Some(other) => return Err(format!("apiVersion: {other:?} is not {API_VERSION:?}")),
+        None => return Err(format!("apiVersion: missing (want {API_VERSION:?})")),
+    }
+    let name = doc
+        .metadata
+        .and_then(|m| m.name)
+        .ok_or("metadata.name: missing")?;
+    if !valid_name(&name) {
+        return Err(format!(
+            "metadata.name: {name:?} is not a valid name (lower-case letters, digits, '-', '.')"
+        ));
+    }
+    let spec = if doc.spec.is_null() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        doc.spec
+    };
+    let r = match doc.kind.as_deref() {
+        Some("BGPConfiguration") => Resource::Configuration(
+            name,
+            serde_yaml::from_value(spec).map_err(|e| format!("spec: {e}"))?,
+        ),
+        Some("BGPPeer") => Resource::Peer(
+            name,
+            serde_yaml::from_value(spec).map_err(|e| format!("spec: {e}"))?,
+        ),
+        Some("Node") => Resource::Node(
+            name,
+            serde_yaml::from_value(spec).map_err(|e| format!("spec: {e}"))?,
+        ),
+        Some(k) => {
+            return Err(format!(
+                "kind: {k:?} is not one of BGPConfiguration, BGPPeer, Node"
+            ))
+        }
+        None => return Err("kind: missing".into()),
+    };
+    validate(&r)?;
+    Ok(r)
+}
+
+/// Reads every document of a manifest. Any bad document fails the whole
+/// manifest (nothing is applied), naming the document and the field.
+pub fn parse_manifest(text: &str) -> Result<Vec<Resource>, String> {
+    let mut out = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let v = serde_yaml::Value::deserialize(de).map_err(|e| format!("document {n}: {e}"))?;
+        if v.is_null() {
+            continue;
+        }
+        let doc: Doc = serde_yaml::from_value(v).map_err(|e| format!("document {n}: {e}"))?;
+        out.push(one(doc).map_err(|e| format!("document {n}: {e}"))?);
+    }
+    if out.is_empty() {
+        return Err("no resources in the manifest".into());
+    }
+    Ok(out)
+}
+
+/// What the datastore holds under `<prefix>bgp/`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BgpResources {
+    /// The `default` configuration (defaults when absent).
+    pub config: BgpConfiguration,
+    /// External peers by name.
+    pub peers: std::collections::BTreeMap<String, BgpPeer>,
+    /// Node settings by node name.
+    pub nodes: std::collections::BTreeMap<String, NodeBgp>,
+}
+
+impl BgpResources {
+    /// Reads stored key/values; unreadable ones are returned as errors to
+    /// log (and skipped).
+    pub fn from_kvs<'a>(
+        prefix: &str,
+        kvs: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> (Self, Vec<String>) {
+        let mut out = Self::default();
+        let mut errors = Vec::new();
+        let base = bgp_prefix(prefix);
+        for (k, v) in kvs {
+            let Some(rest) = k.strip_prefix(&base) else {
+                continue;
+            };
+            let Some((dir, name)) = rest.split_once('/') else {
+                continue;
+            };
+            let res = match dir {
+                "configurations" if name == "default" => serde_json::from_slice(v)
+                    .map(|c| out.config = c)
+                    .map_err(|e| e.to_string()),
+                "configurations" => Ok(()),
+                "peers" => serde_json::from_slice(v)
+                    .map(|p| {
+                        out.peers.insert(name.to_string(), p);
+                    })
+                    .map_err(|e| e.to_string()),
+                "nodes" => serde_json::from_slice::<NodeSpec>(v)
+                    .map(|n| {
+                        out.nodes.insert(name.to_string(), n.bgp);
+                    })
+                    .map_err(|e| e.to_string()),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                errors.push(format!("{k}: {e}"));
+            }
+        }
+        (out, errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calico_shaped_manifest() {
+        let m = r#"
+apiVersion: trellis.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec:
+  asNumber: 64512
+  nodeToNodeMeshEnabled: false
+---
+apiVersion: trellis.dev/v1
+kind: BGPPeer
+metadata:
+  name: tor-a
+spec:
+  peerIP: 192.0.2.1
+  asNumber: 64513
+  nodeSubnet: 192.0.2.0/24
+  password: s3cret
+---
+apiVersion: trellis.dev/v1
+kind: Node
+metadata: {name: n1}
+spec:
+  bgp:
+    routeReflectorClusterID: 224.0.0.1
+"#;
+        let rs = parse_manifest(m).expect("parses");
+        assert_eq!(rs.len(), 3);
+        assert_eq!(rs[0].key("/t/"), "/t/bgp/configurations/default");
+        assert!(matches!(&rs[1], Resource::Peer(n, p) if n == "tor-a" && p.as_number == 64513));
+        let stored: Vec<(String, Vec<u8>)> = rs.iter().map(|r| (r.key("/t/"), r.value())).collect();
+        let (res, errs) = BgpResources::from_kvs(
+            "/t/",
+            stored.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        );
+        assert!(errs.is_empty());
+        assert!(!res.config.node_to_node_mesh_enabled);
+        assert_eq!(res.config.graceful_restart_seconds, 120);
+        assert_eq!(
+            res.nodes["n1"].route_reflector_cluster_id,
+            Some(Ipv4Addr::new(224, 0, 0, 1))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_document_and_field() {
+        for (m, want) in [
+            ("kind: BGPPeer\nmetadata: {name: a}\nspec: {peerIP: 1.2.3.4, asNumber: 1}", "document 1: apiVersion"),
+            ("apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: a}", "kind: \"Pod\""),
+            ("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: a}\nspec: {peerIP: 1.2.3.4}", "asNumber"),
+            ("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: a}\nspec: {peerIP: nope, asNumber: 1}", "spec"),
+            ("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: a}\nspec: {peerIP: 1.2.3.4, asNumber: 1, colour: red}", "colour"),
+            ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: other}", "\"default\""),
+            ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {holdTimeSeconds: 2}", "holdTimeSeconds"),
+            ("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: Bad_Name}", "metadata.name"),
+            ("---\n", "no resources"),
+            ("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: a}\n---\nkind: [", "document 2"),
+        ] {
+            let e = parse_manifest(m).expect_err(m);
+            assert!(e.contains(want), "{m:?}: {e}");
+        }
+    }
+}
