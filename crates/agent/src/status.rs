@@ -82,6 +82,7 @@ impl StatusSource {
             "neighbours": neighbours,
             "fdb": fdb,
             "problems": view.problems,
+            "bgp": view.bgp,
         })
     }
 }

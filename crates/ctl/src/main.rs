@@ -1,5 +1,7 @@
 //! `trellisctl`: the trellis command line.
 
+mod apply;
+mod bgp;
 mod cluster_demo;
 mod demo;
 mod status;
@@ -27,10 +29,60 @@ enum Cmd {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
+    /// Write BGP resources (BGPConfiguration, BGPPeer, Node; YAML or JSON,
+    /// several documents per file) to the datastore.
+    Apply {
+        /// Manifest file ("-": stdin).
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove the resources named in a manifest from the datastore.
+    Delete {
+        /// Manifest file ("-": stdin).
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// BGP on this node.
+    Bgp {
+        #[command(subcommand)]
+        cmd: BgpCmd,
+    },
     /// A virtual cluster on this machine, in network namespaces.
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "TRELLIS_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of the cluster in etcd.
+    #[arg(long, env = "TRELLIS_ETCD_PREFIX", default_value = "/trellis/v1/")]
+    prefix: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum BgpCmd {
+    /// Each peer: type, state, uptime, prefixes received/accepted/advertised.
+    Status {
+        /// The agent's status socket.
+        #[arg(long, default_value = "/run/trellis/status.sock")]
+        socket: std::path::PathBuf,
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
     },
 }
 
@@ -59,6 +111,9 @@ enum LabCmd {
         /// Underlay segments: 1 (one L2 fabric) or 2 (routed between).
         #[arg(long, default_value_t = 1)]
         segments: usize,
+        /// BGP resources to apply before the agents start (bgp backend).
+        #[arg(long, value_name = "MANIFEST")]
+        bgp: Option<std::path::PathBuf>,
     },
     /// Destroy a persistent lab.
     Down {
@@ -122,6 +177,35 @@ fn main() -> anyhow::Result<()> {
     let cmd = match cli.cmd {
         Cmd::Status { socket, output } => return print_status(&socket, &output),
         Cmd::Lab { cmd } => cmd,
+        Cmd::Apply { file, store } => {
+            return apply::apply(
+                &file,
+                &apply::Target {
+                    endpoints: store.etcd_endpoints,
+                    prefix: store.prefix,
+                },
+            )
+        }
+        Cmd::Delete { file, store } => {
+            return apply::delete(
+                &file,
+                &apply::Target {
+                    endpoints: store.etcd_endpoints,
+                    prefix: store.prefix,
+                },
+            )
+        }
+        Cmd::Bgp {
+            cmd: BgpCmd::Status { socket, output },
+        } => {
+            let b = bgp::section(&status::fetch(&socket)?)?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&b)?),
+                "table" => print!("{}", bgp::render(&b)),
+                other => anyhow::bail!("-o {other}: use table or json"),
+            }
+            return Ok(());
+        }
     };
     match cmd {
         LabCmd::Status { name, node, output } => {
@@ -136,8 +220,15 @@ fn main() -> anyhow::Result<()> {
             etcd,
             backend,
             segments,
+            bgp,
         } => {
+            let bgp = bgp
+                .map(|f| {
+                    std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))
+                })
+                .transpose()?;
             let lab = Lab::create(LabOptions {
+                bgp,
                 nodes,
                 name: Some(name),
                 mtu,

@@ -22,11 +22,47 @@ pub fn fetch(socket: &Path) -> anyhow::Result<Value> {
     serde_json::from_str(&body).context("status: the agent sent no valid JSON")
 }
 
-fn s(v: &Value) -> String {
+/// A cell: strings bare, null as "-".
+pub fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(x) => x.clone(),
         other => other.to_string(),
+    }
+}
+
+/// A titled table: one column per key of `cols`, one line per row.
+pub fn table(title: &str, cols: &[&str], rows: &[Value], out: &mut String) {
+    out.push_str(&format!("\n{title} ({})\n", rows.len()));
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|c| s(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |vals: Vec<String>| -> String {
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+            + "\n"
+    };
+    out.push_str(&line(cols.iter().map(|c| c.to_uppercase()).collect()));
+    for r in cells {
+        out.push_str(&line(r));
     }
 }
 
@@ -42,39 +78,6 @@ pub fn render(st: &Value) -> String {
         s(&st["publicIp"]),
         s(&st["pods"])
     ));
-    let table = |title: &str, cols: &[&str], rows: &[Value], out: &mut String| {
-        out.push_str(&format!("\n{title} ({})\n", rows.len()));
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| cols.iter().map(|c| s(&r[*c])).collect())
-            .collect();
-        let widths: Vec<usize> = cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                cells
-                    .iter()
-                    .map(|r| r[i].len())
-                    .chain([c.len()])
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        let line = |vals: Vec<String>| -> String {
-            vals.iter()
-                .zip(&widths)
-                .map(|(v, w)| format!("{v:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_string()
-                + "\n"
-        };
-        out.push_str(&line(cols.iter().map(|c| c.to_uppercase()).collect()));
-        for r in cells {
-            out.push_str(&line(r));
-        }
-    };
     let arr = |k: &str| st[k].as_array().cloned().unwrap_or_default();
     table(
         "peers",

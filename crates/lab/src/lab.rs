@@ -29,6 +29,9 @@ pub struct LabOptions {
     /// A cluster network config (flannel net-conf.json): the agents lease
     /// their subnets from the lab's etcd (implied) and route between nodes.
     pub cluster: Option<String>,
+    /// BGP resources (a `trellisctl apply -f` manifest) written before the
+    /// agents start.
+    pub bgp: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -40,6 +43,7 @@ impl Default for LabOptions {
             etcd: false,
             segments: 1,
             cluster: None,
+            bgp: None,
         }
     }
 }
@@ -207,6 +211,9 @@ impl Lab {
         }
         if let Some(conf) = &opts.cluster {
             self.etcdctl(&["put", &format!("{}config", crate::etcd::PREFIX), conf])?;
+        }
+        if let Some(manifest) = &opts.bgp {
+            self.apply(manifest)?;
         }
         self.st.cluster = opts.cluster.is_some();
         self.st.mtu = opts.mtu;
@@ -444,14 +451,17 @@ impl Lab {
 
     /// A network config for `node` in `mode` (`bridge` | `routed`).
     pub fn netconf(&self, node: &str, mode: &str) -> String {
-        serde_json::json!({
+        let mut c = serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "lab",
             "type": "trellis",
-            "mode": mode,
             "agentSocket": self.socket(node),
-        })
-        .to_string()
+        });
+        // an empty mode leaves the choice to the agent
+        if !mode.is_empty() {
+            c["mode"] = mode.into();
+        }
+        c.to_string()
     }
 
     /// Starts `node`'s agent inside its namespace and waits for its socket.
@@ -509,6 +519,52 @@ impl Lab {
             self.save()?;
         }
         Ok(pid)
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) `node`'s agent: a hung agent
+    /// whose sockets stay open.
+    pub fn freeze_agent(&self, node: &str, frozen: bool) -> anyhow::Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        let pid = self
+            .node(node)?
+            .agent_pid
+            .with_context(|| format!("{node}: no agent running"))?;
+        let sig = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// `trellisctl apply -f` of `manifest` against the lab's etcd (from
+    /// the etcd namespace); returns what trellisctl printed.
+    pub fn apply(&self, manifest: &str) -> anyhow::Result<String> {
+        self.trellisctl_manifest("apply", manifest)
+    }
+
+    /// `trellisctl delete -f` of `manifest`.
+    pub fn delete(&self, manifest: &str) -> anyhow::Result<String> {
+        self.trellisctl_manifest("delete", manifest)
+    }
+
+    fn trellisctl_manifest(&self, verb: &str, manifest: &str) -> anyhow::Result<String> {
+        let file = self.dir.join(format!("manifest-{verb}.yaml"));
+        std::fs::write(&file, manifest)?;
+        let mut cmd = Command::new(self.bin.join("trellisctl"));
+        cmd.arg(verb)
+            .arg("-f")
+            .arg(&file)
+            .arg("--etcd-endpoints")
+            .arg(crate::etcd::ETCD_ENDPOINT)
+            .arg("--prefix")
+            .arg(crate::etcd::PREFIX);
+        Ok(exec::check(
+            cmd,
+            Some(&netns::path(&self.etcd_ns())),
+            Duration::from_secs(20),
+        )?)
     }
 
     /// Stops `node`'s agent and releases its subnet (`trellisd --decommission`).

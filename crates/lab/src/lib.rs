@@ -29,7 +29,8 @@ pub fn cluster_config(backend: &str) -> anyhow::Result<String> {
         "vxlan" => r#"{"Type":"vxlan"}"#,
         "host-gw" => r#"{"Type":"host-gw"}"#,
         "directrouting" => r#"{"Type":"vxlan","DirectRouting":true}"#,
-        other => anyhow::bail!("backend {other:?}: use vxlan, host-gw or directrouting"),
+        "bgp" => r#"{"Type":"bgp"}"#,
+        other => anyhow::bail!("backend {other:?}: use vxlan, host-gw, directrouting or bgp"),
     };
     Ok(format!(
         r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{b}}}"#

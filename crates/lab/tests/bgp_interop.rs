@@ -6,20 +6,11 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 use trellis_bgp::wire::{AFI_IPV4, SAFI_UNICAST};
 use trellis_bgp::{decode, encode, Capability, Ctx, Message, Open, PathAttribute, Update};
-use trellis_lab::{exec, netns};
-
-struct Bird(std::process::Child);
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use trellis_lab::netns;
 
 fn read_msg(s: &mut TcpStream, buf: &mut Vec<u8>, ctx: Ctx) -> Message {
     loop {
@@ -42,6 +33,7 @@ fn codec_interoperates_with_bird() {
     let lab = lab(2);
     let (_bird, sock) = start_bird(
         &lab,
+        &lab.ns("n1"),
         "bird",
         "router id 192.0.2.11;\n\
          protocol device {}\n\
@@ -123,9 +115,7 @@ fn codec_interoperates_with_bird() {
         let mut routes = String::new();
         let until = Instant::now() + Duration::from_secs(10);
         while !routes.contains("10.244.7.0/24") && Instant::now() < until {
-            let mut birdc = Command::new("birdc");
-            birdc.arg("-s").arg(&sock).args(["show", "route"]);
-            routes = exec::check(birdc, None, Duration::from_secs(10)).expect("birdc");
+            routes = birdc(&sock, &["show", "route"]);
             std::thread::sleep(Duration::from_millis(100));
         }
         (got, routes)
@@ -142,37 +132,11 @@ fn codec_interoperates_with_bird() {
     );
 }
 
-/// Starts BIRD in node n1 with `conf` (its own directory under the lab);
-/// returns it with its control socket once that exists.
-fn start_bird(lab: &trellis_lab::Lab, name: &str, conf: &str) -> (Bird, std::path::PathBuf) {
-    let dir = lab.dir().join(name);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("bird.conf");
-    std::fs::write(&path, conf).expect("conf");
-    let sock = dir.join("bird.ctl");
-    let mut cmd = Command::new("bird");
-    cmd.arg("-f")
-        .arg("-c")
-        .arg(&path)
-        .arg("-s")
-        .arg(&sock)
-        .arg("-P")
-        .arg(dir.join("bird.pid"));
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let bird = Bird(
-        netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd)
-            .expect("start bird (apt-get install bird2)"),
-    );
-    wait_for("bird control socket", Duration::from_secs(10), || {
-        sock.exists()
-    });
-    (bird, sock)
-}
-
 /// Starts BIRD peering with 192.0.2.12 under `password`.
 fn bird_with_password(lab: &trellis_lab::Lab, password: &str) -> (Bird, std::path::PathBuf) {
     start_bird(
         lab,
+        &lab.ns("n1"),
         "bird-md5",
         &format!(
             "router id 192.0.2.11;\nprotocol device {{}}\nprotocol bgp trellis {{\n  local 192.0.2.11 as 64512;\n  neighbor 192.0.2.12 as 64512;\n  direct;\n  password \"{password}\";\n  ipv4 {{ import all; export none; }};\n}}\n"

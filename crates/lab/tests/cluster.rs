@@ -54,17 +54,6 @@ fn routes(lab: &Lab, node: &str) -> String {
     exec::ip(&["-n", &lab.ns(node), "route", "show", "proto", "84"]).expect("ip route")
 }
 
-fn status(lab: &Lab, node: &str) -> serde_json::Value {
-    use std::io::Read;
-    let mut s =
-        std::os::unix::net::UnixStream::connect(lab.status_socket(node)).expect("status socket");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("read");
-    serde_json::from_str(&body).expect("status json")
-}
-
 fn backend_on_l2(backend: &str) {
     let mut lab = cluster_lab(backend, 3, 1);
     let p = pods(&mut lab, "bridge");
