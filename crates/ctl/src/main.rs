@@ -88,6 +88,12 @@ enum BgpCmd {
 
 #[derive(Subcommand, Debug)]
 enum LabCmd {
+    /// Add one more node (with its agent) to a cluster lab.
+    AddNode {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+    },
     /// Build a one-node lab, attach pods in both modes, show them talking, tear it down.
     Demo,
     /// Create a persistent lab (kept until `lab down`).
@@ -245,6 +251,12 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 lab.dir().display()
             );
+            Ok(())
+        }
+        LabCmd::AddNode { name } => {
+            let mut lab = Lab::open(&name)?;
+            let node = lab.add_node()?;
+            println!("{node} added to lab {name}");
             Ok(())
         }
         LabCmd::Down { name } => {

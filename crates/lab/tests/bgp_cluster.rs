@@ -1,0 +1,357 @@
+//! The bgp backend on lab clusters: node mesh, a route reflector, BIRD as
+//! the router between two L3 segments, a dead or hung agent, graceful
+//! restart, and prefixes from outside refused.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use trellis_lab::{exec, netns, Lab, LabOptions};
+
+fn bgp_lab(nodes: usize, segments: usize, manifest: Option<&str>) -> Lab {
+    Lab::create(LabOptions {
+        nodes,
+        segments,
+        cluster: Some(trellis_lab::cluster_config("bgp").expect("backend")),
+        bgp: manifest.map(String::from),
+        ..Default::default()
+    })
+    .expect("bgp lab")
+}
+
+/// One pod per node in the agent's default attach mode.
+fn pods(lab: &mut Lab) -> Vec<(String, String, String)> {
+    let names: Vec<String> = lab.state().nodes.iter().map(|n| n.name.clone()).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let p = lab.add_pod(&n, "p", "").expect("add pod");
+            (n.clone(), lab.pod_ns(&n, "p"), p.ip)
+        })
+        .collect()
+}
+
+fn bgp_peers(lab: &Lab, node: &str) -> Vec<Value> {
+    status(lab, node)["bgp"]["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_established(lab: &Lab, node: &str, want: usize) {
+    wait_for(
+        &format!("{node}: {want} sessions established"),
+        Duration::from_secs(20),
+        || {
+            let p = bgp_peers(lab, node);
+            p.len() == want && p.iter().all(|x| x["state"] == "Established")
+        },
+    );
+}
+
+fn reach_all(lab: &Lab, pods: &[(String, String, String)]) {
+    for (_, from, _) in pods {
+        for (_, _, ip) in pods {
+            wait_for(&format!("{from} -> {ip}"), Duration::from_secs(15), || {
+                lab.ping(from, ip, 1).is_some()
+            });
+        }
+    }
+}
+
+fn routes(lab: &Lab, node: &str) -> String {
+    exec::ip(&["-n", &lab.ns(node), "route", "show", "proto", "84"]).expect("ip route")
+}
+
+fn no_encapsulation(lab: &Lab, node: &str) {
+    let links = exec::ip(&["-n", &lab.ns(node), "-d", "link"]).expect("links");
+    assert!(
+        !links.contains("trellis.1") && !links.contains("vxlan") && !links.contains("ipip"),
+        "{node} has a tunnel device:\n{links}"
+    );
+    assert!(
+        !links.contains("cni0"),
+        "{node}: bgp attaches routed, no bridge:\n{links}"
+    );
+}
+
+#[test]
+fn mesh_of_three_routes_pods_without_encapsulation() {
+    if !privileged("mesh_of_three_routes_pods_without_encapsulation") {
+        return;
+    }
+    let mut lab = bgp_lab(3, 1, None);
+    let p = pods(&mut lab);
+    for (node, _, _) in &p {
+        wait_established(&lab, node, 2);
+    }
+    reach_all(&lab, &p);
+    let peer = lab
+        .tcp_exchange(&p[0].1, &p[1].1, &p[1].2, 7200)
+        .expect("tcp");
+    assert_eq!(peer.ip().to_string(), p[0].2, "source kept across nodes");
+    // next hop = the node's own address, on the underlay device
+    let r = routes(&lab, "n1");
+    for (i, node) in ["n2", "n3"].iter().enumerate() {
+        let n = lab.node(node).expect("node").clone();
+        let want = format!("{} via {} dev eth0", n.subnet, n.ip);
+        assert!(r.contains(&want), "n1 lacks `{want}`:\n{r}");
+        let _ = i;
+    }
+    for (node, _, _) in &p {
+        no_encapsulation(&lab, node);
+    }
+    let peers = bgp_peers(&lab, "n1");
+    assert!(peers
+        .iter()
+        .all(|x| x["kind"] == "mesh" && x["accepted"] == 1 && x["advertised"] == 1));
+    // the CLI shows the same
+    let out = exec::check(
+        {
+            let mut c = std::process::Command::new(lab.bin_dir().join("trellisctl"));
+            c.args(["bgp", "status", "--socket"])
+                .arg(lab.status_socket("n1"));
+            c
+        },
+        None,
+        Duration::from_secs(10),
+    )
+    .expect("trellisctl bgp status");
+    assert!(
+        out.contains("Established") && out.contains("192.0.2.12"),
+        "{out}"
+    );
+}
+
+#[test]
+fn one_reflector_serves_five_nodes() {
+    if !privileged("one_reflector_serves_five_nodes") {
+        return;
+    }
+    let manifest = "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec:\n  bgp:\n    routeReflectorClusterID: 224.0.0.1\n";
+    let mut lab = bgp_lab(5, 1, Some(manifest));
+    let p = pods(&mut lab);
+    wait_established(&lab, "n1", 4);
+    for node in ["n2", "n3", "n4", "n5"] {
+        wait_established(&lab, node, 1);
+        let peers = bgp_peers(&lab, node);
+        assert_eq!(
+            peers[0]["addr"], "192.0.2.11",
+            "{node} peers with the reflector only"
+        );
+        assert_eq!(peers[0]["kind"], "reflector");
+    }
+    assert!(bgp_peers(&lab, "n1")
+        .iter()
+        .all(|x| x["kind"] == "rr-client"));
+    reach_all(&lab, &p);
+    // reflected routes keep the originating node as next hop
+    let r = routes(&lab, "n2");
+    let n5 = lab.node("n5").expect("n5").clone();
+    assert!(r.contains(&format!("{} via {}", n5.subnet, n5.ip)), "{r}");
+    for (node, _, _) in &p {
+        no_encapsulation(&lab, node);
+    }
+    // one more node joins: it peers with the reflector and is reachable
+    lab.add_node().expect("n6");
+    let ip6 = lab.add_pod("n6", "p", "").expect("pod on n6").ip;
+    wait_established(&lab, "n6", 1);
+    wait_for("n2 pod -> n6 pod", Duration::from_secs(15), || {
+        lab.ping(&p[1].1, &ip6, 1).is_some()
+    });
+}
+
+/// BIRD on the router between the segments: an iBGP route reflector for
+/// the nodes of both segments, next hop self, installing what it learns in
+/// the router's kernel.
+fn router_bird(lab: &Lab, extra: &str) -> (Bird, std::path::PathBuf) {
+    let mut conf = String::from(
+        "router id 192.0.2.1;\nprotocol device {}\nprotocol direct { ipv4; interface \"br*\"; }\n\
+         protocol kernel { ipv4 { export where source = RTS_BGP; }; }\n\
+         template bgp nodes {\n  local as 64512;\n  rr client;\n  rr cluster id 0.0.0.9;\n  direct;\n  hold time 9;\n  graceful restart on;\n  \
+         ipv4 { import all; export where source = RTS_BGP || source = RTS_STATIC; next hop self; };\n}\n",
+    );
+    for n in &lab.state().nodes {
+        let local = if n.ip.starts_with("192.0.2.") {
+            "192.0.2.1"
+        } else {
+            "198.51.100.1"
+        };
+        conf.push_str(&format!(
+            "protocol bgp {} from nodes {{ local {local} as 64512; neighbor {} as 64512; }}\n",
+            n.name, n.ip
+        ));
+    }
+    conf.push_str(extra);
+    start_bird(lab, &lab.fabric_ns(), "bird-router", &conf)
+}
+
+const SEGMENT_PEERS: &str = "apiVersion: trellis.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {nodeToNodeMeshEnabled: false, holdTimeSeconds: 9}
+---
+apiVersion: trellis.dev/v1
+kind: BGPPeer
+metadata: {name: router-a}
+spec: {peerIP: 192.0.2.1, asNumber: 64512, nodeSubnet: 192.0.2.0/24}
+---
+apiVersion: trellis.dev/v1
+kind: BGPPeer
+metadata: {name: router-b}
+spec: {peerIP: 198.51.100.1, asNumber: 64512, nodeSubnet: 198.51.100.0/24}
+";
+
+#[test]
+fn bird_routes_pods_between_two_segments() {
+    if !privileged("bird_routes_pods_between_two_segments") {
+        return;
+    }
+    let mut lab = bgp_lab(4, 2, Some(SEGMENT_PEERS));
+    // BIRD also announces a prefix outside the cluster network: refused
+    let (_bird, sock) = router_bird(
+        &lab,
+        "protocol static outside { ipv4; route 10.99.0.0/24 blackhole; }\n",
+    );
+    let p = pods(&mut lab);
+    for (node, _, _) in &p {
+        wait_established(&lab, node, 1);
+    }
+    // BIRD learned every pod subnet (and installed them in the router)
+    let subnets: Vec<String> = lab.state().nodes.iter().map(|n| n.subnet.clone()).collect();
+    wait_for(
+        "BIRD learns every pod subnet",
+        Duration::from_secs(15),
+        || {
+            let r = birdc(&sock, &["show", "route"]);
+            subnets.iter().all(|s| r.contains(s.as_str()))
+        },
+    );
+    reach_all(&lab, &p);
+    // across segments via the router, no tunnel: n1 (segment a) reaches
+    // n2's pods (segment b) via 192.0.2.1
+    let r = routes(&lab, "n1");
+    let n2 = lab.node("n2").expect("n2").clone();
+    assert!(
+        r.contains(&format!("{} via 192.0.2.1 dev eth0", n2.subnet)),
+        "{r}"
+    );
+    for (node, _, _) in &p {
+        no_encapsulation(&lab, node);
+    }
+    // the outside prefix reached us and was refused
+    let peers = bgp_peers(&lab, "n1");
+    let received = peers[0]["received"].as_u64().unwrap_or(0);
+    let accepted = peers[0]["accepted"].as_u64().unwrap_or(0);
+    assert!(received > accepted, "{peers:?}");
+    assert!(!r.contains("10.99.0.0"), "{r}");
+    let agent_log = std::fs::read_to_string(lab.agent_log("n1")).unwrap_or_default();
+    assert!(
+        agent_log.contains("refused 10.99.0.0/24"),
+        "no refusal logged"
+    );
+}
+
+#[test]
+fn a_hung_agent_is_withdrawn_within_the_hold_time() {
+    if !privileged("a_hung_agent_is_withdrawn_within_the_hold_time") {
+        return;
+    }
+    let manifest = "apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {holdTimeSeconds: 3}\n";
+    let mut lab = bgp_lab(3, 1, Some(manifest));
+    let p = pods(&mut lab);
+    for (node, _, _) in &p {
+        wait_established(&lab, node, 2);
+    }
+    reach_all(&lab, &p);
+    let n3 = lab.node("n3").expect("n3").clone();
+    lab.freeze_agent("n3", true).expect("freeze");
+    let t0 = Instant::now();
+    let gone = |lab: &Lab| {
+        !routes(lab, "n1").contains(&n3.subnet) && !routes(lab, "n2").contains(&n3.subnet)
+    };
+    while !gone(&lab) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t0.elapsed();
+    lab.freeze_agent("n3", false).expect("thaw");
+    assert!(gone(&lab), "n3's subnet still routed after {took:?}");
+    assert!(
+        took <= Duration::from_secs(3) + Duration::from_millis(900),
+        "withdrawn after {took:?}, hold time is 3 s"
+    );
+    // thawed, it comes back
+    wait_for("n3 back", Duration::from_secs(20), || {
+        routes(&lab, "n1").contains(&n3.subnet)
+    });
+}
+
+#[test]
+fn graceful_restart_keeps_traffic_flowing() {
+    if !privileged("graceful_restart_keeps_traffic_flowing") {
+        return;
+    }
+    let mut lab = bgp_lab(2, 1, None);
+    let p = pods(&mut lab);
+    wait_established(&lab, "n1", 1);
+    reach_all(&lab, &p);
+    let ns = netns::path(&p[0].1);
+    let target = p[1].2.clone();
+    let stream = std::thread::spawn(move || {
+        let mut c = std::process::Command::new("ping");
+        c.args(["-n", "-q", "-c", "150", "-i", "0.02", "-W", "1", &target]);
+        exec::run(c, Some(&ns), &[], Duration::from_secs(30)).expect("ping stream")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let n2 = lab.node("n2").expect("n2").clone();
+    lab.stop_agent("n2").expect("stop");
+    // while n2's agent is down, n1 keeps n2's routes (stale) ...
+    wait_for("n2's route marked stale", Duration::from_secs(5), || {
+        bgp_peers(&lab, "n1")[0]["stale"] == 1
+    });
+    let during = routes(&lab, "n1");
+    lab.start_agent("n2").expect("start");
+    let out = stream.join().expect("join");
+    let text = String::from_utf8_lossy(&out.output.stdout).into_owned();
+    assert!(
+        during.contains(&n2.subnet),
+        "route dropped during restart:\n{during}"
+    );
+    assert!(
+        text.contains("150 packets transmitted, 150 received"),
+        "loss across the restart: {text}"
+    );
+    // ... and the session comes back, the stale mark goes
+    wait_established(&lab, "n1", 1);
+    wait_for("stale cleared", Duration::from_secs(10), || {
+        bgp_peers(&lab, "n1")[0]["stale"] == 0
+    });
+}
+
+#[test]
+fn bad_bgp_manifests_are_refused_whole() {
+    if !privileged("bad_bgp_manifests_are_refused_whole") {
+        return;
+    }
+    let lab = Lab::create(LabOptions {
+        etcd: true,
+        ..Default::default()
+    })
+    .expect("lab");
+    let bad = "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: good}\nspec: {peerIP: 192.0.2.1, asNumber: 64513}\n---\napiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: bad}\nspec: {peerIP: 192.0.2.9}\n";
+    let e = lab.apply(bad).expect_err("refused");
+    assert!(format!("{e:#}").contains("document 2"), "{e:#}");
+    let keys = lab
+        .etcdctl(&["get", "--prefix", "--keys-only", "/trellis/v1/bgp/"])
+        .expect("get");
+    assert!(keys.trim().is_empty(), "nothing written: {keys}");
+    let ok = lab
+        .apply(&bad.replace(
+            "spec: {peerIP: 192.0.2.9}",
+            "spec: {peerIP: 192.0.2.9, asNumber: 65000}",
+        ))
+        .expect("apply");
+    assert!(ok.contains("BGPPeer/bad applied"), "{ok}");
+    let gone = lab.delete("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: bad}\nspec: {peerIP: 192.0.2.9, asNumber: 1}\n").expect("delete");
+    assert!(gone.contains("deleted"), "{gone}");
+}
