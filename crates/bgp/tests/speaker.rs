@@ -311,3 +311,183 @@ impl Setup for Speaker {
         self.set_peers(vec![peer(1, base, 2, PeerKind::Mesh)]);
     }
 }
+
+mod raw {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+    use trellis_bgp::wire::{AFI_IPV4, SAFI_UNICAST};
+    use trellis_bgp::{
+        decode, encode, Capability, Ctx, Message, Notification, Open, PathAttribute, Update,
+    };
+
+    const CTX: Ctx = Ctx {
+        four_octet_as: true,
+    };
+
+    pub async fn connect(base: u8) -> TcpStream {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = TcpSocket::new_v4().expect("socket");
+            s.bind(SocketAddr::new(ip(2, base), 0)).expect("bind");
+            match s.connect(SocketAddr::new(ip(1, base), port())).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+    }
+
+    pub fn open(asn: u32, base: u8) -> Vec<u8> {
+        encode(
+            &Message::Open(Open {
+                asn,
+                hold_time: 9,
+                id: Ipv4Addr::new(127, 0, base, 2),
+                capabilities: vec![
+                    Capability::MultiProtocol(AFI_IPV4, SAFI_UNICAST),
+                    Capability::FourOctetAs(asn),
+                ],
+            }),
+            Ctx::default(),
+        )
+    }
+
+    /// Reads messages until a NOTIFICATION or the connection closes.
+    pub async fn notification(s: &mut TcpStream) -> Option<Notification> {
+        let mut buf = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            while let Ok(Some((m, n))) = decode(&buf, CTX) {
+                buf.drain(..n);
+                if let Message::Notification(x) = m {
+                    return Some(x);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    pub async fn established(base: u8) -> TcpStream {
+        let mut s = connect(base).await;
+        s.write_all(&open(64512, base)).await.expect("open");
+        s.write_all(&encode(&Message::Keepalive, CTX))
+            .await
+            .expect("ka");
+        s
+    }
+
+    pub fn update(prefix: &str, origin_flags: u8) -> Vec<u8> {
+        let mut bytes = encode(
+            &Message::Update(Update {
+                attributes: vec![
+                    PathAttribute::Origin(0),
+                    PathAttribute::AsPath(vec![]),
+                    PathAttribute::NextHop(Ipv4Addr::new(127, 0, 16, 2)),
+                    PathAttribute::LocalPref(100),
+                ],
+                nlri: vec![prefix.parse().expect("net")],
+                ..Default::default()
+            }),
+            CTX,
+        );
+        // ORIGIN is the first attribute: its flags byte follows the header,
+        // the withdrawn length and the attributes length
+        bytes[19 + 2 + 2] = origin_flags;
+        bytes
+    }
+
+    pub fn header(len: u16, kind: u8) -> Vec<u8> {
+        let mut b = vec![0xff; 16];
+        b.extend_from_slice(&len.to_be_bytes());
+        b.push(kind);
+        b
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_notifications_or_treat_as_withdraw() {
+    use tokio::io::AsyncWriteExt;
+    let base = 16;
+    let mut a = start(1, base, None, ImportPolicy::default()).await;
+    let mut spec = peer(2, base, 1, PeerKind::External);
+    spec.passive = true;
+    a.speaker.set_peers(vec![spec]);
+    // (bytes, expected NOTIFICATION code/subcode)
+    let mut bad_marker = raw::header(19, 4);
+    bad_marker[3] = 0;
+    let mut wrong_as = raw::open(65001, base);
+    let mut bad_version = raw::open(64512, base);
+    bad_version[19] = 3;
+    let mut short_hold = raw::open(64512, base);
+    short_hold[19 + 3] = 0;
+    short_hold[19 + 4] = 1;
+    let truncated_open = raw::open(64512, base)[..25].to_vec();
+    let mut truncated_open = truncated_open;
+    truncated_open[17] = 25;
+    let cases: Vec<(&str, Vec<u8>, (u8, u8))> = vec![
+        ("length below 19", raw::header(10, 1), (1, 2)),
+        ("bad marker", bad_marker, (1, 1)),
+        ("unknown type", raw::header(19, 9), (1, 3)),
+        ("wrong AS", std::mem::take(&mut wrong_as), (2, 2)),
+        ("version 3", bad_version, (2, 1)),
+        ("hold time 1", short_hold, (2, 6)),
+        ("OPEN cut short", truncated_open, (1, 2)),
+    ];
+    for (what, bytes, (code, sub)) in cases {
+        let mut s = raw::connect(base).await;
+        s.write_all(&bytes).await.expect("send");
+        let n = raw::notification(&mut s)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no NOTIFICATION"));
+        assert_eq!((n.code, n.subcode), (code, sub), "{what}: {n:?}");
+    }
+    // established: a good route, then the same prefix with bad ORIGIN
+    // flags: treat-as-withdraw, the session stays up
+    let mut s = raw::established(base).await;
+    s.write_all(&raw::update("10.50.0.0/24", 0x40))
+        .await
+        .expect("update");
+    a.wait_for("route in", |r| r.contains_key(&net("10.50.0.0/24")))
+        .await;
+    s.write_all(&raw::update("10.50.0.0/24", 0xc0))
+        .await
+        .expect("bad flags");
+    a.wait_for("treated as withdrawn", |r| r.is_empty()).await;
+    assert_eq!(a.speaker.status().await[0].state, "Established");
+    // an unknown well-known (non-optional) attribute resets the session
+    let mut unknown = raw::update("10.51.0.0/24", 0x40);
+    // turn LOCAL_PREF (last attribute, flags 0x40 code 5) into code 99
+    let at = unknown.len() - 4 - 7 + 1;
+    assert_eq!(unknown[at], 5, "LOCAL_PREF code");
+    unknown[at] = 99;
+    s.write_all(&unknown).await.expect("unknown attr");
+    let n = raw::notification(&mut s).await.expect("NOTIFICATION");
+    assert_eq!((n.code, n.subcode), (3, 2), "{n:?}");
+    // a NOTIFICATION cut short from the peer: the session ends, nothing breaks
+    let mut s = raw::established(base).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(&raw::header(20, 3))
+        .await
+        .expect("short notification");
+    s.write_all(&[6]).await.expect("code only");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // still serving: a fresh session establishes
+    let _s = raw::established(base).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.speaker.status().await[0].state != "Established" {
+        assert!(
+            Instant::now() < deadline,
+            "no session after malformed input"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
