@@ -109,10 +109,20 @@ pub async fn join<D: Datastore>(
     match cfg.backend.kind {
         BackendType::Vxlan | BackendType::HostGw | BackendType::Bgp => {}
         BackendType::Ipip => {
-            if !std::path::Path::new("/sys/module/ipip").exists() {
-                bail!("{key}: Backend.Type \"ipip\" needs the kernel's ipip module, which this kernel does not have");
+            let supported = dp
+                .link_kind_supported(trellis_dataplane::LinkKind::Ipip)
+                .with_context(|| format!("{key}: probing for the kernel's ipip support"))?;
+            if !supported {
+                bail!(
+                    "{key}: Backend.Type \"ipip\" needs IP-in-IP tunnels, and this kernel has no ipip \
+                     driver (module ipip, CONFIG_NET_IPIP): creating an ipip link fails with \
+                     \"unknown device type\". Use \"bgp\" (no encapsulation) or \"vxlan\" instead"
+                );
             }
-            bail!("{key}: Backend.Type \"ipip\" is not available in this version");
+            bail!(
+                "{key}: Backend.Type \"ipip\": the kernel has ipip, but this version of trellis \
+                 does not program IPIP tunnels yet; use \"bgp\" or \"vxlan\""
+            );
         }
     }
     let public_ip = agent

@@ -271,6 +271,10 @@ impl Dataplane for FakeDataplane {
         Ok(false)
     }
 
+    fn link_kind_supported(&self, kind: crate::LinkKind) -> Result<bool> {
+        Ok(kind == crate::LinkKind::Vxlan)
+    }
+
     fn vxlan_ensure(&self, spec: &VxlanSpec) -> Result<u32> {
         let mut s = self.enter("vxlan_ensure")?;
         if s.vxlan.as_ref() != Some(spec) {

@@ -226,6 +226,20 @@ pub trait Dataplane: Send + Sync {
 
     /// `nft -f -` with `ruleset`: one atomic transaction.
     fn nft_apply(&self, ruleset: &str) -> Result<()>;
+
+    /// Whether the kernel can make links of `kind` (`ipip`, `vxlan`, ...):
+    /// creates a throw-away link `trellis-probe` in this namespace and
+    /// deletes it. `Ok(false)` when the kernel does not know the kind.
+    fn link_kind_supported(&self, kind: LinkKind) -> Result<bool>;
+}
+
+/// Link kinds a backend may need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// IP-in-IP tunnel.
+    Ipip,
+    /// VXLAN.
+    Vxlan,
 }
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.

@@ -445,4 +445,26 @@ impl Dataplane for LinuxDataplane {
     fn nft_apply(&self, ruleset: &str) -> Result<()> {
         crate::nft::apply(ruleset)
     }
+
+    fn link_kind_supported(&self, kind: crate::LinkKind) -> Result<bool> {
+        const PROBE: &str = "trellis-probe";
+        let (name, info) = match kind {
+            crate::LinkKind::Ipip => ("ipip", InfoKind::IpIp),
+            crate::LinkKind::Vxlan => ("vxlan", InfoKind::Vxlan),
+        };
+        let op = format!("ip link add {PROBE} type {name}");
+        let mut sock = own(&op)?;
+        let mut m = link_by_name(PROBE);
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(info)]));
+        match sock.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(()) | Err(NlError::Kernel(Errno::EEXIST)) => {
+                self.link_delete(PROBE)?;
+                Ok(true)
+            }
+            // "Unknown device type": no driver, none loadable
+            Err(NlError::Kernel(Errno::EOPNOTSUPP)) => Ok(false),
+            Err(e) => Err(DataplaneError::new(op, e)),
+        }
+    }
 }

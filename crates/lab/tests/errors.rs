@@ -241,3 +241,44 @@ fn versions_check_status_gc() {
     assert_eq!(pod_veths(&lab.ns("n1")).len(), 2);
     assert_ping(&lab, &lab.ns("n1"), "10.244.1.2");
 }
+
+#[test]
+fn ipip_is_refused_naming_the_missing_kernel_feature() {
+    if !privileged("ipip_is_refused_naming_the_missing_kernel_feature") {
+        return;
+    }
+    let mut lab = trellis_lab::Lab::create(trellis_lab::LabOptions {
+        nodes: 0,
+        cluster: Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}"#.into()),
+        ..Default::default()
+    })
+    .expect("lab");
+    let e = lab.add_node().expect_err("the agent refuses ipip");
+    let log = std::fs::read_to_string(lab.agent_log("n1")).unwrap_or_default();
+    // what the kernel really says, asked the way iproute2 asks
+    let has_ipip = trellis_lab::exec::ip(&[
+        "-n",
+        &lab.ns("n1"),
+        "link",
+        "add",
+        "ipip-check",
+        "type",
+        "ipip",
+    ])
+    .is_ok();
+    if has_ipip {
+        let _ = trellis_lab::exec::ip(&["-n", &lab.ns("n1"), "link", "del", "ipip-check"]);
+        assert!(log.contains("does not program IPIP"), "{e:#}\n{log}");
+    } else {
+        assert!(
+            log.contains("no ipip driver") && log.contains("CONFIG_NET_IPIP"),
+            "{e:#}\n{log}"
+        );
+    }
+    // the probe left nothing behind
+    assert!(
+        !links(&lab.ns("n1")).iter().any(|l| l.contains("probe")),
+        "{:?}",
+        links(&lab.ns("n1"))
+    );
+}
