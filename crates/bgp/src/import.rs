@@ -140,8 +140,8 @@ impl ImportPolicy {
 /// what was refused by loop prevention (policy runs later, per prefix).
 #[derive(Debug, Default)]
 pub struct Imported {
-    /// Announced prefixes with their path.
-    pub announced: Vec<(IpNet, Path)>,
+    /// Announced prefixes with their path (one shared path per family).
+    pub announced: Vec<(IpNet, crate::rib::SharedPath)>,
     /// Withdrawn prefixes.
     pub withdrawn: Vec<IpNet>,
     /// Refused by loop prevention.
@@ -242,14 +242,23 @@ pub fn import(u: Update, peer: &FromPeer, me: &Me) -> Imported {
         cluster_list_len,
         attrs,
     };
+    let v6 = next_hop_mp.map(|nh| {
+        Arc::new(Path {
+            next_hop: nh,
+            ..base.clone()
+        })
+    });
+    let v4 = Arc::new(base);
+    out.announced.reserve(announced.len());
     for p in announced {
-        let mut path = base.clone();
-        if p.addr().is_ipv6() {
-            match next_hop_mp {
-                Some(nh) => path.next_hop = nh,
+        let path = if p.addr().is_ipv6() {
+            match &v6 {
+                Some(v6) => v6.clone(),
                 None => continue,
             }
-        }
+        } else {
+            v4.clone()
+        };
         out.announced.push((p, path));
     }
     out

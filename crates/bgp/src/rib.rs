@@ -3,7 +3,8 @@
 //! gets back the prefixes whose best path changed.
 
 use ipnet::IpNet;
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 /// A peer, by its address.
@@ -45,11 +46,17 @@ impl Path {
     }
 }
 
+/// One peer's Adj-RIB-In (hashed: 100,000s of prefixes, looked up per UPDATE).
+pub type Table = FxHashMap<IpNet, SharedPath>;
+
+/// A path shared by every prefix of the UPDATE that carried it.
+pub type SharedPath = std::sync::Arc<Path>;
+
 /// A change of the best path for a prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// New or different best path.
-    Best(IpNet, PeerId, Path),
+    Best(IpNet, PeerId, SharedPath),
     /// No path left.
     Gone(IpNet),
 }
@@ -57,8 +64,8 @@ pub enum Change {
 /// The RIBs of a speaker.
 #[derive(Debug, Default, Clone)]
 pub struct Rib {
-    adj_in: HashMap<PeerId, BTreeMap<IpNet, Path>>,
-    loc: BTreeMap<IpNet, (PeerId, Path)>,
+    adj_in: HashMap<PeerId, Table>,
+    loc: FxHashMap<IpNet, (PeerId, SharedPath)>,
 }
 
 /// True when `a` is preferred over `b` (RFC 4271 9.1.2.2, RFC 4456 9).
@@ -99,20 +106,20 @@ impl Rib {
     }
 
     /// The best path of every prefix.
-    pub fn loc_rib(&self) -> &BTreeMap<IpNet, (PeerId, Path)> {
+    pub fn loc_rib(&self) -> &FxHashMap<IpNet, (PeerId, SharedPath)> {
         &self.loc
     }
 
     /// Prefixes held from `peer`.
     pub fn received(&self, peer: &PeerId) -> usize {
-        self.adj_in.get(peer).map_or(0, BTreeMap::len)
+        self.adj_in.get(peer).map_or(0, Table::len)
     }
 
     /// Applies what `peer` announced and withdrew; returns the best-path changes.
     pub fn update(
         &mut self,
         peer: PeerId,
-        announced: Vec<(IpNet, Path)>,
+        announced: Vec<(IpNet, SharedPath)>,
         withdrawn: &[IpNet],
     ) -> Vec<Change> {
         let mut touched: Vec<IpNet> = Vec::with_capacity(announced.len() + withdrawn.len());
@@ -130,7 +137,7 @@ impl Rib {
     }
 
     /// What `peer` sent that was accepted (its Adj-RIB-In after policy).
-    pub fn adj_in(&self, peer: &PeerId) -> Option<&BTreeMap<IpNet, Path>> {
+    pub fn adj_in(&self, peer: &PeerId) -> Option<&Table> {
         self.adj_in.get(peer)
     }
 
@@ -149,13 +156,15 @@ impl Rib {
                 .adj_in
                 .iter()
                 .filter_map(|(peer, t)| t.get(&p).map(|path| (peer, path)))
-                .fold(None::<(&PeerId, &Path)>, |acc, cand| match acc {
-                    Some(cur) if !better(cand, cur) => Some(cur),
+                .fold(None::<(&PeerId, &SharedPath)>, |acc, cand| match acc {
+                    Some(cur) if !better((cand.0, cand.1), (cur.0, cur.1)) => Some(cur),
                     _ => Some(cand),
                 })
                 .map(|(peer, path)| (*peer, path.clone()));
             match (best, self.loc.get(&p)) {
-                (Some(b), Some(cur)) if *cur == b => {}
+                // same peer, same (shared or equal) path: nothing changed
+                (Some(b), Some(cur))
+                    if cur.0 == b.0 && (SharedPath::ptr_eq(&cur.1, &b.1) || cur.1 == b.1) => {}
                 (Some((peer, path)), _) => {
                     self.loc.insert(p, (peer, path.clone()));
                     out.push(Change::Best(p, peer, path));
@@ -292,21 +301,27 @@ mod tests {
     fn changes_on_announce_withdraw_and_peer_down() {
         let mut rib = Rib::new();
         let n = net("10.244.2.0/24");
-        let c = rib.update(peer(12), vec![(n, path([192, 0, 2, 12]))], &[]);
-        assert_eq!(c, vec![Change::Best(n, peer(12), path([192, 0, 2, 12]))]);
+        let c = rib.update(peer(12), vec![(n, path([192, 0, 2, 12]).into())], &[]);
+        assert_eq!(
+            c,
+            vec![Change::Best(n, peer(12), path([192, 0, 2, 12]).into())]
+        );
         // the same path again changes nothing
         assert!(rib
-            .update(peer(12), vec![(n, path([192, 0, 2, 12]))], &[])
+            .update(peer(12), vec![(n, path([192, 0, 2, 12]).into())], &[])
             .is_empty());
         // a better path from another peer takes over; its loss falls back
         let better_path = Path {
             local_pref: 200,
             ..path([192, 0, 2, 13])
         };
-        let c = rib.update(peer(13), vec![(n, better_path.clone())], &[]);
-        assert_eq!(c, vec![Change::Best(n, peer(13), better_path)]);
+        let c = rib.update(peer(13), vec![(n, better_path.clone().into())], &[]);
+        assert_eq!(c, vec![Change::Best(n, peer(13), better_path.into())]);
         let c = rib.peer_down(&peer(13));
-        assert_eq!(c, vec![Change::Best(n, peer(12), path([192, 0, 2, 12]))]);
+        assert_eq!(
+            c,
+            vec![Change::Best(n, peer(12), path([192, 0, 2, 12]).into())]
+        );
         let c = rib.update(peer(12), vec![], &[n]);
         assert_eq!(c, vec![Change::Gone(n)]);
         assert!(rib.loc_rib().is_empty());
@@ -324,7 +339,7 @@ mod tests {
                 if announce {
                     let mut pa = path([192, 0, 2, 10 + p]);
                     pa.local_pref = 100 + lp;
-                    rib.update(peer(10 + p), vec![(n, pa.clone())], &[]);
+                    rib.update(peer(10 + p), vec![(n, pa.clone().into())], &[]);
                     model.insert((p, pre), pa);
                 } else {
                     rib.update(peer(10 + p), vec![], &[n]);
@@ -338,7 +353,7 @@ mod tests {
                     Some((cp, cpa)) if !better((pp, pa), (&cp, cpa)) => Some((cp, cpa)),
                     _ => Some((*pp, pa)),
                 });
-                let got = rib.loc_rib().get(&n).map(|(p, pa)| (*p, pa));
+                let got = rib.loc_rib().get(&n).map(|(p, pa)| (*p, &**pa));
                 prop_assert_eq!(got, want);
             }
         }

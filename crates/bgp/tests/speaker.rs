@@ -27,23 +27,25 @@ fn net(s: &str) -> IpNet {
 
 struct Node {
     speaker: Speaker,
-    events: mpsc::UnboundedReceiver<RouteEvent>,
+    events: mpsc::UnboundedReceiver<Vec<RouteEvent>>,
     routes: BTreeMap<IpNet, IpAddr>,
 }
 
 impl Node {
     fn drain(&mut self) {
-        while let Ok(ev) = self.events.try_recv() {
-            match ev {
-                RouteEvent::Best {
-                    prefix, next_hop, ..
-                } => {
-                    self.routes.insert(prefix, next_hop);
+        while let Ok(evs) = self.events.try_recv() {
+            for ev in evs {
+                match ev {
+                    RouteEvent::Best {
+                        prefix, next_hop, ..
+                    } => {
+                        self.routes.insert(prefix, next_hop);
+                    }
+                    RouteEvent::Gone { prefix } => {
+                        self.routes.remove(&prefix);
+                    }
+                    RouteEvent::EndOfRib { .. } => {}
                 }
-                RouteEvent::Gone { prefix } => {
-                    self.routes.remove(&prefix);
-                }
-                RouteEvent::EndOfRib { .. } => {}
             }
         }
     }

@@ -42,7 +42,7 @@ struct Backend {
     next_gen: u64,
     plan: Option<Plan>,
     learned: BTreeMap<Ipv4Net, Ipv4Addr>,
-    events: mpsc::UnboundedSender<(u64, RouteEvent)>,
+    events: mpsc::UnboundedSender<(u64, Vec<RouteEvent>)>,
     /// Restarted with routes in the kernel: do not prune until synced.
     restarting: bool,
     synced: bool,
@@ -335,10 +335,10 @@ pub async fn run<D: Datastore + Clone>(
                         WatchItem::Resync(_) => break,
                     }
                 }
-                Some((gen, ev)) = ev_rx.recv() => {
-                    b.route_event(gen, ev);
-                    while let Ok((gen, ev)) = ev_rx.try_recv() {
-                        b.route_event(gen, ev);
+                Some((gen, evs)) = ev_rx.recv() => {
+                    evs.into_iter().for_each(|ev| b.route_event(gen, ev));
+                    while let Ok((gen, evs)) = ev_rx.try_recv() {
+                        evs.into_iter().for_each(|ev| b.route_event(gen, ev));
                     }
                     let want = desired(&b.joined.local, &b.learned);
                     set_view(&view, &b.nodes, &want.problems);

@@ -13,13 +13,17 @@ use crate::import::{import, FromPeer, ImportPolicy, Me, Refusal};
 use crate::rib::{Change, Rib};
 use crate::wire::{Capability, Message, Open, AFI_IPV4, AFI_IPV6, SAFI_UNICAST};
 use ipnet::IpNet;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+
+/// How long a connection from an unknown address waits to become a peer.
+const PENDING_GRACE: Duration = Duration::from_secs(3);
 
 /// Most refusals logged per peer per session (the rest are counted).
 const LOGGED_REFUSALS: usize = 20;
@@ -53,12 +57,12 @@ struct Peer {
     since: Instant,
     remote: Option<Remote>,
     /// What the peer last learned from us.
-    adj_out: HashMap<IpNet, Attrs>,
+    adj_out: FxHashMap<IpNet, Attrs>,
     /// Announced to us but refused.
-    refused: HashSet<IpNet>,
+    refused: FxHashSet<IpNet>,
     refusals_logged: usize,
     /// Kept through the peer's graceful restart, until End-of-RIB.
-    stale: HashSet<IpNet>,
+    stale: FxHashSet<IpNet>,
     stale_until: Option<Instant>,
     last_error: Option<String>,
 }
@@ -88,7 +92,10 @@ struct Core {
     peers: HashMap<IpAddr, Peer>,
     next_gen: u64,
     listener: Option<Arc<TcpListener>>,
-    events: mpsc::UnboundedSender<RouteEvent>,
+    /// Connections from addresses not (yet) configured as peers, kept for a
+    /// moment: the peer often learns of us a little before we learn of it.
+    pending: HashMap<IpAddr, (tokio::net::TcpStream, Instant)>,
+    events: mpsc::UnboundedSender<Vec<RouteEvent>>,
     sessions: mpsc::UnboundedSender<SessionMsg>,
 }
 
@@ -96,7 +103,7 @@ pub(super) async fn run(
     cfg: SpeakerConfig,
     listener: Option<Arc<TcpListener>>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
-    events: mpsc::UnboundedSender<RouteEvent>,
+    events: mpsc::UnboundedSender<Vec<RouteEvent>>,
 ) {
     let (stx, mut srx) = mpsc::unbounded_channel();
     let (itx, mut irx) = mpsc::unbounded_channel::<(tokio::net::TcpStream, SocketAddr)>();
@@ -138,6 +145,7 @@ pub(super) async fn run(
         peers: HashMap::new(),
         next_gen: 1,
         listener,
+        pending: HashMap::new(),
         events,
         sessions: stx,
     };
@@ -241,6 +249,9 @@ impl Core {
                 rx,
                 self.sessions.clone(),
             ));
+            if let Some((stream, _)) = self.pending.remove(&a) {
+                let _ = tx.send(ToSession::Incoming(stream));
+            }
             self.peers.insert(
                 a,
                 Peer {
@@ -250,10 +261,10 @@ impl Core {
                     state: State::Idle,
                     since: Instant::now(),
                     remote: None,
-                    adj_out: HashMap::new(),
-                    refused: HashSet::new(),
+                    adj_out: FxHashMap::default(),
+                    refused: FxHashSet::default(),
                     refusals_logged: 0,
-                    stale: HashSet::new(),
+                    stale: FxHashSet::default(),
                     stale_until: None,
                     last_error: None,
                 },
@@ -278,7 +289,10 @@ impl Core {
             Some(p) => {
                 let _ = p.tx.send(ToSession::Incoming(stream));
             }
-            None => tracing::debug!("bgp: connection from {from}, not a configured peer; closed"),
+            None => {
+                tracing::debug!("bgp: connection from {from}, not a configured peer (yet)");
+                self.pending.insert(from.ip(), (stream, Instant::now()));
+            }
         }
     }
 
@@ -390,7 +404,7 @@ impl Core {
             }
             let changes = self.rib.update(addr, vec![], &stale);
             self.propagate(changes);
-            let _ = self.events.send(RouteEvent::EndOfRib { peer: addr });
+            let _ = self.events.send(vec![RouteEvent::EndOfRib { peer: addr }]);
             return;
         }
         if let Some(n) = &u.treat_as_withdraw {
@@ -409,8 +423,12 @@ impl Core {
         let from_node = p.spec.kind != PeerKind::External;
         let mut withdrawn = imp.withdrawn;
         for w in &withdrawn {
-            p.refused.remove(w);
-            p.stale.remove(w);
+            if !p.refused.is_empty() {
+                p.refused.remove(w);
+            }
+            if !p.stale.is_empty() {
+                p.stale.remove(w);
+            }
         }
         let mut refusals = imp.refused;
         let mut accepted = Vec::with_capacity(imp.announced.len());
@@ -421,7 +439,9 @@ impl Core {
             self.cfg.policy.max_prefixes
         };
         for (prefix, path) in imp.announced {
-            p.stale.remove(&prefix);
+            if !p.stale.is_empty() {
+                p.stale.remove(&prefix);
+            }
             let verdict = self
                 .cfg
                 .policy
@@ -439,7 +459,9 @@ impl Core {
                 });
             match verdict {
                 Ok(()) => {
-                    p.refused.remove(&prefix);
+                    if !p.refused.is_empty() {
+                        p.refused.remove(&prefix);
+                    }
                     accepted.push((prefix, path));
                 }
                 Err(why) => {
@@ -509,6 +531,8 @@ impl Core {
 
     fn expire_stale(&mut self) {
         let now = Instant::now();
+        self.pending
+            .retain(|_, (_, at)| now.duration_since(*at) < PENDING_GRACE);
         let due: Vec<IpAddr> = self
             .peers
             .iter()
@@ -535,10 +559,11 @@ impl Core {
             return;
         }
         let mut prefixes = Vec::with_capacity(changes.len());
+        let mut events = Vec::with_capacity(changes.len());
         for c in changes {
             match c {
                 Change::Best(prefix, peer, path) => {
-                    let _ = self.events.send(RouteEvent::Best {
+                    events.push(RouteEvent::Best {
                         prefix,
                         next_hop: path.next_hop,
                         peer,
@@ -546,12 +571,19 @@ impl Core {
                     prefixes.push(prefix);
                 }
                 Change::Gone(prefix) => {
-                    let _ = self.events.send(RouteEvent::Gone { prefix });
+                    events.push(RouteEvent::Gone { prefix });
                     prefixes.push(prefix);
                 }
             }
         }
-        self.export_prefixes(&prefixes, None);
+        let _ = self.events.send(events);
+        // learned routes go to peers only when we reflect them
+        if self.exporter.cluster_id.is_none() {
+            prefixes.retain(|p| self.local.contains(p));
+        }
+        if !prefixes.is_empty() {
+            self.export_prefixes(&prefixes, None);
+        }
     }
 
     fn source_of(&self, prefix: &IpNet) -> Option<Source<'_>> {

@@ -185,10 +185,10 @@ pub struct Speaker {
 
 impl Speaker {
     /// Binds the listener and starts the core. Returns the speaker and the
-    /// stream of best-path changes.
+    /// stream of best-path changes, in batches (one per UPDATE processed).
     pub async fn start(
         cfg: SpeakerConfig,
-    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<RouteEvent>)> {
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Vec<RouteEvent>>)> {
         let listener = match cfg.listen {
             Some(addr) => Some(core::bind(addr)?),
             None => None,

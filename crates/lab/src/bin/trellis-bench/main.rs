@@ -4,7 +4,10 @@
 //! - `cni-add-del [--cycles N]`: trellis vs the reference bridge + host-local.
 //! - `converge [--nodes N]`: one real agent programming N simulated nodes.
 //! - `throughput [--runs N] [--seconds S]`: iperf3 pod-to-pod per backend vs node-to-node.
+//! - `bgp-converge [--nodes N]`: N speakers, full mesh and one reflector.
+//! - `bgp-ingest [--prefixes P] [--rounds R]`: a BIRD feed into trellis and into BIRD.
 
+mod bgp;
 mod cni;
 mod converge;
 mod throughput;
@@ -26,7 +29,9 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("cni-add-del") => cni::run(flag(&args, "--cycles", 200)?),
         Some("converge") => converge::run(flag(&args, "--nodes", 200)?),
+        Some("bgp-converge") => bgp::converge(flag(&args, "--nodes", 50)?),
+        Some("bgp-ingest") => bgp::ingest(flag(&args, "--prefixes", 100_000)?, flag(&args, "--rounds", 3)?),
         Some("throughput") => throughput::run(flag(&args, "--runs", 9)?, flag(&args, "--seconds", 2)?),
-        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S]"),
+        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R]"),
     }
 }
