@@ -355,3 +355,78 @@ fn bad_bgp_manifests_are_refused_whole() {
     let gone = lab.delete("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: bad}\nspec: {peerIP: 192.0.2.9, asNumber: 1}\n").expect("delete");
     assert!(gone.contains("deleted"), "{gone}");
 }
+
+fn tor_peer(password: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: tor}}\nspec: {{peerIP: 192.0.2.1, asNumber: 65000, node: n1, password: {password}}}\n"
+    )
+}
+
+#[test]
+fn external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session() {
+    if !privileged("external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session") {
+        return;
+    }
+    let mut lab = bgp_lab(2, 1, Some(&tor_peer("s3cret")));
+    // the ToR: eBGP, MD5, announces nothing we would take
+    let (_bird, sock) = start_bird(
+        &lab,
+        &lab.fabric_ns(),
+        "bird-tor",
+        "router id 192.0.2.1;\nprotocol device {}\n\
+         protocol static tor_routes { ipv4; route 10.98.0.0/24 blackhole; }\n\
+         protocol bgp n1 {\n  local 192.0.2.1 as 65000;\n  neighbor 192.0.2.11 as 64512;\n  password \"s3cret\";\n  \
+         ipv4 { import all; export all; };\n}\n",
+    );
+    let p = pods(&mut lab);
+    wait_established(&lab, "n1", 2);
+    let n1 = lab.node("n1").expect("n1").clone();
+    wait_for(
+        "BIRD learns n1's subnet over eBGP",
+        Duration::from_secs(15),
+        || birdc(&sock, &["show", "route"]).contains(&n1.subnet),
+    );
+    let route = birdc(&sock, &["show", "route", "all", &n1.subnet]);
+    assert!(route.contains("64512"), "AS path carries our AS:\n{route}");
+    let peers = bgp_peers(&lab, "n1");
+    let tor = peers
+        .iter()
+        .find(|x| x["kind"] == "external")
+        .expect("external peer");
+    assert_eq!(tor["asn"], 65000);
+    // its 10.98.0.0/24 is outside the cluster network: refused
+    assert!(!routes(&lab, "n1").contains("10.98.0.0"));
+    let mesh_since = |lab: &Lab| {
+        bgp_peers(lab, "n1")
+            .iter()
+            .find(|x| x["kind"] == "mesh")
+            .map(|x| x["since_secs"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before = mesh_since(&lab);
+    assert!(before >= 2, "mesh session up for {before} s");
+    // a wrong password: that session goes and never comes back; the mesh
+    // session with n2 is not touched
+    lab.apply(&tor_peer("wrong")).expect("apply");
+    wait_for(
+        "session with the wrong key down",
+        Duration::from_secs(10),
+        || {
+            bgp_peers(&lab, "n1")
+                .iter()
+                .any(|x| x["kind"] == "external" && x["state"] != "Established")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let tor_state = bgp_peers(&lab, "n1")
+        .iter()
+        .find(|x| x["kind"] == "external")
+        .map(|x| x["state"].clone());
+    assert_ne!(tor_state, Some(Value::from("Established")));
+    assert!(
+        mesh_since(&lab) >= before + 5,
+        "the mesh session was restarted"
+    );
+    reach_all(&lab, &p);
+}

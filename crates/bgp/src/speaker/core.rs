@@ -688,7 +688,12 @@ impl Core {
                     accepted,
                     advertised: p.adj_out.len(),
                     stale: p.stale.len(),
-                    last_error: p.last_error.clone(),
+                    // an old error is noise once the session is up
+                    last_error: if p.state == State::Established {
+                        None
+                    } else {
+                        p.last_error.clone()
+                    },
                 }
             })
             .collect();
