@@ -22,18 +22,28 @@ fn route_get(ns: &str, dst: &str) -> String {
 
 /// Runs one backend's cluster demo; returns the number of failed checks.
 pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
-    let what = if segments == 2 {
-        "3 nodes on two L3 segments (n2 behind the router)"
-    } else {
-        "3 nodes on one L2 segment"
+    let what = match (backend, segments) {
+        ("bgp", 2) => {
+            "3 nodes on two L3 segments, BIRD on the router between them as route reflector"
+        }
+        ("bgp", _) => "3 nodes on one L2 segment, node-to-node BGP mesh",
+        (_, 2) => "3 nodes on two L3 segments (n2 behind the router)",
+        _ => "3 nodes on one L2 segment",
     };
     println!("\n== backend {backend}: {what}, etcd on the fabric ==");
+    let router = backend == "bgp" && segments == 2;
     let mut lab = Lab::create(LabOptions {
         nodes: 3,
         segments,
         cluster: Some(trellis_lab::cluster_config(backend)?),
+        bgp: router.then(|| trellis_lab::bird::SEGMENT_PEERS.to_string()),
         ..Default::default()
     })?;
+    let bird = if router {
+        Some(trellis_lab::bird::router(&lab, "")?)
+    } else {
+        None
+    };
     println!(
         "{:<5} {:<14} {:<16} {:<16}",
         "node", "underlay", "leased subnet", "pod"
@@ -41,7 +51,9 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
     let nodes = lab.state().nodes.clone();
     let mut pods = Vec::new();
     for n in &nodes {
-        let p = lab.add_pod(&n.name, "web", "routed")?;
+        // with bgp the agent's default (routed, as Calico) applies
+        let mode = if backend == "bgp" { "" } else { "routed" };
+        let p = lab.add_pod(&n.name, "web", mode)?;
         println!(
             "{:<5} {:<14} {:<16} {:<16}",
             n.name,
@@ -93,6 +105,8 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
                 format!("VXLAN VNI 1 -> {to_underlay}:8472")
             } else if hop.contains(&to_underlay) {
                 "plain IP on the underlay".to_string()
+            } else if router && hop.contains(".1 dev") {
+                "plain IP via the router (BIRD learned the route by BGP)".to_string()
             } else {
                 "?".to_string()
             };
@@ -109,6 +123,26 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
         let msg = p.split("routing: ").nth(1).unwrap_or(p);
         println!("n1 reports: {msg}");
     }
+    if backend == "bgp" {
+        let st = crate::status::fetch(&lab.status_socket("n1"))?;
+        println!("\nn1$ trellisctl bgp status");
+        print!("{}", crate::bgp::render(&crate::bgp::section(&st)?));
+        if let Some(b) = &bird {
+            let routes = b.cmd(&["show", "route"])?;
+            let learned = nodes.iter().filter(|n| routes.contains(&n.subnet)).count();
+            println!(
+                "router$ birdc show route: {learned} of {} pod subnets learned",
+                nodes.len()
+            );
+        }
+        let tunnels = exec::ip(&["-n", &lab.ns("n1"), "-d", "link"])?;
+        let encap = tunnels.contains("vxlan") || tunnels.contains("ipip");
+        failures += usize::from(encap);
+        println!(
+            "encapsulation on n1: {}",
+            if encap { "FOUND (unexpected)" } else { "none" }
+        );
+    }
     let (n1, n1_ns, _) = &pods[0];
     match lab.tcp_exchange(n1_ns, &lab.internet_ns(), INTERNET_IP, 8000) {
         Ok(peer) => println!("egress: {n1}/web -> {INTERNET_IP} (outside the cluster) arrives from {} (the node, masqueraded)", peer.ip()),
@@ -117,6 +151,7 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
             println!("egress: FAIL {e}");
         }
     }
+    drop(bird);
     lab.destroy()?;
     Ok(failures)
 }

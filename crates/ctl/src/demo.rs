@@ -95,6 +95,8 @@ pub fn run() -> anyhow::Result<()> {
         ("host-gw", 1),
         ("directrouting", 2),
         ("host-gw", 2),
+        ("bgp", 1),
+        ("bgp", 2),
     ] {
         failures += crate::cluster_demo::run(backend, segments)?;
     }

@@ -7,6 +7,7 @@
 //! with the lab id (`trl...`), every command runs with a timeout, and a lab
 //! is torn down on drop; `trellisctl lab gc` sweeps what a crash left.
 
+pub mod bird;
 pub mod etcd;
 pub mod exec;
 pub mod gc;

@@ -161,58 +161,18 @@ fn one_reflector_serves_five_nodes() {
     });
 }
 
-/// BIRD on the router between the segments: an iBGP route reflector for
-/// the nodes of both segments, next hop self, installing what it learns in
-/// the router's kernel.
-fn router_bird(lab: &Lab, extra: &str) -> (Bird, std::path::PathBuf) {
-    let mut conf = String::from(
-        "router id 192.0.2.1;\nprotocol device {}\nprotocol direct { ipv4; interface \"br*\"; }\n\
-         protocol kernel { ipv4 { export where source = RTS_BGP; }; }\n\
-         template bgp nodes {\n  local as 64512;\n  rr client;\n  rr cluster id 0.0.0.9;\n  direct;\n  hold time 9;\n  graceful restart on;\n  \
-         ipv4 { import all; export where source = RTS_BGP || source = RTS_STATIC; next hop self; };\n}\n",
-    );
-    for n in &lab.state().nodes {
-        let local = if n.ip.starts_with("192.0.2.") {
-            "192.0.2.1"
-        } else {
-            "198.51.100.1"
-        };
-        conf.push_str(&format!(
-            "protocol bgp {} from nodes {{ local {local} as 64512; neighbor {} as 64512; }}\n",
-            n.name, n.ip
-        ));
-    }
-    conf.push_str(extra);
-    start_bird(lab, &lab.fabric_ns(), "bird-router", &conf)
-}
-
-const SEGMENT_PEERS: &str = "apiVersion: trellis.dev/v1
-kind: BGPConfiguration
-metadata: {name: default}
-spec: {nodeToNodeMeshEnabled: false, holdTimeSeconds: 9}
----
-apiVersion: trellis.dev/v1
-kind: BGPPeer
-metadata: {name: router-a}
-spec: {peerIP: 192.0.2.1, asNumber: 64512, nodeSubnet: 192.0.2.0/24}
----
-apiVersion: trellis.dev/v1
-kind: BGPPeer
-metadata: {name: router-b}
-spec: {peerIP: 198.51.100.1, asNumber: 64512, nodeSubnet: 198.51.100.0/24}
-";
-
 #[test]
 fn bird_routes_pods_between_two_segments() {
     if !privileged("bird_routes_pods_between_two_segments") {
         return;
     }
-    let mut lab = bgp_lab(4, 2, Some(SEGMENT_PEERS));
+    let mut lab = bgp_lab(4, 2, Some(trellis_lab::bird::SEGMENT_PEERS));
     // BIRD also announces a prefix outside the cluster network: refused
-    let (_bird, sock) = router_bird(
+    let bird = trellis_lab::bird::router(
         &lab,
         "protocol static outside { ipv4; route 10.99.0.0/24 blackhole; }\n",
-    );
+    )
+    .expect("BIRD on the router");
     let p = pods(&mut lab);
     for (node, _, _) in &p {
         wait_established(&lab, node, 1);
@@ -223,7 +183,7 @@ fn bird_routes_pods_between_two_segments() {
         "BIRD learns every pod subnet",
         Duration::from_secs(15),
         || {
-            let r = birdc(&sock, &["show", "route"]);
+            let r = birdc(&bird, &["show", "route"]);
             subnets.iter().all(|s| r.contains(s.as_str()))
         },
     );
@@ -369,7 +329,7 @@ fn external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session() {
     }
     let mut lab = bgp_lab(2, 1, Some(&tor_peer("s3cret")));
     // the ToR: eBGP, MD5, announces nothing we would take
-    let (_bird, sock) = start_bird(
+    let bird = start_bird(
         &lab,
         &lab.fabric_ns(),
         "bird-tor",
@@ -384,9 +344,9 @@ fn external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session() {
     wait_for(
         "BIRD learns n1's subnet over eBGP",
         Duration::from_secs(15),
-        || birdc(&sock, &["show", "route"]).contains(&n1.subnet),
+        || birdc(&bird, &["show", "route"]).contains(&n1.subnet),
     );
-    let route = birdc(&sock, &["show", "route", "all", &n1.subnet]);
+    let route = birdc(&bird, &["show", "route", "all", &n1.subnet]);
     assert!(route.contains("64512"), "AS path carries our AS:\n{route}");
     let peers = bgp_peers(&lab, "n1");
     let tor = peers

@@ -31,7 +31,7 @@ fn codec_interoperates_with_bird() {
         return;
     }
     let lab = lab(2);
-    let (_bird, sock) = start_bird(
+    let bird = start_bird(
         &lab,
         &lab.ns("n1"),
         "bird",
@@ -115,7 +115,7 @@ fn codec_interoperates_with_bird() {
         let mut routes = String::new();
         let until = Instant::now() + Duration::from_secs(10);
         while !routes.contains("10.244.7.0/24") && Instant::now() < until {
-            routes = birdc(&sock, &["show", "route"]);
+            routes = birdc(&bird, &["show", "route"]);
             std::thread::sleep(Duration::from_millis(100));
         }
         (got, routes)
@@ -133,7 +133,7 @@ fn codec_interoperates_with_bird() {
 }
 
 /// Starts BIRD peering with 192.0.2.12 under `password`.
-fn bird_with_password(lab: &trellis_lab::Lab, password: &str) -> (Bird, std::path::PathBuf) {
+fn bird_with_password(lab: &trellis_lab::Lab, password: &str) -> Bird {
     start_bird(
         lab,
         &lab.ns("n1"),
@@ -182,7 +182,7 @@ fn md5_password_must_match() {
         return;
     }
     let lab = lab(2);
-    let (_bird, _sock) = bird_with_password(&lab, "trellis-secret");
+    let _bird = bird_with_password(&lab, "trellis-secret");
     // the matching key establishes (retry while BIRD comes up)
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -315,7 +315,7 @@ pub async fn run<D: Datastore + Clone>(
                 continue;
             }
         };
-        let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut status_tick = tokio::time::interval(Duration::from_millis(250));
         let mut resync_tick = tokio::time::interval(resync_every);
         resync_tick.tick().await;
         loop {

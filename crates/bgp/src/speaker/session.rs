@@ -38,7 +38,14 @@ struct Session {
     buf: Vec<u8>,
     to_core: mpsc::UnboundedSender<SessionMsg>,
     reported: State,
+    /// Connection attempts that failed in a row: retries start fast (a
+    /// node's peer is often just starting) and back off to the configured
+    /// connect-retry time.
+    failed_dials: u32,
 }
+
+/// First retry after a failed connection attempt.
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn slot(t: Timer) -> usize {
     match t {
@@ -69,6 +76,7 @@ pub(crate) async fn run(
         buf: Vec::with_capacity(1 << 16),
         to_core,
         reported: State::Idle,
+        failed_dials: 0,
     };
     let mut queue: VecDeque<Event> = VecDeque::from([Event::Start]);
     let mut stopping = false;
@@ -123,10 +131,12 @@ pub(crate) async fn run(
                 s.dial = None;
                 match r {
                     Ok(stream) => {
+                        s.failed_dials = 0;
                         s.stream = Some(stream);
                         queue.push_back(Event::TcpUp);
                     }
                     Err(e) => {
+                        s.failed_dials = s.failed_dials.saturating_add(1);
                         s.note(format!("connect: {e}"));
                         queue.push_back(Event::TcpDown);
                     }
@@ -285,6 +295,11 @@ impl Session {
                 None
             }
             Action::Arm(t, d) => {
+                let d = if t == Timer::ConnectRetry && self.failed_dials > 0 {
+                    d.min(FIRST_RETRY * 2u32.saturating_pow(self.failed_dials - 1))
+                } else {
+                    d
+                };
                 self.timers[slot(t)] = Some(Instant::now() + d);
                 None
             }

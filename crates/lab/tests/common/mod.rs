@@ -122,47 +122,14 @@ pub fn status(lab: &Lab, node: &str) -> Value {
     serde_json::from_str(&body).expect("status json")
 }
 
-/// A BIRD daemon, killed when dropped.
-pub struct Bird(pub std::process::Child);
+pub use trellis_lab::bird::Bird;
 
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts BIRD in namespace `ns` with `conf` (directory `name` of the lab).
+pub fn start_bird(lab: &Lab, ns: &str, name: &str, conf: &str) -> Bird {
+    Bird::start(lab, ns, name, conf).expect("start bird")
 }
 
-/// Starts BIRD in namespace `ns` with `conf` (its own directory `name`
-/// under the lab); returns it with its control socket once that exists.
-pub fn start_bird(lab: &Lab, ns: &str, name: &str, conf: &str) -> (Bird, std::path::PathBuf) {
-    use std::process::{Command, Stdio};
-    let dir = lab.dir().join(name);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("bird.conf");
-    std::fs::write(&path, conf).expect("conf");
-    let sock = dir.join("bird.ctl");
-    let mut cmd = Command::new("bird");
-    cmd.arg("-f")
-        .arg("-c")
-        .arg(&path)
-        .arg("-s")
-        .arg(&sock)
-        .arg("-P")
-        .arg(dir.join("bird.pid"));
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let bird = Bird(
-        trellis_lab::netns::spawn_in(Some(&trellis_lab::netns::path(ns)), &mut cmd)
-            .expect("start bird (apt-get install bird2)"),
-    );
-    wait_for("bird control socket", Duration::from_secs(10), || {
-        sock.exists()
-    });
-    (bird, sock)
-}
-
-/// `birdc -s SOCK ARGS...`.
-pub fn birdc(sock: &std::path::Path, args: &[&str]) -> String {
-    let mut c = std::process::Command::new("birdc");
-    c.arg("-s").arg(sock).args(args);
-    exec::check(c, None, Duration::from_secs(10)).expect("birdc")
+/// `birdc ARGS...` against `bird`.
+pub fn birdc(bird: &Bird, args: &[&str]) -> String {
+    bird.cmd(args).expect("birdc")
 }

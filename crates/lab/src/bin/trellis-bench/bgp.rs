@@ -13,13 +13,13 @@ use anyhow::{bail, Context};
 use ipnet::IpNet;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis_bgp::import::ImportPolicy;
 use trellis_bgp::{PeerKind, PeerSpec, RouteEvent, Speaker, SpeakerConfig};
-use trellis_lab::{exec, netns, Lab, LabOptions};
+use trellis_lab::bird::Bird;
+use trellis_lab::{netns, Lab, LabOptions};
 
 fn subnet(i: usize) -> IpNet {
     IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 0), 24).expect("net"))
@@ -162,78 +162,6 @@ pub fn converge(nodes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Bird {
-    child: std::process::Child,
-    sock: std::path::PathBuf,
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Bird {
-    fn start(lab: &Lab, name: &str, conf: &str) -> anyhow::Result<Self> {
-        let dir = lab.dir().join(name);
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("bird.conf");
-        std::fs::write(&path, conf)?;
-        let sock = dir.join("bird.ctl");
-        let mut cmd = Command::new("bird");
-        cmd.arg("-f")
-            .arg("-c")
-            .arg(&path)
-            .arg("-s")
-            .arg(&sock)
-            .arg("-P")
-            .arg(dir.join("bird.pid"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("bird.log"))?);
-        let child = netns::spawn_in(Some(&netns::path(&lab.ns("n1"))), &mut cmd)
-            .context("start bird (apt-get install bird2)")?;
-        let b = Self { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while b
-            .cmd(&["show", "status"])
-            .map_or(true, |s| !s.contains("Daemon is up"))
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "{name}: BIRD did not come up: {}",
-                    std::fs::read_to_string(dir.join("bird.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(b)
-    }
-
-    fn cmd(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut c = Command::new("birdc");
-        c.arg("-s").arg(&self.sock).args(args);
-        Ok(exec::check(c, None, Duration::from_secs(20))?)
-    }
-
-    /// Routes in BIRD's table (`show route count`).
-    fn routes(&self) -> anyhow::Result<usize> {
-        let out = self.cmd(&["show", "route", "count"])?;
-        // "100000 of 100000 routes for 100000 networks in table master4"
-        Ok(out
-            .lines()
-            .find_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                (w.len() > 3 && w[1] == "of" && w[3] == "routes").then(|| w[0].parse().ok())?
-            })
-            .unwrap_or(0))
-    }
-
-    fn rss_kb(&self) -> u64 {
-        rss_kb(self.child.id())
-    }
-}
-
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -276,8 +204,8 @@ pub fn ingest(prefixes: usize, rounds: usize) -> anyhow::Result<()> {
     let receiver_conf = format!(
         "router id {RECEIVER};\nprotocol device {{}}\nprotocol bgp feed {{\n  local {RECEIVER} as 65002;\n  neighbor {FEEDER} as 65001;\n  multihop;\n  strict bind on;\n  passive on;\n  ipv4 {{ import all; export none; }};\n}}\n"
     );
-    let feeder = Bird::start(&lab, "feeder", &feed)?;
-    let receiver = Bird::start(&lab, "receiver", &receiver_conf)?;
+    let feeder = Bird::start(&lab, &lab.ns("n1"), "feeder", &feed)?;
+    let receiver = Bird::start(&lab, &lab.ns("n1"), "receiver", &receiver_conf)?;
     let result = netns::within(&ns, || -> anyhow::Result<_> {
         let rt = runtime()?;
         rt.block_on(async {
@@ -352,7 +280,7 @@ pub fn ingest(prefixes: usize, rounds: usize) -> anyhow::Result<()> {
                         let have = if who == "trellis" {
                             speaker.loc_rib_len().await
                         } else {
-                            tokio::task::block_in_place(|| receiver.routes())?
+                            tokio::task::block_in_place(|| receiver.route_count())?
                         };
                         if have >= prefixes {
                             break;
@@ -373,7 +301,7 @@ pub fn ingest(prefixes: usize, rounds: usize) -> anyhow::Result<()> {
                         rss = rss.max(rss_kb(std::process::id()));
                     } else {
                         theirs.push(ms);
-                        bird_rss = bird_rss.max(receiver.rss_kb());
+                        bird_rss = bird_rss.max(rss_kb(receiver.pid()));
                     }
                     eprintln!("round {round}: {who} {ms:.0} ms");
                     feeder.cmd(&["disable", "feed"])?;
@@ -382,7 +310,7 @@ pub fn ingest(prefixes: usize, rounds: usize) -> anyhow::Result<()> {
                         let left = if who == "trellis" {
                             speaker.loc_rib_len().await
                         } else {
-                            tokio::task::block_in_place(|| receiver.routes())?
+                            tokio::task::block_in_place(|| receiver.route_count())?
                         };
                         if left == 0 {
                             break;
