@@ -76,7 +76,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(runs: usize, seconds: usize) -> anyhow::Result<()> {
     let mut ratios = Vec::new();
     let mut detail = Vec::new();
-    for backend in ["host-gw", "vxlan", "directrouting"] {
+    for backend in ["host-gw", "vxlan", "directrouting", "bgp"] {
         // node pair on one segment, except DirectRouting's other half: measured on L2 too
         let mut lab = Lab::create(LabOptions {
             nodes: 2,
@@ -90,6 +90,14 @@ pub fn run(runs: usize, seconds: usize) -> anyhow::Result<()> {
         let (pa, pb) = (lab.pod_ns("n1", "a"), lab.pod_ns("n2", "b"));
         let (na, nb) = (lab.ns("n1"), lab.ns("n2"));
         let n2_ip = lab.node("n2")?.ip.clone();
+        // routes come from a watch (or BGP sessions): wait until they are in
+        let ready = (0..100).any(|_| {
+            lab.ping(&pa, &b.ip, 1).is_some() || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                false
+            }
+        });
+        anyhow::ensure!(ready, "{backend}: pods cannot reach each other");
         let (mut pod, mut node) = (Vec::new(), Vec::new());
         for i in 0..runs {
             // alternate which goes first
@@ -123,10 +131,11 @@ pub fn run(runs: usize, seconds: usize) -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     println!(
-        "hostgw_ratio={:.2} vxlan_ratio={:.2} directrouting_ratio={:.2}",
+        "hostgw_ratio={:.2} vxlan_ratio={:.2} directrouting_ratio={:.2} bgp_ratio={:.2}",
         get("host-gw"),
         get("vxlan"),
-        get("directrouting")
+        get("directrouting"),
+        get("bgp")
     );
     Ok(())
 }
