@@ -175,14 +175,12 @@ pub async fn join<D: Datastore>(
     })
 }
 
-/// Keeps the lease alive and the routes in line; runs until the process ends.
-pub async fn run<D: Datastore + Clone>(
-    store: D,
-    agent: AgentConfig,
-    joined: Joined,
-    dp: Arc<dyn Dataplane>,
-    view: Arc<Mutex<ClusterView>>,
-) {
+/// Starts keeping this node's lease alive; returns the key prefix.
+pub(crate) fn hold_lease<D: Datastore + Clone>(
+    store: &D,
+    agent: &AgentConfig,
+    joined: &Joined,
+) -> String {
     let prefix = agent
         .etcd
         .as_ref()
@@ -195,6 +193,18 @@ pub async fn run<D: Datastore + Clone>(
         joined.clone(),
         ttl,
     ));
+    prefix
+}
+
+/// Keeps the lease alive and the routes in line; runs until the process ends.
+pub async fn run<D: Datastore + Clone>(
+    store: D,
+    agent: AgentConfig,
+    joined: Joined,
+    dp: Arc<dyn Dataplane>,
+    view: Arc<Mutex<ClusterView>>,
+) {
+    let prefix = hold_lease(&store, &agent, &joined);
     let mut rec = RouteReconciler::new(dp.clone(), joined.local.clone(), joined.cfg.network);
     let resync_every = Duration::from_secs(agent.resync_seconds);
     let vxlan_port =
@@ -315,6 +325,17 @@ fn resync(
     for p in &want.problems {
         tracing::warn!("routing: {p}");
     }
+    resync_kernel(rec, want, dp, masquerade);
+}
+
+/// Repairs the kernel against `want` (pruning only what trellis owns) and
+/// reapplies the masquerade table; logs what failed.
+pub(crate) fn resync_kernel(
+    rec: &mut RouteReconciler,
+    want: trellis_routing::Desired,
+    dp: &Arc<dyn Dataplane>,
+    masquerade: &str,
+) {
     let errors = tokio::task::block_in_place(|| {
         let mut errors = rec.resync(want);
         if let Err(e) = dp.nft_apply(masquerade) {

@@ -8,7 +8,7 @@
 
 pub mod plan;
 
-use crate::cluster::{keep_lease, records, set_view, BgpView, ClusterView, Joined};
+use crate::cluster::{hold_lease, records, resync_kernel, set_view, BgpView, ClusterView, Joined};
 use crate::config::AgentConfig;
 use crate::masq;
 use crate::routes::RouteReconciler;
@@ -238,18 +238,7 @@ pub async fn run<D: Datastore + Clone>(
     dp: Arc<dyn Dataplane>,
     view: Arc<Mutex<ClusterView>>,
 ) {
-    let prefix = agent
-        .etcd
-        .as_ref()
-        .map(|e| e.prefix.clone())
-        .unwrap_or_default();
-    let ttl = Duration::from_secs(agent.lease_ttl_seconds);
-    tokio::spawn(keep_lease(
-        store.clone(),
-        prefix.clone(),
-        joined.clone(),
-        ttl,
-    ));
+    let prefix = hold_lease(&store, &agent, &joined);
     let cluster = joined.cfg.network;
     let restarting = tokio::task::block_in_place(|| dp.routes_owned())
         .map(|rs| {
@@ -366,17 +355,7 @@ pub async fn run<D: Datastore + Clone>(
 }
 
 fn resync(rec: &mut RouteReconciler, b: &Backend, dp: &Arc<dyn Dataplane>, masquerade: &str) {
-    let want = desired(&b.joined.local, &b.learned);
-    let errors = tokio::task::block_in_place(|| {
-        let mut errors = rec.resync(want);
-        if let Err(e) = dp.nft_apply(masquerade) {
-            errors.push(e);
-        }
-        errors
-    });
-    for e in errors {
-        tracing::warn!("resync: {e}");
-    }
+    resync_kernel(rec, desired(&b.joined.local, &b.learned), dp, masquerade);
 }
 
 async fn publish(view: &Arc<Mutex<ClusterView>>, b: &Backend) {
