@@ -337,6 +337,10 @@ pub async fn run<D: Datastore + Clone>(
                     }
                 }
                 _ = status_tick.tick() => {
+                    if b.running.is_none() {
+                        // the speaker could not start (port taken?): again
+                        b.replan().await;
+                    }
                     if b.check_synced() {
                         resync(&mut rec, &b, &dp, &masquerade);
                     }
