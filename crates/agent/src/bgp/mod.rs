@@ -143,7 +143,7 @@ impl Backend {
         let (speaker, mut rx) = loop {
             match Speaker::start(cfg.clone()).await {
                 Ok(x) => break x,
-                Err(e) if tries < 20 => {
+                Err(e) if tries < 5 => {
                     tries += 1;
                     tracing::debug!("bgp: listen: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
