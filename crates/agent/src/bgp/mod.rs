@@ -297,6 +297,11 @@ pub async fn run<D: Datastore + Clone>(
             b.res = BgpResources::default();
         }
         b.replan().await;
+        set_view(
+            &view,
+            &b.nodes,
+            &desired(&b.joined.local, &b.learned).problems,
+        );
         let mut rx = match store.watch(&prefix, listing.revision).await {
             Ok(rx) => rx,
             Err(e) => {
@@ -320,6 +325,7 @@ pub async fn run<D: Datastore + Clone>(
                                 }
                             }
                             b.replan().await;
+                            set_view(&view, &b.nodes, &desired(&b.joined.local, &b.learned).problems);
                         }
                         WatchItem::Resync(_) => break,
                     }
@@ -365,10 +371,8 @@ fn resync(rec: &mut RouteReconciler, b: &Backend, dp: &Arc<dyn Dataplane>, masqu
 async fn publish(view: &Arc<Mutex<ClusterView>>, b: &Backend) {
     let Some(r) = &b.running else { return };
     let peers = r.speaker.status().await;
-    let problems = desired(&b.joined.local, &b.learned).problems;
+    // nodes and problems are set where they change (set_view)
     let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
-    v.nodes = b.nodes.clone();
-    v.problems = problems;
     v.bgp = Some(BgpView {
         asn: r.settings.asn,
         router_id: b.joined.local.public_ip.to_string(),
