@@ -158,21 +158,12 @@ mod tests {
 
     fn learned(last: u8) -> Path {
         Path {
-            next_hop: IpAddr::from([192, 0, 2, last]),
-            local_pref: 100,
-            as_path_len: 0,
-            neighbor_as: None,
-            origin: 0,
-            med: 0,
-            ebgp: false,
-            router_id: Ipv4Addr::new(192, 0, 2, last),
-            originator_id: None,
-            cluster_list_len: 0,
             attrs: Arc::new(vec![
                 PathAttribute::Origin(0),
                 PathAttribute::AsPath(vec![]),
                 PathAttribute::NextHop(Ipv4Addr::new(192, 0, 2, last)),
             ]),
+            ..crate::rib::test_path([192, 0, 2, last])
         }
     }
 

@@ -180,26 +180,30 @@ impl Rib {
     }
 }
 
+/// A plain iBGP path from the router at `nh`, for tests.
+#[cfg(test)]
+pub(crate) fn test_path(nh: [u8; 4]) -> Path {
+    Path {
+        next_hop: IpAddr::from(nh),
+        local_pref: 100,
+        as_path_len: 0,
+        neighbor_as: None,
+        origin: 0,
+        med: 0,
+        ebgp: false,
+        router_id: Ipv4Addr::from(nh),
+        originator_id: None,
+        cluster_list_len: 0,
+        attrs: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn path(nh: [u8; 4]) -> Path {
-        Path {
-            next_hop: IpAddr::from(nh),
-            local_pref: 100,
-            as_path_len: 0,
-            neighbor_as: None,
-            origin: 0,
-            med: 0,
-            ebgp: false,
-            router_id: Ipv4Addr::from(nh),
-            originator_id: None,
-            cluster_list_len: 0,
-            attrs: Default::default(),
-        }
-    }
+    use super::test_path as path;
 
     fn peer(last: u8) -> PeerId {
         IpAddr::from([192, 0, 2, last])
