@@ -1,10 +1,15 @@
-//! The agent's cluster side: join (read the cluster config, lease a
-//! subnet), then keep the lease alive and keep routes to every other node
-//! in line with the datastore — watch-driven, with a periodic resync.
+//! The agent's cluster side, shared by every backend: join (read the
+//! cluster config, lease a subnet), keep the lease (claiming exactly the
+//! same subnet again after an expiry, or stopping the agent when another
+//! node took it), and the helpers the backends' controllers use to
+//! publish their view and reconcile the kernel. The loops themselves are
+//! [`crate::driver`]'s; the controllers are [`crate::flannel`] and
+//! [`crate::bgp`].
 
 use crate::config::AgentConfig;
-use crate::lease::{claim, SubnetLease};
-use crate::masq;
+use crate::health::Health;
+use crate::lease::{claim, reclaim_same, Reclaim, SubnetLease};
+use crate::metrics::Metrics;
 use crate::routes::{vtep_mac, RouteReconciler};
 use anyhow::{anyhow, bail, Context};
 use ipnet::Ipv4Net;
@@ -16,8 +21,9 @@ use std::time::Duration;
 use trellis_dataplane::Dataplane;
 use trellis_model::netconf::{BackendType, ClusterConfig};
 use trellis_model::node::{parse_subnet_key, NodeRecord};
-use trellis_routing::{desired, LocalNode};
-use trellis_store::{Datastore, EtcdOptions, EtcdStore, Event, StoreError, TlsFiles, WatchItem};
+use trellis_model::status::BgpStatus;
+use trellis_routing::LocalNode;
+use trellis_store::{Datastore, EtcdOptions, EtcdStore, StoreError, TlsFiles};
 
 /// What joining the cluster gave this node.
 #[derive(Debug, Clone)]
@@ -42,21 +48,20 @@ pub struct ClusterView {
     /// Problems the backend reported.
     pub problems: Vec<String>,
     /// The BGP speaker, with the bgp backend.
-    pub bgp: Option<BgpView>,
+    pub bgp: Option<BgpStatus>,
 }
 
-/// The BGP speaker as status shows it.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BgpView {
-    /// Our AS.
-    pub asn: u32,
-    /// Router id.
-    pub router_id: String,
-    /// Cluster id when this node is a route reflector.
-    pub route_reflector_cluster_id: Option<String>,
-    /// Peers.
-    pub peers: Vec<trellis_bgp::PeerStatus>,
+/// What every controller of the cluster side shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Kernel access.
+    pub dp: Arc<dyn Dataplane>,
+    /// What status shows.
+    pub view: Arc<Mutex<ClusterView>>,
+    /// Readiness and the way out.
+    pub health: Arc<Health>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Connects to the configured etcd.
@@ -180,101 +185,101 @@ pub(crate) fn hold_lease<D: Datastore + Clone>(
     store: &D,
     agent: &AgentConfig,
     joined: &Joined,
+    shared: &Shared,
 ) -> String {
     let prefix = agent
         .etcd
         .as_ref()
         .map(|e| e.prefix.clone())
         .unwrap_or_default();
-    let ttl = Duration::from_secs(agent.lease_ttl_seconds);
-    tokio::spawn(keep_lease(
-        store.clone(),
-        prefix.clone(),
-        joined.clone(),
-        ttl,
-    ));
+    let keeper = LeaseKeeper {
+        prefix: prefix.clone(),
+        joined: joined.clone(),
+        ttl: Duration::from_secs(agent.lease_ttl_seconds),
+        subnet_file: previous_file(agent),
+        health: shared.health.clone(),
+        metrics: shared.metrics.clone(),
+    };
+    tokio::spawn(keeper.run(store.clone()));
     prefix
 }
 
-/// Keeps the lease alive and the routes in line; runs until the process ends.
-pub async fn run<D: Datastore + Clone>(
-    store: D,
-    agent: AgentConfig,
+/// Keeps the subnet lease alive.
+struct LeaseKeeper {
+    prefix: String,
     joined: Joined,
-    dp: Arc<dyn Dataplane>,
-    view: Arc<Mutex<ClusterView>>,
-) {
-    let prefix = hold_lease(&store, &agent, &joined);
-    let mut rec = RouteReconciler::new(dp.clone(), joined.local.clone(), joined.cfg.network);
-    let resync_every = Duration::from_secs(agent.resync_seconds);
-    let vxlan_port =
-        (joined.cfg.backend.kind == BackendType::Vxlan).then_some(joined.cfg.backend.port);
-    let masquerade = masq::ruleset(joined.cfg.network, vxlan_port);
-    loop {
-        // list, repair against the kernel, then follow the watch
-        let listing = match store.list(&format!("{prefix}subnets/")).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("cluster: {e}; datapath left as it is, retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let mut nodes = records(
-            &prefix,
-            listing
-                .items
-                .iter()
-                .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        );
-        resync(&mut rec, &joined, &nodes, &view, &dp, &masquerade);
-        let mut rx = match store
-            .watch(&format!("{prefix}subnets/"), listing.revision)
-            .await
-        {
-            Ok(rx) => rx,
-            Err(e) => {
-                tracing::warn!("cluster: watch: {e}");
-                continue;
-            }
-        };
-        let mut tick = tokio::time::interval(resync_every);
-        tick.tick().await;
+    ttl: Duration,
+    subnet_file: PathBuf,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl LeaseKeeper {
+    /// Refreshes the lease every third of its TTL. When it expired (the
+    /// agent or etcd stalled longer than the TTL), claims exactly the same
+    /// subnet again; when another node holds it now, the node cannot go on
+    /// with the addresses it has: it claims another subnet for its next
+    /// start, refuses CNI ADDs and stops with an error naming both.
+    async fn run<D: Datastore>(mut self, store: D) {
         loop {
-            tokio::select! {
-                item = rx.recv() => {
-                    let Some(item) = item else { break };
-                    match item {
-                        WatchItem::Events(events) => {
-                            for ev in events {
-                                match ev {
-                                    Event::Put(kv) => {
-                                        if let Some((name, r)) = record(&prefix, &kv.key, &kv.value) {
-                                            nodes.retain(|_, v| v.subnet != r.subnet);
-                                            nodes.insert(name, r);
-                                        }
-                                    }
-                                    Event::Delete { key, .. } => {
-                                        if let Some(net) = parse_subnet_key(&prefix, &key) {
-                                            nodes.retain(|_, v| v.subnet != net);
-                                        }
-                                    }
-                                }
-                            }
-                            let want = desired(&joined.cfg.backend, &joined.local, &nodes.values().cloned().collect::<Vec<_>>());
-                            set_view(&view, &nodes, &want.problems);
-                            let errors = tokio::task::block_in_place(|| rec.apply(want));
-                            for e in errors {
-                                tracing::warn!("routing: {e}");
-                            }
-                        }
-                        WatchItem::Resync(l) => {
-                            nodes = records(&prefix, l.items.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())));
-                            resync(&mut rec, &joined, &nodes, &view, &dp, &masquerade);
-                        }
+            tokio::time::sleep(self.ttl / 3).await;
+            match store.keep_alive(self.joined.lease.lease).await {
+                Ok(()) => self.metrics.lease_renewal("ok"),
+                Err(StoreError::LeaseGone(_)) => {
+                    if self.expired(&store).await {
+                        return;
                     }
                 }
-                _ = tick.tick() => resync(&mut rec, &joined, &nodes, &view, &dp, &masquerade),
+                Err(e) => {
+                    self.metrics.lease_renewal("failed");
+                    tracing::warn!(subnet = %self.joined.lease.subnet, error = %e, "lease keep-alive failed");
+                }
+            }
+        }
+    }
+
+    /// Handles an expired lease; true when the agent must stop.
+    async fn expired<D: Datastore>(&mut self, store: &D) -> bool {
+        let subnet = self.joined.lease.subnet;
+        tracing::warn!(%subnet, "subnet lease expired; claiming the same subnet again");
+        match reclaim_same(store, &self.prefix, &self.joined.record, subnet, self.ttl).await {
+            Ok(Reclaim::Same(l)) => {
+                self.metrics.lease_renewal("reclaimed");
+                tracing::info!(%subnet, "subnet claimed again");
+                self.joined.lease = l;
+                false
+            }
+            Ok(Reclaim::TakenBy(holder)) => {
+                self.metrics.lease_renewal("lost");
+                let next = claim(
+                    store,
+                    &self.prefix,
+                    &self.joined.cfg,
+                    &self.joined.record,
+                    None,
+                    self.ttl,
+                )
+                .await;
+                let instead = match next {
+                    Ok(l) => {
+                        if let Err(e) = std::fs::write(&self.subnet_file, l.subnet.to_string()) {
+                            tracing::warn!(file = %self.subnet_file.display(), error = %e, "cannot remember the new subnet");
+                        }
+                        format!("claimed {} for the next start", l.subnet)
+                    }
+                    Err(e) => format!("no other subnet could be claimed: {e}"),
+                };
+                self.health.fatal(format!(
+                    "subnet {subnet} was lost: its lease expired and node {holder} holds it now; \
+                     {instead}. Pods on this node have addresses of {subnet}: the agent stops \
+                     (restart it, then restart the pods)"
+                ));
+                true
+            }
+            Err(e) => {
+                self.metrics.lease_renewal("failed");
+                tracing::warn!(%subnet, error = %e, "claiming the subnet again failed; retrying");
+                false
             }
         }
     }
@@ -308,82 +313,35 @@ pub(crate) fn set_view(
     v.problems = problems.to_vec();
 }
 
-fn resync(
-    rec: &mut RouteReconciler,
-    joined: &Joined,
-    nodes: &BTreeMap<String, NodeRecord>,
-    view: &Arc<Mutex<ClusterView>>,
-    dp: &Arc<dyn Dataplane>,
-    masquerade: &str,
-) {
-    let want = desired(
-        &joined.cfg.backend,
-        &joined.local,
-        &nodes.values().cloned().collect::<Vec<_>>(),
-    );
-    set_view(view, nodes, &want.problems);
-    for p in &want.problems {
-        tracing::warn!("routing: {p}");
-    }
-    resync_kernel(rec, want, dp, masquerade);
-}
-
 /// Repairs the kernel against `want` (pruning only what trellis owns) and
-/// reapplies the masquerade table; logs what failed.
+/// reapplies the nftables table; logs and counts what failed.
 pub(crate) fn resync_kernel(
     rec: &mut RouteReconciler,
     want: trellis_routing::Desired,
-    dp: &Arc<dyn Dataplane>,
-    masquerade: &str,
+    shared: &Shared,
+    ruleset: &str,
 ) {
-    let errors = tokio::task::block_in_place(|| {
-        let mut errors = rec.resync(want);
-        if let Err(e) = dp.nft_apply(masquerade) {
-            errors.push(e);
-        }
-        errors
-    });
-    for e in errors {
-        tracing::warn!("resync: {e}");
+    let (routes, nft) =
+        tokio::task::block_in_place(|| (rec.resync(want), shared.dp.nft_apply(ruleset)));
+    shared.metrics.reconciled("routes", routes.len());
+    shared
+        .metrics
+        .reconciled("nftables", usize::from(nft.is_err()));
+    for e in routes.iter().chain(nft.as_ref().err()) {
+        tracing::warn!(error = %e, "resync");
     }
 }
 
-/// Refreshes the lease every third of its TTL; if it was lost (etcd down
-/// longer than the TTL), claims the same subnet again.
-pub(crate) async fn keep_lease<D: Datastore>(
-    store: D,
-    prefix: String,
-    mut joined: Joined,
-    ttl: Duration,
+/// Applies `want` as a diff against what was applied last; logs and
+/// counts what failed.
+pub(crate) fn apply_routes(
+    rec: &mut RouteReconciler,
+    want: trellis_routing::Desired,
+    shared: &Shared,
 ) {
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        match store.keep_alive(joined.lease.lease).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseGone(_)) => {
-                tracing::warn!(
-                    "lease of {} expired; claiming it again",
-                    joined.lease.subnet
-                );
-                match claim(
-                    &store,
-                    &prefix,
-                    &joined.cfg,
-                    &joined.record,
-                    Some(joined.lease.subnet),
-                    ttl,
-                )
-                .await
-                {
-                    Ok(l) if l.subnet == joined.lease.subnet => joined.lease = l,
-                    Ok(l) => {
-                        tracing::error!("subnet {} was taken meanwhile; got {} (pods keep their old addresses until restarted)", joined.lease.subnet, l.subnet);
-                        joined.lease = l;
-                    }
-                    Err(e) => tracing::warn!("re-claim: {e}"),
-                }
-            }
-            Err(e) => tracing::warn!("lease keep-alive: {e}"),
-        }
+    let errors = tokio::task::block_in_place(|| rec.apply(want));
+    shared.metrics.reconciled("routes", errors.len());
+    for e in errors {
+        tracing::warn!(error = %e, "routing");
     }
 }

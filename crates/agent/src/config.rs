@@ -28,6 +28,9 @@ fn default_ttl() -> u64 {
 fn default_resync() -> u64 {
     5
 }
+fn default_http() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9750))
+}
 fn default_prefix() -> String {
     "/trellis/v1/".into()
 }
@@ -102,6 +105,43 @@ pub struct AgentConfig {
     /// Where allocations are kept.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// `/healthz`, `/readyz` and `/metrics` (HTTP); loopback by default.
+    #[serde(default = "default_http")]
+    pub http_address: std::net::SocketAddr,
+}
+
+/// Allowed pod MTUs (IPv4's minimum to the largest a link can carry).
+pub const MTU_RANGE: std::ops::RangeInclusive<u64> = 576..=65535;
+/// Allowed lease TTLs: at least two keep-alives a TTL, at most a day.
+pub const LEASE_TTL_RANGE: std::ops::RangeInclusive<u64> = 2..=86_400;
+/// Allowed resync periods (0 would spin; more than a day repairs nothing).
+pub const RESYNC_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// `value` of `field` must lie in `range`.
+pub fn in_range(
+    field: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(format!(
+        "field \"{field}\": {value} is out of range {}..={}",
+        range.start(),
+        range.end()
+    ))
+}
+
+/// A usable AS number: not 0 (RFC 7607), not AS_TRANS 23456 (RFC 6793),
+/// not 4294967295 (RFC 7300).
+pub fn check_asn(field: &str, asn: u32) -> Result<(), String> {
+    match asn {
+        0 | 23_456 | u32::MAX => Err(format!(
+            "field \"{field}\": {asn} is a reserved AS number (0, 23456 and 4294967295 cannot be used)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Config errors, naming the file and what was wrong.
@@ -158,11 +198,13 @@ impl AgentConfig {
                 ));
             }
         }
-        if let Some(m) = cfg.mtu.filter(|m| !(576..=65535).contains(m)) {
-            return Err(format!("field \"mtu\": {m} is not within 576..=65535"));
+        if let Some(m) = cfg.mtu {
+            in_range("mtu", m.into(), MTU_RANGE)?;
         }
-        if cfg.lease_ttl_seconds < 2 {
-            return Err("field \"leaseTtlSeconds\" must be at least 2".into());
+        in_range("leaseTtlSeconds", cfg.lease_ttl_seconds, LEASE_TTL_RANGE)?;
+        in_range("resyncSeconds", cfg.resync_seconds, RESYNC_RANGE)?;
+        if let Some(a) = cfg.bgp.as_ref().and_then(|b| b.as_number) {
+            check_asn("bgp.asNumber", a)?;
         }
         trellis_cni::env::validate_ifname(&cfg.bridge).map_err(|_| {
             format!(
@@ -223,6 +265,57 @@ mod tests {
         ] {
             let e = AgentConfig::parse(doc).expect_err(doc);
             assert!(e.contains(needle), "{doc}: {e}");
+        }
+    }
+
+    /// Every numeric field, just outside its range (and far outside),
+    /// is refused with an error naming it; the edges are accepted.
+    #[test]
+    fn numeric_fields_out_of_range() {
+        let base = r#""nodeName":"n1","subnet":"10.244.1.0/24""#;
+        let cases: [(&str, &[&str], &[&str]); 4] = [
+            (
+                "mtu",
+                &["0", "575", "65536", "4294967295"],
+                &["576", "65535"],
+            ),
+            (
+                "leaseTtlSeconds",
+                &["0", "1", "86401", "18446744073709551615"],
+                &["2", "86400"],
+            ),
+            (
+                "resyncSeconds",
+                &["0", "86401", "18446744073709551615"],
+                &["1", "86400"],
+            ),
+            (
+                "bgp",
+                &[
+                    r#"{"asNumber":0}"#,
+                    r#"{"asNumber":23456}"#,
+                    r#"{"asNumber":4294967295}"#,
+                ],
+                &[r#"{"asNumber":1}"#, r#"{"asNumber":4294967294}"#],
+            ),
+        ];
+        for (field, bad, good) in cases {
+            for v in bad {
+                let doc = format!("{{{base},\"{field}\":{v}}}");
+                let e = AgentConfig::parse(&doc).expect_err(&doc);
+                assert!(e.contains(&format!("\"{field}")), "{doc}: {e}");
+            }
+            for v in good {
+                let doc = format!("{{{base},\"{field}\":{v}}}");
+                AgentConfig::parse(&doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
+            }
+        }
+        // negative and non-integer values are refused by the decoder, naming the field
+        for doc in [
+            format!("{{{base},\"resyncSeconds\":-1}}"),
+            format!("{{{base},\"mtu\":1.5}}"),
+        ] {
+            AgentConfig::parse(&doc).expect_err(&doc);
         }
     }
 }

@@ -114,6 +114,60 @@ pub async fn claim<D: Datastore>(
     Err(LeaseError::Contention(attempts))
 }
 
+/// What claiming a lost subnet again found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reclaim {
+    /// The subnet was free (or still ours): held again under a new lease.
+    Same(SubnetLease),
+    /// Another node holds it now.
+    TakenBy(String),
+}
+
+/// Claims exactly `subnet` again after this node's lease on it expired:
+/// never another subnet, since IPAM, the CNI side and the routes all use
+/// this one. [`Reclaim::TakenBy`] when another node got it meanwhile.
+pub async fn reclaim_same<D: Datastore>(
+    store: &D,
+    prefix: &str,
+    record: &NodeRecord,
+    subnet: Ipv4Net,
+    ttl: Duration,
+) -> Result<Reclaim, LeaseError> {
+    let key = subnet_key(prefix, subnet);
+    let mut r = record.clone();
+    r.subnet = subnet;
+    let body = serde_json::to_vec(&r).map_err(|e| LeaseError::Encode(e.to_string()))?;
+    let lease = store.grant(ttl).await?;
+    // a few rounds: the key may come and go under us (another node's
+    // claim racing ours, an old lease of ours expiring just now)
+    for _ in 0..4 {
+        let won = match store.get(&key).await? {
+            None => store.create(&key, body.clone(), Some(lease)).await?,
+            Some(kv) => {
+                let holder = serde_json::from_slice::<NodeRecord>(&kv.value)
+                    .map(|r| r.node)
+                    .unwrap_or_default();
+                if holder != record.node {
+                    let _ = store.revoke(lease).await;
+                    return Ok(Reclaim::TakenBy(if holder.is_empty() {
+                        "(unreadable record)".into()
+                    } else {
+                        holder
+                    }));
+                }
+                store
+                    .update(&key, body.clone(), kv.mod_revision, Some(lease))
+                    .await?
+            }
+        };
+        if won {
+            return Ok(Reclaim::Same(SubnetLease { subnet, lease, key }));
+        }
+    }
+    let _ = store.revoke(lease).await;
+    Err(LeaseError::Contention(4))
+}
+
 /// Gives the subnet back (clean decommission): the claim disappears at once
 /// instead of after the TTL.
 pub async fn release<D: Datastore>(store: &D, lease: &SubnetLease) -> Result<(), LeaseError> {

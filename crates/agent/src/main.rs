@@ -5,11 +5,22 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use trellis_agent::cluster::{self, ClusterView};
+use trellis_agent::cluster::{self, ClusterView, Shared};
+use trellis_agent::health::{Exit, Health};
+use trellis_agent::metrics::Metrics;
 use trellis_agent::{server, AgentConfig, CniService};
 use trellis_cni::config::AttachMode;
 use trellis_dataplane::{Dataplane, LinuxDataplane};
 use trellis_model::netconf::BackendType;
+
+/// Log line format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (fields as keys).
+    Json,
+}
 
 /// The trellis node agent.
 #[derive(Parser, Debug)]
@@ -28,22 +39,27 @@ struct Args {
     /// Make this node a BGP route reflector with this cluster id.
     #[arg(long, value_name = "IPV4")]
     bgp_route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
+    /// Log format (level filter: the TRELLIS_LOG variable, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let mut cfg = AgentConfig::load(&args.config)?;
     if args.bgp_as.is_some() || args.bgp_route_reflector_cluster_id.is_some() {
         let b = cfg.bgp.get_or_insert_with(Default::default);
-        if args.bgp_as == Some(0) {
-            anyhow::bail!("--bgp-as: 0 is not an AS number");
+        if let Some(a) = args.bgp_as {
+            trellis_agent::config::check_asn("--bgp-as", a).map_err(anyhow::Error::msg)?;
         }
         b.as_number = args.bgp_as.or(b.as_number);
         b.route_reflector_cluster_id = args
@@ -67,6 +83,24 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let view = Arc::new(Mutex::new(ClusterView::default()));
+    let (health, exit) = Health::new();
+    let health = Arc::new(health);
+    let metrics = Arc::new(Metrics::new());
+    // /healthz answers from the start; /readyz says what is missing
+    let http = trellis_agent::http::serve(
+        cfg.http_address,
+        trellis_agent::http::HttpState {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        },
+    )?;
+    tracing::info!(address = %http, "serving /healthz, /readyz and /metrics");
+    let shared = Shared {
+        dp: dp.clone(),
+        view: view.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+    };
     // the node's subnet: leased from the datastore, or set in the config
     let mut facts = trellis_agent::status::NodeFacts {
         node: cfg.node_name.clone(),
@@ -95,28 +129,34 @@ fn main() -> anyhow::Result<()> {
                     store,
                     cfg.clone(),
                     joined,
-                    dp.clone(),
-                    view.clone(),
+                    shared.clone(),
                 ));
             } else {
-                runtime.spawn(cluster::run(
+                runtime.spawn(trellis_agent::flannel::run(
                     store,
                     cfg.clone(),
                     joined,
-                    dp.clone(),
-                    view.clone(),
+                    shared.clone(),
                 ));
             }
             (subnet, mtu)
         }
-        None => (
-            cfg.subnet.context("no subnet configured")?,
-            cfg.mtu.unwrap_or(1500),
-        ),
+        None => {
+            // no datastore: nothing to sync with
+            health.set_synced();
+            (
+                cfg.subnet.context("no subnet configured")?,
+                cfg.mtu.unwrap_or(1500),
+            )
+        }
     };
+    health.set_joined();
     let socket = cfg.socket.clone();
-    let service =
-        Arc::new(CniService::new(cfg.clone(), subnet, mtu, dp.clone()).context("open IPAM state")?);
+    let service = Arc::new(
+        CniService::new(cfg.clone(), subnet, mtu, dp.clone())
+            .context("open IPAM state")?
+            .with_health(health.clone()),
+    );
     facts.subnet = subnet.to_string();
     facts.mtu = mtu;
     trellis_agent::status::serve(
@@ -126,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             view,
             dp,
             service: service.clone(),
+            health: health.clone(),
         },
     )?;
     let listener = server::bind(&socket)?;
@@ -133,12 +174,27 @@ fn main() -> anyhow::Result<()> {
         node = %cfg.node_name, %subnet, mtu, socket = %socket.display(),
         allocations = service.allocations().len(), "trellisd ready"
     );
-    std::thread::spawn(move || server::serve(listener, service));
-    let sig = signals.wait()?;
-    tracing::info!("{sig:?}: shutting down");
+    let cni_metrics = metrics.clone();
+    std::thread::spawn(move || server::serve(listener, service, cni_metrics));
+    health.set_cni_up();
+    // signals end the agent cleanly; a fatal condition ends it non-zero
+    let on_signal = health.clone();
+    std::thread::spawn(move || match signals.wait() {
+        Ok(sig) => on_signal.send(Exit::Signal(format!("{sig:?}"))),
+        Err(e) => on_signal.send(Exit::Fatal(format!("waiting for signals: {e}"))),
+    });
+    let why = exit
+        .recv()
+        .unwrap_or_else(|_| Exit::Fatal("exit channel closed".into()));
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&cfg.status_socket);
-    Ok(())
+    match why {
+        Exit::Signal(sig) => {
+            tracing::info!(signal = %sig, "shutting down");
+            Ok(())
+        }
+        Exit::Fatal(msg) => Err(anyhow::anyhow!(msg)),
+    }
 }
 
 fn decommission(cfg: &AgentConfig) -> anyhow::Result<()> {

@@ -145,6 +145,63 @@ impl RouteReconciler {
         errors
     }
 
+    /// FDB entries of the VXLAN device vs `want`. When the kernel cannot be
+    /// read, the error is returned and only additions are made (replace
+    /// is idempotent); nothing is pruned on a guess.
+    fn resync_fdb(&self, want: &Desired, errors: &mut Vec<DataplaneError>) {
+        let want_fdb: BTreeSet<([u8; 6], IpAddr)> = want
+            .fdb
+            .iter()
+            .map(|f| (f.mac, IpAddr::V4(f.dst)))
+            .collect();
+        let have_fdb: BTreeSet<([u8; 6], IpAddr)> = match self.dp.fdb(VXLAN_DEV) {
+            Ok(f) => f.into_iter().collect(),
+            Err(e) => {
+                errors.push(e);
+                for (mac, dst) in &want_fdb {
+                    push(errors, self.dp.fdb_replace(VXLAN_DEV, *mac, *dst));
+                }
+                return;
+            }
+        };
+        for (mac, dst) in want_fdb.difference(&have_fdb) {
+            push(errors, self.dp.fdb_replace(VXLAN_DEV, *mac, *dst));
+        }
+        for (mac, dst) in have_fdb.difference(&want_fdb) {
+            push(errors, self.dp.fdb_delete(VXLAN_DEV, *mac, *dst).map(drop));
+        }
+    }
+
+    /// Permanent neighbours of the VXLAN device vs `want` (same rule on a
+    /// failed read as [`Self::resync_fdb`]).
+    fn resync_neighbours(&self, want: &Desired, errors: &mut Vec<DataplaneError>) {
+        let have_n: BTreeMap<IpAddr, [u8; 6]> = match self.dp.neighbours(VXLAN_DEV) {
+            Ok(n) => n.into_iter().collect(),
+            Err(e) => {
+                errors.push(e);
+                for n in &want.neighbours {
+                    push(
+                        errors,
+                        self.dp.neigh_replace(VXLAN_DEV, IpAddr::V4(n.ip), n.mac),
+                    );
+                }
+                return;
+            }
+        };
+        for n in &want.neighbours {
+            if have_n.get(&IpAddr::V4(n.ip)) != Some(&n.mac) {
+                push(
+                    errors,
+                    self.dp.neigh_replace(VXLAN_DEV, IpAddr::V4(n.ip), n.mac),
+                );
+            }
+        }
+        let want_ips: BTreeSet<IpAddr> = want.neighbours.iter().map(|n| IpAddr::V4(n.ip)).collect();
+        for ip in have_n.keys().filter(|ip| !want_ips.contains(ip)) {
+            push(errors, self.dp.neigh_delete(VXLAN_DEV, *ip).map(drop));
+        }
+    }
+
     /// Compares `want` with the kernel and repairs every difference: missing
     /// or wrong entries are replaced, owned entries nobody wants are pruned.
     /// Entries that are already right are not touched.
@@ -155,49 +212,16 @@ impl RouteReconciler {
                 &mut errors,
                 self.dp.vxlan_ensure(&vxlan_spec(&self.local, l)).map(drop),
             );
-        } else if self.dp.link_index(VXLAN_DEV).ok().flatten().is_some() {
-            push(&mut errors, self.dp.link_delete(VXLAN_DEV).map(drop));
+        } else {
+            match self.dp.link_index(VXLAN_DEV) {
+                Ok(Some(_)) => push(&mut errors, self.dp.link_delete(VXLAN_DEV).map(drop)),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
         }
         if want.vxlan.is_some() {
-            let have_fdb: BTreeSet<([u8; 6], IpAddr)> = self
-                .dp
-                .fdb(VXLAN_DEV)
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            let want_fdb: BTreeSet<([u8; 6], IpAddr)> = want
-                .fdb
-                .iter()
-                .map(|f| (f.mac, IpAddr::V4(f.dst)))
-                .collect();
-            for (mac, dst) in want_fdb.difference(&have_fdb) {
-                push(&mut errors, self.dp.fdb_replace(VXLAN_DEV, *mac, *dst));
-            }
-            for (mac, dst) in have_fdb.difference(&want_fdb) {
-                push(
-                    &mut errors,
-                    self.dp.fdb_delete(VXLAN_DEV, *mac, *dst).map(drop),
-                );
-            }
-            let have_n: BTreeMap<IpAddr, [u8; 6]> = self
-                .dp
-                .neighbours(VXLAN_DEV)
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            for n in &want.neighbours {
-                if have_n.get(&IpAddr::V4(n.ip)) != Some(&n.mac) {
-                    push(
-                        &mut errors,
-                        self.dp.neigh_replace(VXLAN_DEV, IpAddr::V4(n.ip), n.mac),
-                    );
-                }
-            }
-            let want_ips: BTreeSet<IpAddr> =
-                want.neighbours.iter().map(|n| IpAddr::V4(n.ip)).collect();
-            for ip in have_n.keys().filter(|ip| !want_ips.contains(ip)) {
-                push(&mut errors, self.dp.neigh_delete(VXLAN_DEV, *ip).map(drop));
-            }
+            self.resync_fdb(&want, &mut errors);
+            self.resync_neighbours(&want, &mut errors);
         }
         match self.dp.routes_owned() {
             Ok(have) => {
@@ -218,7 +242,17 @@ impl RouteReconciler {
                     }
                 }
             }
-            Err(e) => errors.push(e),
+            Err(e) => {
+                // what the kernel holds is unknown: add what is wanted
+                // (replace is idempotent), prune nothing
+                errors.push(e);
+                for r in &want.routes {
+                    push(
+                        &mut errors,
+                        self.dp.route_replace(&host_route(&self.local, r)),
+                    );
+                }
+            }
         }
         self.applied = want;
         errors
@@ -359,5 +393,38 @@ mod tests {
         assert!(fake.routes().is_empty());
         assert!(r.resync(want).is_empty());
         assert_eq!(fake.routes().len(), 1);
+    }
+
+    /// A kernel read that fails during resync is an error in the result,
+    /// not an empty table: nothing owned is pruned on a guess, and what is
+    /// wanted is still put in place.
+    #[test]
+    fn failed_reads_are_reported_not_taken_for_empty() {
+        for verb in ["fdb", "neighbours", "routes_owned", "link_index"] {
+            let (fake, mut r) = setup();
+            let nodes: Vec<NodeRecord> = (1..=3).map(node).collect();
+            let want = desired(&vxlan(), &local(), &nodes);
+            assert!(r.apply(want.clone()).is_empty());
+            let before = (fake.routes(), fake.neighbour_table(), fake.fdb_table());
+            fake.fail_next(verb, nix::errno::Errno::EIO);
+            let errors = if verb == "link_index" {
+                // only read when no VXLAN device is wanted
+                let host_gw = Backend {
+                    kind: BackendType::HostGw,
+                    ..vxlan()
+                };
+                r.resync(desired(&host_gw, &local(), &nodes))
+            } else {
+                r.resync(want)
+            };
+            assert_eq!(errors.len(), 1, "{verb}: {errors:?}");
+            if verb != "link_index" {
+                assert_eq!(
+                    before,
+                    (fake.routes(), fake.neighbour_table(), fake.fdb_table()),
+                    "{verb}"
+                );
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The CNI socket: one thread per connection, one request per connection.
 
+use crate::metrics::Metrics;
 use crate::service::CniService;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -26,25 +27,29 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(UnixListener::bind(path)?)
 }
 
-/// Serves forever.
-pub fn serve(listener: UnixListener, service: Arc<CniService>) {
+/// Serves forever; every request is counted and timed in `metrics`.
+pub fn serve(listener: UnixListener, service: Arc<CniService>, metrics: Arc<Metrics>) {
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("accept: {e}");
+                tracing::warn!(error = %e, "cni accept");
                 continue;
             }
         };
         let service = Arc::clone(&service);
-        std::thread::spawn(move || handle(&stream, &service));
+        let metrics = Arc::clone(&metrics);
+        std::thread::spawn(move || handle(&stream, &service, &metrics));
     }
 }
 
-fn handle(stream: &UnixStream, service: &CniService) {
+fn handle(stream: &UnixStream, service: &CniService, metrics: &Metrics) {
     let started = Instant::now();
-    if let Err(e) = stream.set_read_timeout(Some(READ_TIMEOUT)) {
-        tracing::warn!("cni connection: {e}");
+    let timeouts = stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(READ_TIMEOUT)));
+    if let Err(e) = timeouts {
+        tracing::warn!(error = %e, "cni connection");
         return;
     }
     let (req, fd) = match receive(stream) {
@@ -54,7 +59,7 @@ fn handle(stream: &UnixStream, service: &CniService) {
             return;
         }
         Err(e) => {
-            tracing::warn!("cni request refused: {e}");
+            tracing::warn!(error = %e, "cni request refused");
             let err = trellis_cni::CniError::new(
                 trellis_cni::error::DECODE_FAILURE,
                 format!("agent could not read the request: {e}"),
@@ -70,9 +75,17 @@ fn handle(stream: &UnixStream, service: &CniService) {
     );
     let resp = service.handle(req, fd);
     let took = started.elapsed();
+    metrics.cni(
+        cmd.as_str(),
+        match &resp {
+            Response::Error(e) => Some(e.code),
+            _ => None,
+        },
+        took,
+    );
     match &resp {
         Response::Error(e) => {
-            tracing::warn!(command = cmd.as_str(), container = %cid, ifname = %ifname, ?took, "failed: {e}")
+            tracing::warn!(command = cmd.as_str(), container = %cid, ifname = %ifname, ?took, code = e.code, error = %e.msg, "failed")
         }
         Response::Added(a) => tracing::info!(
             command = cmd.as_str(), container = %cid, ifname = %ifname, ?took,
@@ -83,6 +96,6 @@ fn handle(stream: &UnixStream, service: &CniService) {
         }
     }
     if let Err(e) = reply(stream, &resp) {
-        tracing::warn!("cni reply: {e}");
+        tracing::warn!(error = %e, "cni reply");
     }
 }

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use trellis_cni::error::{
     CniError, AGENT_FAILURE, CHECK_MISMATCH, DATAPLANE_FAILURE, INVALID_ENV, IPAM_EXHAUSTED,
-    NOT_AVAILABLE, UNKNOWN_CONTAINER,
+    NOT_AVAILABLE, TRY_AGAIN_LATER, UNKNOWN_CONTAINER,
 };
 use trellis_cni::result::prev_result_addresses;
 use trellis_cni::{Attachment, Command, Env, NetConf, Request, Response};
@@ -22,6 +22,7 @@ pub const ALREADY_ATTACHED: u32 = 104;
 
 /// Serves CNI requests for one node.
 pub struct CniService {
+    health: Option<Arc<crate::health::Health>>,
     cfg: AgentConfig,
     range: HostRange,
     mtu: u32,
@@ -60,12 +61,19 @@ impl CniService {
             tracing::warn!("ipam: {w}");
         }
         Ok(Self {
+            health: None,
             cfg,
             range,
             mtu,
             dp,
             pool: Mutex::new(pool),
         })
+    }
+
+    /// Refuses ADDs once `health` reports something fatal (a lost subnet).
+    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -151,6 +159,12 @@ impl CniService {
         conf: &NetConf,
         netns: Option<OwnedFd>,
     ) -> Result<Attachment, CniError> {
+        if let Some(why) = self.health.as_ref().and_then(|h| h.fatal_reason()) {
+            return Err(CniError::new(
+                TRY_AGAIN_LATER,
+                format!("the agent is stopping and takes no new pods: {why}"),
+            ));
+        }
         let netns = self.pod_netns(env, netns)?;
         let host = host_veth_name(&env.container_id, &env.ifname);
         if self
@@ -441,6 +455,34 @@ mod tests {
                 "{mode}/{verb}"
             );
         }
+    }
+
+    #[test]
+    fn add_is_refused_once_the_subnet_is_lost() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (svc, fake) = service(dir.path());
+        let (health, _exit) = crate::health::Health::new();
+        let health = Arc::new(health);
+        let svc = svc.with_health(health.clone());
+        assert!(matches!(
+            svc.handle(request("ADD", "routed"), pod_fd()),
+            Response::Added(_)
+        ));
+        health.fatal("subnet 10.244.1.0/24 was lost".into());
+        fake.clear_calls();
+        match svc.handle(request("ADD", "bridge"), pod_fd()) {
+            Response::Error(e) => {
+                assert_eq!(e.code, TRY_AGAIN_LATER, "{e}");
+                assert!(e.msg.contains("10.244.1.0/24"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(fake.calls().is_empty(), "no kernel work after the loss");
+        // DEL still works: pods can be torn down
+        assert!(matches!(
+            svc.handle(request("DEL", "routed"), None),
+            Response::Done
+        ));
     }
 
     #[test]

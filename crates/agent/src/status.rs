@@ -3,14 +3,19 @@
 //! what the kernel holds (the routes, neighbours and FDB entries trellis owns).
 
 use crate::cluster::ClusterView;
+use crate::health::Health;
 use crate::service::CniService;
-use serde_json::{json, Value};
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use trellis_dataplane::{mac_string, Dataplane};
+use trellis_model::status::{FdbRow, NeighbourRow, NodeStatus, PeerNode, RouteRow};
 use trellis_routing::VXLAN_DEV;
+
+/// How long a status client may take to read the document.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fixed facts about this node.
 #[derive(Debug, Clone)]
@@ -37,53 +42,97 @@ pub struct StatusSource {
     pub dp: Arc<dyn Dataplane>,
     /// IPAM.
     pub service: Arc<CniService>,
+    /// Readiness.
+    pub health: Arc<Health>,
 }
 
 impl StatusSource {
-    /// The status document.
-    pub fn snapshot(&self) -> Value {
+    /// The status document. A kernel read that fails leaves its section
+    /// empty and is named in `errors`, never passed off as "nothing there".
+    pub fn snapshot(&self) -> NodeStatus {
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let peers: Vec<Value> = view
+        let mut errors = Vec::new();
+        let peers = view
             .nodes
             .values()
             .filter(|r| r.node != self.facts.node)
-            .map(|r| json!({"node": r.node, "subnet": r.subnet.to_string(), "publicIp": r.public_ip.to_string(), "vtepMac": r.vtep_mac}))
+            .map(|r| PeerNode {
+                node: r.node.clone(),
+                subnet: r.subnet.to_string(),
+                public_ip: r.public_ip.to_string(),
+                vtep_mac: r.vtep_mac.clone(),
+            })
             .collect();
-        let routes: Vec<Value> = self
-            .dp
-            .routes_owned()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| json!({"dst": r.dst.to_string(), "via": r.via.map(|v| v.to_string()), "dev": r.dev, "onlink": r.onlink}))
-            .collect();
-        let neighbours: Vec<Value> = self
-            .dp
-            .neighbours(VXLAN_DEV)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(ip, mac)| json!({"ip": ip.to_string(), "mac": mac_string(&mac), "dev": VXLAN_DEV}))
-            .collect();
-        let fdb: Vec<Value> = self
-            .dp
-            .fdb(VXLAN_DEV)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(mac, dst)| json!({"mac": mac_string(&mac), "dst": dst.to_string(), "dev": VXLAN_DEV}))
-            .collect();
-        json!({
-            "node": self.facts.node,
-            "subnet": self.facts.subnet,
-            "backend": self.facts.backend,
-            "mtu": self.facts.mtu,
-            "publicIp": self.facts.public_ip,
-            "pods": self.service.allocations().len(),
-            "peers": peers,
-            "routes": routes,
-            "neighbours": neighbours,
-            "fdb": fdb,
-            "problems": view.problems,
-            "bgp": view.bgp,
-        })
+        let routes = match self.dp.routes_owned() {
+            Ok(rs) => rs
+                .into_iter()
+                .map(|r| RouteRow {
+                    dst: r.dst.to_string(),
+                    via: r.via.map(|v| v.to_string()),
+                    dev: r.dev,
+                    onlink: r.onlink,
+                })
+                .collect(),
+            Err(e) => {
+                errors.push(format!("read routes: {e}"));
+                vec![]
+            }
+        };
+        // the VXLAN device exists only with the vxlan backend
+        let vxlan = self.facts.backend.as_deref() == Some("vxlan");
+        let neighbours = match self.dp.neighbours(VXLAN_DEV) {
+            Ok(ns) => ns
+                .into_iter()
+                .map(|(ip, mac)| NeighbourRow {
+                    ip: ip.to_string(),
+                    mac: mac_string(&mac),
+                    dev: VXLAN_DEV.into(),
+                })
+                .collect(),
+            Err(e) => {
+                if vxlan {
+                    errors.push(format!("read neighbours of {VXLAN_DEV}: {e}"));
+                }
+                vec![]
+            }
+        };
+        let fdb = match self.dp.fdb(VXLAN_DEV) {
+            Ok(f) => f
+                .into_iter()
+                .map(|(mac, dst)| FdbRow {
+                    mac: mac_string(&mac),
+                    dst: dst.to_string(),
+                    dev: VXLAN_DEV.into(),
+                })
+                .collect(),
+            Err(e) => {
+                if vxlan {
+                    errors.push(format!("read fdb of {VXLAN_DEV}: {e}"));
+                }
+                vec![]
+            }
+        };
+        if let Some(e) = self.health.datastore_error() {
+            errors.push(format!("datastore: {e}"));
+        }
+        let not_ready = self.health.not_ready();
+        NodeStatus {
+            node: self.facts.node.clone(),
+            subnet: self.facts.subnet.clone(),
+            backend: self.facts.backend.clone(),
+            mtu: self.facts.mtu,
+            public_ip: self.facts.public_ip.clone(),
+            ready: not_ready.is_empty(),
+            not_ready,
+            pods: self.service.allocations().len(),
+            peers,
+            routes,
+            neighbours,
+            fdb,
+            problems: view.problems,
+            errors,
+            bgp: view.bgp,
+        }
     }
 }
 
@@ -98,12 +147,15 @@ fn serve_loop(listener: UnixListener, source: StatusSource) {
     for conn in listener.incoming() {
         match conn {
             Ok(mut s) => {
-                let body = source.snapshot().to_string();
-                if let Err(e) = s.write_all(body.as_bytes()) {
-                    tracing::debug!("status reply: {e}");
+                let body = serde_json::to_vec(&source.snapshot()).unwrap_or_default();
+                let sent = s
+                    .set_write_timeout(Some(WRITE_TIMEOUT))
+                    .and_then(|()| s.write_all(&body));
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "status reply");
                 }
             }
-            Err(e) => tracing::warn!("status accept: {e}"),
+            Err(e) => tracing::warn!(error = %e, "status accept"),
         }
     }
 }

@@ -120,6 +120,12 @@ impl Fsm {
         }
     }
 
+    /// The hold time in force: negotiated once OPENs were exchanged,
+    /// [`LARGE_HOLD`] before (zero: the peers agreed on no keepalives).
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
     /// The current state.
     pub fn state(&self) -> State {
         self.state

@@ -14,7 +14,7 @@ pub mod rib;
 pub mod speaker;
 pub mod wire;
 
-pub use speaker::{PeerKind, PeerSpec, PeerStatus, RouteEvent, Speaker, SpeakerConfig};
+pub use speaker::{PeerKind, PeerSpec, PeerStatus, RouteEvent, RouteFeed, Speaker, SpeakerConfig};
 pub use wire::{
     decode, encode, Capability, Ctx, DecodeError, Message, Notification, Open, PathAttribute,
     Update,

@@ -6,7 +6,6 @@ use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use trellis_bgp::import::ImportPolicy;
 use trellis_bgp::{PeerKind, PeerSpec, RouteEvent, Speaker, SpeakerConfig};
@@ -27,7 +26,7 @@ fn net(s: &str) -> IpNet {
 
 struct Node {
     speaker: Speaker,
-    events: mpsc::UnboundedReceiver<Vec<RouteEvent>>,
+    events: trellis_bgp::RouteFeed,
     routes: BTreeMap<IpNet, IpAddr>,
 }
 
@@ -134,13 +133,15 @@ async fn full_mesh_learns_every_subnet_and_forgets_a_dead_peer() {
     let mut nodes = Vec::new();
     for &n in &ids {
         let node = start(n, base, None, node_policy(base, &ids, n)).await;
-        node.speaker.announce(subnet(n));
-        node.speaker.set_peers(
-            ids.iter()
-                .filter(|&&m| m != n)
-                .map(|&m| peer(m, base, n, PeerKind::Mesh))
-                .collect(),
-        );
+        node.speaker.announce(subnet(n)).await;
+        node.speaker
+            .set_peers(
+                ids.iter()
+                    .filter(|&&m| m != n)
+                    .map(|&m| peer(m, base, n, PeerKind::Mesh))
+                    .collect(),
+            )
+            .await;
         nodes.push(node);
     }
     for (i, node) in nodes.iter_mut().enumerate() {
@@ -182,7 +183,7 @@ async fn reflector_passes_routes_between_clients_only_once() {
             node_policy(base, &ids, n),
         )
         .await;
-        node.speaker.announce(subnet(n));
+        node.speaker.announce(subnet(n)).await;
         let peers = if rr {
             ids[1..]
                 .iter()
@@ -191,7 +192,7 @@ async fn reflector_passes_routes_between_clients_only_once() {
         } else {
             vec![peer(1, base, n, PeerKind::Reflector)]
         };
-        node.speaker.set_peers(peers);
+        node.speaker.set_peers(peers).await;
         nodes.push(node);
     }
     for (i, node) in nodes.iter_mut().enumerate() {
@@ -219,12 +220,16 @@ async fn policy_refuses_outside_and_foreign_prefixes_and_enforces_max_prefix() {
     let a = start(1, base, None, node_policy(base, &[1, 2], 1)).await;
     let mut a = a;
     let b = start(2, base, None, ImportPolicy::default()).await;
-    a.speaker.set_peers(vec![peer(2, base, 1, PeerKind::Mesh)]);
-    b.speaker.set_peers(vec![peer(1, base, 2, PeerKind::Mesh)]);
+    a.speaker
+        .set_peers(vec![peer(2, base, 1, PeerKind::Mesh)])
+        .await;
+    b.speaker
+        .set_peers(vec![peer(1, base, 2, PeerKind::Mesh)])
+        .await;
     // node 2 owns 10.244.2.0/24 but also announces a subnet it does not
     // hold, one outside the cluster network and node 1's own
     for p in [subnet(2), subnet(7), net("192.168.50.0/24"), subnet(1)] {
-        b.speaker.announce(p);
+        b.speaker.announce(p).await;
     }
     a.wait_for("owned subnet", |r| r.contains_key(&subnet(2)))
         .await;
@@ -237,10 +242,12 @@ async fn policy_refuses_outside_and_foreign_prefixes_and_enforces_max_prefix() {
     let st = a.speaker.status().await;
     assert_eq!((st[0].received, st[0].accepted), (4, 1), "{st:?}");
     // the lease of 10.244.7.0/24 moves to node 2: a route refresh brings it in
-    a.speaker.set_policy(ImportPolicy {
-        owners: Some(HashMap::from([(Ipv4Addr::new(127, 0, base, 2), subnet(7))])),
-        ..node_policy(base, &[1, 2], 1)
-    });
+    a.speaker
+        .set_policy(ImportPolicy {
+            owners: Some(HashMap::from([(Ipv4Addr::new(127, 0, base, 2), subnet(7))])),
+            ..node_policy(base, &[1, 2], 1)
+        })
+        .await;
     a.wait_for("after policy change", |r| {
         r.contains_key(&subnet(7)) && !r.contains_key(&subnet(2))
     })
@@ -252,11 +259,12 @@ async fn policy_refuses_outside_and_foreign_prefixes_and_enforces_max_prefix() {
     let d = start(2, base, None, ImportPolicy::default()).await;
     let mut p = peer(2, base, 1, PeerKind::External);
     p.max_prefixes = 2;
-    c.speaker.set_peers(vec![p]);
+    c.speaker.set_peers(vec![p]).await;
     d.speaker
-        .set_peers(vec![peer(1, base, 2, PeerKind::External)]);
+        .set_peers(vec![peer(1, base, 2, PeerKind::External)])
+        .await;
     for i in 0..5 {
-        d.speaker.announce(subnet(100 + i));
+        d.speaker.announce(subnet(100 + i)).await;
     }
     c.wait_for("two", |r| r.len() == 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -280,11 +288,13 @@ async fn graceful_restart_keeps_routes_until_end_of_rib() {
     };
     a.speaker = a2;
     a.events = ev;
-    a.speaker.set_peers(vec![peer(2, base, 1, PeerKind::Mesh)]);
+    a.speaker
+        .set_peers(vec![peer(2, base, 1, PeerKind::Mesh)])
+        .await;
     let (b, _bev) = Speaker::start(gr(2, false)).await.expect("b");
-    b.speaker_setup(base);
-    b.announce(subnet(2));
-    b.announce(subnet(22));
+    b.speaker_setup(base).await;
+    b.announce(subnet(2)).await;
+    b.announce(subnet(22)).await;
     a.wait_for("learned", |r| r.len() == 2).await;
     // b "crashes" (its sessions end without a Cease) and comes back
     // restarting, with only one of its two subnets
@@ -295,8 +305,8 @@ async fn graceful_restart_keeps_routes_until_end_of_rib() {
     let st = a.speaker.status().await;
     assert_eq!(st[0].stale, 2, "{st:?}");
     let (b, _bev) = Speaker::start(gr(2, true)).await.expect("b again");
-    b.announce(subnet(2));
-    b.speaker_setup(base);
+    b.announce(subnet(2)).await;
+    b.speaker_setup(base).await;
     a.wait_for("stale one gone after End-of-RIB", |r| {
         r.contains_key(&subnet(2)) && !r.contains_key(&subnet(22))
     })
@@ -305,12 +315,12 @@ async fn graceful_restart_keeps_routes_until_end_of_rib() {
 }
 
 trait Setup {
-    fn speaker_setup(&self, base: u8);
+    async fn speaker_setup(&self, base: u8);
 }
 
 impl Setup for Speaker {
-    fn speaker_setup(&self, base: u8) {
-        self.set_peers(vec![peer(1, base, 2, PeerKind::Mesh)]);
+    async fn speaker_setup(&self, base: u8) {
+        self.set_peers(vec![peer(1, base, 2, PeerKind::Mesh)]).await;
     }
 }
 
@@ -422,7 +432,7 @@ async fn malformed_messages_get_notifications_or_treat_as_withdraw() {
     let mut a = start(1, base, None, ImportPolicy::default()).await;
     let mut spec = peer(2, base, 1, PeerKind::External);
     spec.passive = true;
-    a.speaker.set_peers(vec![spec]);
+    a.speaker.set_peers(vec![spec]).await;
     // (bytes, expected NOTIFICATION code/subcode)
     let mut bad_marker = raw::header(19, 4);
     bad_marker[3] = 0;

@@ -2,8 +2,8 @@
 //! speaker and each peer — type, state, uptime, prefixes received,
 //! accepted and advertised — from the agent's status socket.
 
-use crate::status::{s, table};
-use serde_json::{json, Value};
+use crate::status::{opt, table};
+use trellis_model::status::{BgpStatus, NodeStatus};
 
 fn since(secs: u64) -> String {
     match secs {
@@ -16,40 +16,43 @@ fn since(secs: u64) -> String {
 
 /// The BGP part of a status document, or an error when the node does not
 /// run the bgp backend.
-pub fn section(st: &Value) -> anyhow::Result<Value> {
-    match &st["bgp"] {
-        Value::Null => anyhow::bail!(
+pub fn section(st: &NodeStatus) -> anyhow::Result<BgpStatus> {
+    st.bgp.clone().ok_or_else(|| {
+        anyhow::anyhow!(
             "node {} runs backend {}, not bgp: no BGP speaker",
-            s(&st["node"]),
-            s(&st["backend"])
-        ),
-        b => Ok(b.clone()),
-    }
+            st.node,
+            opt(&st.backend)
+        )
+    })
 }
 
 /// The readable table.
-pub fn render(b: &Value) -> String {
+pub fn render(b: &BgpStatus) -> String {
     let mut out = format!(
         "BGP speaker: AS {}  router id {}{}\n",
-        s(&b["asn"]),
-        s(&b["routerId"]),
-        match &b["routeReflectorClusterId"] {
-            Value::Null => String::new(),
-            c => format!("  route reflector (cluster id {})", s(c)),
+        b.asn,
+        b.router_id,
+        match &b.route_reflector_cluster_id {
+            None => String::new(),
+            Some(c) => format!("  route reflector (cluster id {c})"),
         }
     );
-    let rows: Vec<Value> = b["peers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = b
+        .peers
         .iter()
         .map(|p| {
-            json!({
-                "peer": p["addr"], "type": p["kind"], "as": p["asn"], "state": p["state"],
-                "since": since(p["since_secs"].as_u64().unwrap_or(0)),
-                "received": p["received"], "accepted": p["accepted"], "advertised": p["advertised"],
-                "stale": p["stale"], "info": p["last_error"],
-            })
+            vec![
+                p.addr.to_string(),
+                p.kind.clone(),
+                p.asn.to_string(),
+                p.state.clone(),
+                since(p.since_secs),
+                p.received.to_string(),
+                p.accepted.to_string(),
+                p.advertised.to_string(),
+                p.stale.to_string(),
+                opt(&p.last_error),
+            ]
         })
         .collect();
     table(
@@ -78,16 +81,24 @@ mod tests {
 
     #[test]
     fn renders_peers_and_refuses_other_backends() {
-        let st = json!({"node": "n1", "backend": "bgp", "bgp": {
+        let st: NodeStatus = serde_json::from_value(serde_json::json!({
+            "node": "n1", "subnet": "10.244.1.0/24", "backend": "bgp", "mtu": 1500, "publicIp": null,
+            "ready": true, "pods": 0, "bgp": {
             "asn": 64512, "routerId": "192.0.2.11", "routeReflectorClusterId": null,
             "peers": [{"addr": "192.0.2.12", "kind": "mesh", "asn": 64512, "state": "Established",
-                       "since_secs": 75, "received": 1, "accepted": 1, "advertised": 1, "stale": 0,
-                       "last_error": null, "router_id": "192.0.2.12"}]}});
+                       "sinceSecs": 75, "received": 1, "accepted": 1, "advertised": 1, "stale": 0,
+                       "establishedCount": 1, "lastError": null, "routerId": "192.0.2.12"}]}}))
+        .expect("typed");
         let t = render(&section(&st).expect("bgp"));
         for needle in ["AS 64512", "192.0.2.12", "mesh", "Established", "75s"] {
             assert!(t.contains(needle), "{needle} missing in\n{t}");
         }
-        let e = section(&json!({"node": "n1", "backend": "vxlan"})).expect_err("not bgp");
+        let other = NodeStatus {
+            node: "n1".into(),
+            backend: Some("vxlan".into()),
+            ..Default::default()
+        };
+        let e = section(&other).expect_err("not bgp");
         assert!(e.to_string().contains("vxlan"));
     }
 }

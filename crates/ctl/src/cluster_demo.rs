@@ -1,6 +1,10 @@
 //! The cluster part of `trellisctl lab demo`: three nodes with etcd, a pod
 //! on each, pod-to-pod across nodes for each backend, with the path the
 //! kernel picks for every packet, and egress through masquerade.
+//!
+//! Every line states only what was checked: a path is printed from the
+//! kernel's route, the VXLAN remote from the node's FDB, the egress source
+//! from what the outside host saw; a mismatch prints FAIL and counts.
 
 use std::time::Duration;
 use trellis_lab::{exec, Lab, LabOptions, INTERNET_IP};
@@ -18,6 +22,32 @@ fn route_get(ns: &str, dst: &str) -> String {
         Some(gw) => format!("via {gw} dev {}", r["dev"].as_str().unwrap_or("?")),
         None => format!("dev {}", r["dev"].as_str().unwrap_or("?")),
     }
+}
+
+/// What carries a packet whose route is `hop` (via the VXLAN device): the
+/// node's FDB entry for the gateway's MAC names the remote VTEP, which must
+/// be the target node; the device's VNI and port come from the kernel.
+fn vxlan_remote(lab: &Lab, node: &str, hop: &str, to_underlay: &str) -> anyhow::Result<String> {
+    let gw = hop.split_whitespace().nth(1).unwrap_or_default();
+    let st = crate::status::fetch(&lab.status_socket(node))?;
+    let mac = st
+        .neighbours
+        .iter()
+        .find(|n| n.ip == gw)
+        .map(|n| n.mac.clone());
+    let remote = mac.and_then(|m| st.fdb.iter().find(|f| f.mac == m).map(|f| f.dst.clone()));
+    let out = exec::ip(&["-n", &lab.ns(node), "-j", "-d", "link", "show", "trellis.1"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let data = &v[0]["linkinfo"]["info_data"];
+    let (vni, port) = (
+        data["id"].as_u64().unwrap_or(0),
+        data["port"].as_u64().unwrap_or(0),
+    );
+    Ok(match remote {
+        Some(r) if r == to_underlay => format!("VXLAN VNI {vni} -> {r}:{port}"),
+        Some(r) => format!("FAIL: VXLAN to {r}, expected {to_underlay}"),
+        None => format!("FAIL: no FDB entry for the VTEP {gw}"),
+    })
 }
 
 /// Runs one backend's cluster demo; returns the number of failed checks.
@@ -82,12 +112,25 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
             };
             let reachable = backend != "host-gw" || seg(from_node)? == seg(to_node)?;
             if !reachable {
+                // the claim: no route of ours to that subnet, and the agent reports why
+                let to_underlay = lab.node(to_node)?.ip.clone();
+                let to_subnet = lab.node(to_node)?.subnet.clone();
+                let st = crate::status::fetch(&lab.status_socket(from_node))?;
+                let routed = st.routes.iter().any(|r| r.dst == to_subnet);
+                let reported = st.problems.iter().any(|p| p.contains(&to_underlay));
+                let ok = !routed && reported;
+                failures += usize::from(!ok);
                 println!(
-                    "{:<9} {:<14} {:>9}  {from_node}: {}; not routed: host-gw needs one L2 segment (reported, no black-hole route)",
+                    "{:<9} {:<14} {:>9}  {from_node}: {}; not routed: host-gw needs one L2 segment ({})",
                     format!("{from_node}/web"),
                     to_ip,
                     "-",
-                    route_get(&lab.ns(from_node), to_ip)
+                    route_get(&lab.ns(from_node), to_ip),
+                    if ok {
+                        "reported, no black-hole route".to_string()
+                    } else {
+                        format!("FAIL: route installed {routed}, problem reported {reported}")
+                    }
                 );
                 continue;
             }
@@ -102,14 +145,15 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
             let hop = route_get(&lab.ns(from_node), to_ip);
             let to_underlay = lab.node(to_node)?.ip.clone();
             let wire = if hop.contains("trellis.1") {
-                format!("VXLAN VNI 1 -> {to_underlay}:8472")
-            } else if hop.contains(&to_underlay) {
+                vxlan_remote(&lab, from_node, &hop, &to_underlay)?
+            } else if hop.contains(&format!("via {to_underlay} ")) {
                 "plain IP on the underlay".to_string()
             } else if router && hop.contains(".1 dev") {
                 "plain IP via the router (BIRD learned the route by BGP)".to_string()
             } else {
-                "?".to_string()
+                "FAIL: unexpected path".to_string()
             };
+            failures += usize::from(wire.starts_with("FAIL"));
             println!(
                 "{:<9} {:<14} {:>9}  {from_node}: {hop}; {wire}; {to_node}: dev tl* -> pod",
                 format!("{from_node}/web"),
@@ -130,9 +174,15 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
         if let Some(b) = &bird {
             let routes = b.cmd(&["show", "route"])?;
             let learned = nodes.iter().filter(|n| routes.contains(&n.subnet)).count();
+            failures += usize::from(learned != nodes.len());
             println!(
-                "router$ birdc show route: {learned} of {} pod subnets learned",
-                nodes.len()
+                "router$ birdc show route: {learned} of {} pod subnets learned{}",
+                nodes.len(),
+                if learned == nodes.len() {
+                    ""
+                } else {
+                    " (FAIL)"
+                }
             );
         }
         let tunnels = exec::ip(&["-n", &lab.ns("n1"), "-d", "link"])?;
@@ -143,9 +193,21 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
             if encap { "FOUND (unexpected)" } else { "none" }
         );
     }
+    // NatOutgoing (on by default): egress leaves with the node's address
     let (n1, n1_ns, _) = &pods[0];
+    let n1_ip = lab.node(n1)?.ip.clone();
     match lab.tcp_exchange(n1_ns, &lab.internet_ns(), INTERNET_IP, 8000) {
-        Ok(peer) => println!("egress: {n1}/web -> {INTERNET_IP} (outside the cluster) arrives from {} (the node, masqueraded)", peer.ip()),
+        Ok(peer) if peer.ip().to_string() == n1_ip => println!(
+            "egress: {n1}/web -> {INTERNET_IP} (outside the cluster) arrives from {} (the node {n1}, masqueraded)",
+            peer.ip()
+        ),
+        Ok(peer) => {
+            failures += 1;
+            println!(
+                "egress: FAIL {n1}/web -> {INTERNET_IP} arrives from {}, not from the node ({n1_ip}): not masqueraded",
+                peer.ip()
+            );
+        }
         Err(e) => {
             failures += 1;
             println!("egress: FAIL {e}");

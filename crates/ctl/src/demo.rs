@@ -51,22 +51,28 @@ pub fn run() -> anyhow::Result<()> {
     );
     let mut failures = 0;
     let mut port = 7000;
-    for (from, _, _) in &ips {
+    for (from, _, from_ip) in &ips {
         for (to, _, ip) in &ips {
             if from == to {
                 continue;
             }
             port += 1;
             let rtt = lab.ping(&lab.pod_ns("n1", from), ip, 3);
-            let tcp = lab.tcp_exchange(&lab.pod_ns("n1", from), &lab.pod_ns("n1", to), ip, port);
-            failures += usize::from(rtt.is_none()) + usize::from(tcp.is_err());
+            // the echo must come back, and the server must see the pod's own address
+            let tcp =
+                match lab.tcp_exchange(&lab.pod_ns("n1", from), &lab.pod_ns("n1", to), ip, port) {
+                    Ok(peer) if peer.ip().to_string() == *from_ip => "ok".to_string(),
+                    Ok(peer) => format!("FAIL (source seen as {})", peer.ip()),
+                    Err(_) => "FAIL".to_string(),
+                };
+            failures += usize::from(rtt.is_none()) + usize::from(tcp != "ok");
             println!(
                 "{:<6} {:<6} {:<16} {:>10} {:>8}",
                 from,
                 to,
                 ip,
                 rtt.map(ms).unwrap_or_else(|| "FAIL".into()),
-                if tcp.is_ok() { "ok" } else { "FAIL" }
+                tcp
             );
         }
     }

@@ -25,9 +25,9 @@ enum Cmd {
         /// The agent's status socket.
         #[arg(long, default_value = "/run/trellis/status.sock")]
         socket: std::path::PathBuf,
-        /// Output format: table or json.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: status::Output,
     },
     /// Write BGP resources (BGPConfiguration, BGPPeer, Node; YAML or JSON,
     /// several documents per file) to the datastore.
@@ -80,9 +80,9 @@ enum BgpCmd {
         /// The agent's status socket.
         #[arg(long, default_value = "/run/trellis/status.sock")]
         socket: std::path::PathBuf,
-        /// Output format: table or json.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: status::Output,
     },
 }
 
@@ -160,9 +160,9 @@ enum LabCmd {
         /// Node.
         #[arg(long, default_value = "n1")]
         node: String,
-        /// Output format: table or json.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: status::Output,
     },
     /// Show a lab's nodes and pods.
     Show {
@@ -181,7 +181,7 @@ enum LabCmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cmd = match cli.cmd {
-        Cmd::Status { socket, output } => return print_status(&socket, &output),
+        Cmd::Status { socket, output } => return print_status(&socket, output),
         Cmd::Lab { cmd } => cmd,
         Cmd::Apply { file, store } => {
             return apply::apply(
@@ -205,18 +205,13 @@ fn main() -> anyhow::Result<()> {
             cmd: BgpCmd::Status { socket, output },
         } => {
             let b = bgp::section(&status::fetch(&socket)?)?;
-            match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&b)?),
-                "table" => print!("{}", bgp::render(&b)),
-                other => anyhow::bail!("-o {other}: use table or json"),
-            }
-            return Ok(());
+            return status::print(output, &b, bgp::render);
         }
     };
     match cmd {
         LabCmd::Status { name, node, output } => {
             let lab = Lab::open(&name)?;
-            print_status(&lab.status_socket(&node), &output)
+            print_status(&lab.status_socket(&node), output)
         }
         LabCmd::Demo => demo::run(),
         LabCmd::Up {
@@ -310,12 +305,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn print_status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
-    let st = status::fetch(socket)?;
-    match output {
-        "json" => println!("{}", serde_json::to_string_pretty(&st)?),
-        "table" => print!("{}", status::render(&st)),
-        other => anyhow::bail!("-o {other}: use table or json"),
-    }
-    Ok(())
+fn print_status(socket: &std::path::Path, output: status::Output) -> anyhow::Result<()> {
+    status::print(output, &status::fetch(socket)?, status::render)
 }

@@ -2,14 +2,40 @@
 //! trellis programmed, from the agent's status socket.
 
 use anyhow::Context;
-use serde_json::Value;
+use serde::Serialize;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+use trellis_model::status::NodeStatus;
+
+/// How `status` and `bgp status` print.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Readable tables.
+    Table,
+    /// The status document as JSON.
+    Json,
+    /// The status document as YAML.
+    Yaml,
+}
+
+/// Prints `doc` in `out`, with `table` for the table form.
+pub fn print<T: Serialize>(
+    out: Output,
+    doc: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match out {
+        Output::Table => print!("{}", table(doc)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(doc)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(doc)?),
+    }
+    Ok(())
+}
 
 /// Reads the status document from `socket`.
-pub fn fetch(socket: &Path) -> anyhow::Result<Value> {
+pub fn fetch(socket: &Path) -> anyhow::Result<NodeStatus> {
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
             "trellisd status socket {} is not reachable",
@@ -19,32 +45,24 @@ pub fn fetch(socket: &Path) -> anyhow::Result<Value> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    serde_json::from_str(&body).context("status: the agent sent no valid JSON")
+    serde_json::from_str(&body)
+        .context("status: the agent sent a document this trellisctl cannot read")
 }
 
-/// A cell: strings bare, null as "-".
-pub fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(x) => x.clone(),
-        other => other.to_string(),
-    }
+/// A cell: "-" for nothing.
+pub fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), |x| x.to_string())
 }
 
-/// A titled table: one column per key of `cols`, one line per row.
-pub fn table(title: &str, cols: &[&str], rows: &[Value], out: &mut String) {
+/// A titled table: a header per column, one line per row.
+pub fn table(title: &str, cols: &[&str], rows: &[Vec<String>], out: &mut String) {
     out.push_str(&format!("\n{title} ({})\n", rows.len()));
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| cols.iter().map(|c| s(&r[*c])).collect())
-        .collect();
     let widths: Vec<usize> = cols
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            cells
-                .iter()
-                .map(|r| r[i].len())
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
                 .chain([c.len()])
                 .max()
                 .unwrap_or(0)
@@ -61,48 +79,82 @@ pub fn table(title: &str, cols: &[&str], rows: &[Value], out: &mut String) {
             + "\n"
     };
     out.push_str(&line(cols.iter().map(|c| c.to_uppercase()).collect()));
-    for r in cells {
-        out.push_str(&line(r));
+    for r in rows {
+        out.push_str(&line(r.clone()));
     }
 }
 
 /// The readable table.
-pub fn render(st: &Value) -> String {
+pub fn render(st: &NodeStatus) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "node {}  subnet {}  backend {}  mtu {}  underlay {}  pods {}\n",
-        s(&st["node"]),
-        s(&st["subnet"]),
-        s(&st["backend"]),
-        s(&st["mtu"]),
-        s(&st["publicIp"]),
-        s(&st["pods"])
+        "node {}  subnet {}  backend {}  mtu {}  underlay {}  pods {}  ready {}\n",
+        st.node,
+        st.subnet,
+        opt(&st.backend),
+        st.mtu,
+        opt(&st.public_ip),
+        st.pods,
+        if st.ready { "yes" } else { "no" }
     ));
-    let arr = |k: &str| st[k].as_array().cloned().unwrap_or_default();
+    let peers: Vec<Vec<String>> = st
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.node.clone(),
+                p.subnet.clone(),
+                p.public_ip.clone(),
+                opt(&p.vtep_mac),
+            ]
+        })
+        .collect();
     table(
         "peers",
         &["node", "subnet", "publicIp", "vtepMac"],
-        &arr("peers"),
+        &peers,
         &mut out,
     );
+    let routes: Vec<Vec<String>> = st
+        .routes
+        .iter()
+        .map(|r| {
+            vec![
+                r.dst.clone(),
+                opt(&r.via),
+                r.dev.clone(),
+                r.onlink.to_string(),
+            ]
+        })
+        .collect();
     table(
         "routes (proto 84)",
         &["dst", "via", "dev", "onlink"],
-        &arr("routes"),
+        &routes,
         &mut out,
     );
-    table(
-        "neighbours",
-        &["ip", "mac", "dev"],
-        &arr("neighbours"),
-        &mut out,
-    );
-    table("fdb", &["mac", "dst", "dev"], &arr("fdb"), &mut out);
-    let problems = arr("problems");
-    if !problems.is_empty() {
-        out.push_str("\nproblems\n");
-        for p in problems {
-            out.push_str(&format!("  {}\n", s(&p)));
+    let neigh: Vec<Vec<String>> = st
+        .neighbours
+        .iter()
+        .map(|n| vec![n.ip.clone(), n.mac.clone(), n.dev.clone()])
+        .collect();
+    table("neighbours", &["ip", "mac", "dev"], &neigh, &mut out);
+    let fdb: Vec<Vec<String>> = st
+        .fdb
+        .iter()
+        .map(|f| vec![f.mac.clone(), f.dst.clone(), f.dev.clone()])
+        .collect();
+    table("fdb", &["mac", "dst", "dev"], &fdb, &mut out);
+    for (title, lines) in [
+        ("not ready", &st.not_ready),
+        ("problems", &st.problems),
+        ("errors (sections above may be incomplete)", &st.errors),
+    ] {
+        if !lines.is_empty() {
+            out.push_str(&format!("\n{title}\n"));
+            for l in lines {
+                out.push_str(&format!("  {l}\n"));
+            }
         }
     }
     out
@@ -114,25 +166,35 @@ mod tests {
 
     #[test]
     fn renders_every_section() {
-        let st = serde_json::json!({
+        let st: NodeStatus = serde_json::from_value(serde_json::json!({
             "node": "n1", "subnet": "10.244.1.0/24", "backend": "vxlan", "mtu": 1450, "publicIp": "192.0.2.11", "pods": 2,
+            "ready": false, "notReady": ["first sync with the datastore not done"],
             "peers": [{"node": "n2", "subnet": "10.244.2.0/24", "publicIp": "192.0.2.12", "vtepMac": "0e:74:c0:00:02:0c"}],
             "routes": [{"dst": "10.244.2.0/24", "via": "10.244.2.0", "dev": "trellis.1", "onlink": true}],
             "neighbours": [{"ip": "10.244.2.0", "mac": "0e:74:c0:00:02:0c", "dev": "trellis.1"}],
             "fdb": [{"mac": "0e:74:c0:00:02:0c", "dst": "192.0.2.12", "dev": "trellis.1"}],
             "problems": ["node n3 is not on this node's segment"],
-        });
+            "errors": ["read routes: EIO"],
+        }))
+        .expect("typed");
         let t = render(&st);
         for needle in [
             "backend vxlan",
+            "ready no",
             "peers (1)",
             "10.244.2.0/24",
             "fdb (1)",
             "192.0.2.12",
             "problems",
             "n3",
+            "first sync",
+            "read routes: EIO",
         ] {
             assert!(t.contains(needle), "{needle} missing in\n{t}");
         }
+        // every output form carries the same document
+        let yaml = serde_yaml::to_string(&st).expect("yaml");
+        let back: NodeStatus = serde_yaml::from_str(&yaml).expect("yaml back");
+        assert_eq!(back, st);
     }
 }

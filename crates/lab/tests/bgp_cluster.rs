@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use trellis_lab::{exec, netns, Lab, LabOptions};
+use trellis_lab::{exec, Lab, LabOptions};
 
 fn bgp_lab(nodes: usize, segments: usize, manifest: Option<&str>) -> Lab {
     Lab::create(LabOptions {
@@ -255,14 +255,13 @@ fn graceful_restart_keeps_traffic_flowing() {
     let p = pods(&mut lab);
     wait_established(&lab, "n1", 1);
     reach_all(&lab, &p);
-    let ns = netns::path(&p[0].1);
-    let target = p[1].2.clone();
-    let stream = std::thread::spawn(move || {
-        let mut c = std::process::Command::new("ping");
-        c.args(["-n", "-q", "-c", "150", "-i", "0.02", "-W", "1", &target]);
-        exec::run(c, Some(&ns), &[], Duration::from_secs(30)).expect("ping stream")
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let mut stream = lab
+        .ping_stream(&p[0].1, &p[1].2, 150, Duration::from_millis(20))
+        .expect("ping stream");
+    // the stream flows before anything is restarted
+    stream
+        .wait_first_reply(Duration::from_secs(5))
+        .expect("first reply");
     let n2 = lab.node("n2").expect("n2").clone();
     lab.stop_agent("n2").expect("stop");
     // while n2's agent is down, n1 keeps n2's routes (stale) ...
@@ -271,16 +270,12 @@ fn graceful_restart_keeps_traffic_flowing() {
     });
     let during = routes(&lab, "n1");
     lab.start_agent("n2").expect("start");
-    let out = stream.join().expect("join");
-    let text = String::from_utf8_lossy(&out.output.stdout).into_owned();
+    let (sent, received) = stream.finish(Duration::from_secs(30)).expect("ping");
     assert!(
         during.contains(&n2.subnet),
         "route dropped during restart:\n{during}"
     );
-    assert!(
-        text.contains("150 packets transmitted, 150 received"),
-        "loss across the restart: {text}"
-    );
+    assert_eq!((sent, received), (150, 150), "loss across the restart");
     // ... and the session comes back, the stale mark goes
     wait_established(&lab, "n1", 1);
     wait_for("stale cleared", Duration::from_secs(10), || {
@@ -360,7 +355,7 @@ fn external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session() {
         bgp_peers(lab, "n1")
             .iter()
             .find(|x| x["kind"] == "mesh")
-            .map(|x| x["since_secs"].as_u64().unwrap_or(0))
+            .map(|x| x["sinceSecs"].as_u64().unwrap_or(0))
             .unwrap_or(0)
     };
     std::thread::sleep(Duration::from_secs(2));

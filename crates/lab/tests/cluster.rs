@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use std::time::{Duration, Instant};
-use trellis_lab::{exec, netns, Lab, LabOptions, INTERNET_IP};
+use trellis_lab::{exec, Lab, LabOptions, INTERNET_IP};
 
 fn cluster_lab(backend: &str, nodes: usize, segments: usize) -> Lab {
     Lab::create(LabOptions {
@@ -225,24 +225,19 @@ fn agent_restart_loses_no_packet() {
     let mut lab = cluster_lab("vxlan", 2, 1);
     let p = pods(&mut lab, "routed");
     full_mesh(&lab, &p);
-    let ns = netns::path(&p[0].1);
-    let target = p[1].2.clone();
-    let stream = std::thread::spawn(move || {
-        let mut c = std::process::Command::new("ping");
-        c.args(["-n", "-q", "-c", "200", "-i", "0.02", "-W", "1", &target]);
-        exec::run(c, Some(&ns), &[], Duration::from_secs(30)).expect("ping stream")
-    });
-    std::thread::sleep(Duration::from_millis(500));
+    let mut stream = lab
+        .ping_stream(&p[0].1, &p[1].2, 200, Duration::from_millis(20))
+        .expect("ping stream");
+    // the restarts happen while packets flow, not before the first one
+    stream
+        .wait_first_reply(Duration::from_secs(5))
+        .expect("first reply");
     for node in ["n1", "n2"] {
         lab.stop_agent(node).expect("stop");
         lab.start_agent(node).expect("start");
     }
-    let out = stream.join().expect("join");
-    let text = String::from_utf8_lossy(&out.output.stdout).into_owned();
-    assert!(
-        text.contains("200 packets transmitted, 200 received"),
-        "loss across restarts: {text}"
-    );
+    let (sent, received) = stream.finish(Duration::from_secs(30)).expect("ping");
+    assert_eq!((sent, received), (200, 200), "loss across restarts");
 }
 
 #[test]

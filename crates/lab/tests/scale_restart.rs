@@ -104,26 +104,20 @@ fn agent_restart_keeps_traffic_and_allocations() {
     let b = lab.add_pod("n1", "b", "routed").expect("b");
     let before = allocations(&lab, "n1");
     let a_ns = lab.pod_ns("n1", "a");
-    // a ping stream a -> b across the restart: 150 packets, 20 ms apart
-    let stream = {
-        let ns = trellis_lab::netns::path(&a_ns);
-        let target = b.ip.clone();
-        std::thread::spawn(move || {
-            let mut c = std::process::Command::new("ping");
-            c.args(["-n", "-q", "-c", "150", "-i", "0.02", "-W", "1", &target]);
-            exec::run(c, Some(&ns), &[], Duration::from_secs(30)).expect("ping stream")
-        })
-    };
-    std::thread::sleep(Duration::from_millis(500));
+    // a ping stream a -> b across the restart: 150 packets, 20 ms apart,
+    // flowing before the agent stops
+    let mut stream = lab
+        .ping_stream(&a_ns, &b.ip, 150, Duration::from_millis(20))
+        .expect("ping stream");
+    stream
+        .wait_first_reply(Duration::from_secs(5))
+        .expect("first reply");
     lab.stop_agent("n1").expect("stop");
+    // the agent stays down for a while (15 packets' worth), not an instant
     std::thread::sleep(Duration::from_millis(300));
     lab.start_agent("n1").expect("start");
-    let out = stream.join().expect("join");
-    let text = String::from_utf8_lossy(&out.output.stdout).into_owned();
-    assert!(
-        text.contains("150 packets transmitted, 150 received"),
-        "packets lost across restart: {text}"
-    );
+    let (sent, received) = stream.finish(Duration::from_secs(30)).expect("ping");
+    assert_eq!((sent, received), (150, 150), "packets lost across restart");
     assert_eq!(allocations(&lab, "n1"), before, "allocations survive");
     // new ADDs never reuse a live address; CHECK of old pods still passes
     for i in 0..5 {

@@ -4,6 +4,7 @@ pub mod bgp;
 pub mod cidr;
 pub mod netconf;
 pub mod node;
+pub mod status;
 pub mod subnet;
 
 pub use cidr::{CidrError, HostRange};

@@ -5,6 +5,11 @@
 //!  "Backend":{"Type":"vxlan","VNI":1,"Port":8472,"DirectRouting":false}}
 //! ```
 //!
+//! `NatOutgoing` (a trellis field, Calico's `natOutgoing`; default `true`):
+//! pod traffic to destinations outside `Network` leaves with the node's
+//! address. Turn it off where the fabric routes pod addresses (BGP to the
+//! data-centre routers) and pods must be seen with their own address.
+//!
 //! flannel fields trellis does not use (`EnableIPv6`, `IPv6Network`,
 //! `Backend.GBP`, ...) are accepted and ignored, so an existing file works
 //! unchanged; a field with a wrong value is rejected naming the field.
@@ -64,6 +69,8 @@ pub struct ClusterConfig {
     pub subnet_max: Ipv4Addr,
     /// `Backend`.
     pub backend: Backend,
+    /// `NatOutgoing`: masquerade pod traffic leaving the cluster network.
+    pub nat_outgoing: bool,
 }
 
 /// A config error naming the field.
@@ -182,12 +189,23 @@ impl ClusterConfig {
             ));
         }
         let backend = Self::backend(obj.get("Backend"))?;
+        let nat_outgoing = match obj.get("NatOutgoing") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(err(
+                    "NatOutgoing",
+                    format!("must be true or false, got {v}"),
+                ))
+            }
+        };
         Ok(Self {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
             backend,
+            nat_outgoing,
         })
     }
 
@@ -287,6 +305,7 @@ mod tests {
             }
         );
         assert_eq!(c.capacity(), 255);
+        assert!(c.nat_outgoing, "masquerade is on by default");
         assert_eq!(
             c.subnets().next().expect("first").to_string(),
             "10.244.1.0/24"
@@ -343,6 +362,10 @@ mod tests {
             (
                 r#"{"Network":"10.244.0.0/16","Backend":{"DirectRouting":"yes"}}"#,
                 "Backend.DirectRouting",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","NatOutgoing":1}"#,
+                "NatOutgoing",
             ),
         ] {
             let e = ClusterConfig::parse(doc).expect_err(doc);

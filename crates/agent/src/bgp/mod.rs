@@ -8,22 +8,25 @@
 
 pub mod plan;
 
-use crate::cluster::{hold_lease, records, resync_kernel, set_view, BgpView, ClusterView, Joined};
+use crate::cluster::{apply_routes, hold_lease, records, resync_kernel, set_view, Joined, Shared};
 use crate::config::AgentConfig;
+use crate::driver::{drive, Controller, LoopSettings};
 use crate::masq;
 use crate::routes::RouteReconciler;
 use ipnet::{IpNet, Ipv4Net};
-use plan::{desired, plan, Plan, SpeakerSettings};
+use plan::{learned_routes, plan, BgpPlan, SpeakerSettings};
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use trellis_bgp::{RouteEvent, Speaker, SpeakerConfig};
-use trellis_dataplane::Dataplane;
 use trellis_model::bgp::{bgp_prefix, BgpResources, NodeBgp};
 use trellis_model::node::NodeRecord;
-use trellis_store::{Datastore, Event, WatchItem};
+use trellis_model::status::{BgpPeer, BgpStatus};
+use trellis_store::{Datastore, Event, KeyValue};
+
+/// Route-event batches queued between the speaker and the controller.
+const EVENT_QUEUE: usize = 64;
 
 struct Running {
     speaker: Speaker,
@@ -31,7 +34,10 @@ struct Running {
     gen: u64,
 }
 
-struct Backend {
+/// The bgp backend as a controller: node records and `bgp/` resources in,
+/// a running speaker, kernel routes for its best paths and the nftables
+/// table out.
+struct BgpController {
     joined: Joined,
     prefix: String,
     cli: NodeBgp,
@@ -40,9 +46,12 @@ struct Backend {
     res: BgpResources,
     running: Option<Running>,
     next_gen: u64,
-    plan: Option<Plan>,
+    plan: Option<BgpPlan>,
     learned: BTreeMap<Ipv4Net, Ipv4Addr>,
-    events: mpsc::UnboundedSender<(u64, Vec<RouteEvent>)>,
+    events: mpsc::Sender<(u64, Vec<RouteEvent>)>,
+    rec: RouteReconciler,
+    ruleset: String,
+    shared: Shared,
     /// Restarted with routes in the kernel: do not prune until synced.
     restarting: bool,
     synced: bool,
@@ -50,7 +59,7 @@ struct Backend {
     end_of_rib: HashSet<IpAddr>,
 }
 
-impl Backend {
+impl BgpController {
     fn apply_kv(&mut self, key: &str, value: Option<&[u8]>) {
         if key.starts_with(&bgp_prefix(&self.prefix)) {
             match value {
@@ -62,7 +71,7 @@ impl Backend {
                 self.kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
             );
             for e in errors {
-                tracing::warn!("bgp resources: {e}");
+                tracing::warn!(error = %e, "bgp resources");
             }
             self.res = res;
             return;
@@ -110,20 +119,20 @@ impl Backend {
             match self.start(&p).await {
                 Ok(r) => self.running = Some(r),
                 Err(e) => {
-                    tracing::error!("bgp: cannot start the speaker: {e}");
+                    tracing::error!(error = %e, "bgp: cannot start the speaker; trying again");
                     self.plan = None;
                     return;
                 }
             }
         }
         if let Some(r) = &self.running {
-            r.speaker.set_peers(p.peers.clone());
-            r.speaker.set_policy(p.policy.clone());
+            r.speaker.set_peers(p.peers.clone()).await;
+            r.speaker.set_policy(p.policy.clone()).await;
         }
         self.plan = Some(p);
     }
 
-    async fn start(&mut self, p: &Plan) -> std::io::Result<Running> {
+    async fn start(&mut self, p: &BgpPlan) -> std::io::Result<Running> {
         let cfg = SpeakerConfig {
             asn: p.speaker.asn,
             router_id: self.joined.local.public_ip,
@@ -145,19 +154,19 @@ impl Backend {
                 Ok(x) => break x,
                 Err(e) if tries < 5 => {
                     tries += 1;
-                    tracing::debug!("bgp: listen: {e}; retrying");
+                    tracing::debug!(error = %e, "bgp: listen; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e),
             }
         };
-        speaker.announce(IpNet::V4(self.joined.lease.subnet));
+        speaker.announce(IpNet::V4(self.joined.lease.subnet)).await;
         let gen = self.next_gen;
         self.next_gen += 1;
         let tx = self.events.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                if tx.send((gen, ev)).is_err() {
+                if tx.send((gen, ev)).await.is_err() {
                     return;
                 }
             }
@@ -165,13 +174,10 @@ impl Backend {
         // a new speaker learns everything again
         self.learned.clear();
         tracing::info!(
-            "bgp: speaker up: AS {}, router id {}{}",
-            p.speaker.asn,
-            self.joined.local.public_ip,
-            p.speaker
-                .cluster_id
-                .map(|c| format!(", route reflector (cluster id {c})"))
-                .unwrap_or_default()
+            asn = p.speaker.asn,
+            router_id = %self.joined.local.public_ip,
+            cluster_id = ?p.speaker.cluster_id,
+            "bgp: speaker up"
         );
         Ok(Running {
             speaker,
@@ -215,17 +221,133 @@ impl Backend {
             .is_some_and(|p| p.peers.iter().all(|x| self.end_of_rib.contains(&x.addr)));
         if all || Instant::now() >= self.sync_deadline {
             tracing::info!(
-                "bgp: routes relearned ({}); pruning what is stale",
-                if all {
+                why = if all {
                     "End-of-RIB from every peer"
                 } else {
                     "restart time over"
-                }
+                },
+                "bgp: routes relearned; pruning what is stale"
             );
             self.synced = true;
             return true;
         }
         false
+    }
+
+    fn publish_problems(&self) {
+        set_view(
+            &self.shared.view,
+            &self.nodes,
+            &learned_routes(&self.joined.local, &self.learned).problems,
+        );
+    }
+
+    /// Full repair once synced; before that (an agent restart with routes
+    /// in the kernel) only the nftables table, so nothing is pruned early.
+    fn resync(&mut self) {
+        if self.synced {
+            let want = learned_routes(&self.joined.local, &self.learned);
+            resync_kernel(&mut self.rec, want, &self.shared, &self.ruleset);
+        } else {
+            let r = tokio::task::block_in_place(|| self.shared.dp.nft_apply(&self.ruleset));
+            self.shared
+                .metrics
+                .reconciled("nftables", usize::from(r.is_err()));
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "resync");
+            }
+        }
+    }
+
+    async fn publish(&self) {
+        let Some(r) = &self.running else { return };
+        let peers: Vec<BgpPeer> = r
+            .speaker
+            .status()
+            .await
+            .into_iter()
+            .map(|p| BgpPeer {
+                addr: p.addr,
+                asn: p.asn,
+                kind: p.kind.as_str().into(),
+                state: p.state,
+                since_secs: p.since_secs,
+                router_id: p.router_id,
+                received: p.received,
+                accepted: p.accepted,
+                advertised: p.advertised,
+                stale: p.stale,
+                established_count: p.established_count,
+                last_error: p.last_error,
+            })
+            .collect();
+        self.shared.metrics.bgp(&peers);
+        // nodes and problems are set where they change (set_view)
+        let mut v = self.shared.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.bgp = Some(BgpStatus {
+            asn: r.settings.asn,
+            router_id: self.joined.local.public_ip.to_string(),
+            route_reflector_cluster_id: r.settings.cluster_id.map(|c| c.to_string()),
+            peers,
+        });
+    }
+}
+
+impl Controller for BgpController {
+    type Input = (u64, Vec<RouteEvent>);
+
+    async fn on_listing(&mut self, items: Vec<KeyValue>) {
+        self.nodes = records(
+            &self.prefix,
+            items
+                .iter()
+                .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
+        );
+        self.kvs.clear();
+        self.res = BgpResources::default();
+        for kv in &items {
+            if kv.key.starts_with(&bgp_prefix(&self.prefix)) {
+                self.apply_kv(&kv.key, Some(&kv.value));
+            }
+        }
+        self.replan().await;
+        self.publish_problems();
+        self.resync();
+    }
+
+    async fn on_events(&mut self, events: Vec<Event>) {
+        for ev in events {
+            match ev {
+                Event::Put(kv) => self.apply_kv(&kv.key, Some(&kv.value)),
+                Event::Delete { key, .. } => self.apply_kv(&key, None),
+            }
+        }
+        self.replan().await;
+        self.publish_problems();
+    }
+
+    async fn on_inputs(&mut self, batches: Vec<(u64, Vec<RouteEvent>)>) {
+        for (gen, evs) in batches {
+            evs.into_iter().for_each(|ev| self.route_event(gen, ev));
+        }
+        let want = learned_routes(&self.joined.local, &self.learned);
+        set_view(&self.shared.view, &self.nodes, &want.problems);
+        apply_routes(&mut self.rec, want, &self.shared);
+    }
+
+    async fn on_resync(&mut self) {
+        self.resync();
+    }
+
+    async fn on_housekeeping(&mut self) {
+        if self.running.is_none() {
+            // the speaker could not start (port taken?): again
+            self.replan().await;
+        }
+        if self.check_synced() {
+            self.resync();
+        }
+        self.publish().await;
     }
 }
 
@@ -235,23 +357,25 @@ pub async fn run<D: Datastore + Clone>(
     store: D,
     agent: AgentConfig,
     joined: Joined,
-    dp: Arc<dyn Dataplane>,
-    view: Arc<Mutex<ClusterView>>,
+    shared: Shared,
 ) {
-    let prefix = hold_lease(&store, &agent, &joined);
+    let prefix = hold_lease(&store, &agent, &joined, &shared);
     let cluster = joined.cfg.network;
-    let restarting = tokio::task::block_in_place(|| dp.routes_owned())
+    let restarting = tokio::task::block_in_place(|| shared.dp.routes_owned())
         .map(|rs| {
             rs.iter()
                 .any(|r| matches!(r.dst, IpNet::V4(d) if cluster.contains(&d)))
         })
-        .unwrap_or(false);
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "bgp: cannot read the kernel's routes; assuming a fresh start");
+            false
+        });
     if restarting {
         tracing::info!("bgp: routes from a previous run are in the kernel; keeping them until the peers have sent theirs again");
     }
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let restart_wait = Duration::from_secs(120);
-    let mut b = Backend {
+    let mut ctl = BgpController {
         prefix: prefix.clone(),
         cli: agent.bgp.clone().unwrap_or_default(),
         nodes: BTreeMap::new(),
@@ -262,121 +386,22 @@ pub async fn run<D: Datastore + Clone>(
         plan: None,
         learned: BTreeMap::new(),
         events: ev_tx,
+        rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), cluster),
+        ruleset: masq::ruleset(&joined.cfg),
+        shared: shared.clone(),
         restarting,
         synced: !restarting,
         sync_deadline: Instant::now() + restart_wait,
         end_of_rib: HashSet::new(),
         joined,
     };
-    let mut rec = RouteReconciler::new(dp.clone(), b.joined.local.clone(), cluster);
-    let masquerade = masq::ruleset(cluster, None);
-    let resync_every = Duration::from_secs(agent.resync_seconds);
-    loop {
-        let listing = match store.list(&prefix).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("bgp: {e}; sessions and routes left as they are, retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        b.nodes = records(
-            &prefix,
-            listing
-                .items
-                .iter()
-                .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        );
-        b.kvs.clear();
-        for kv in &listing.items {
-            if kv.key.starts_with(&bgp_prefix(&prefix)) {
-                b.apply_kv(&kv.key, Some(&kv.value));
-            }
-        }
-        if b.kvs.is_empty() {
-            b.res = BgpResources::default();
-        }
-        b.replan().await;
-        set_view(
-            &view,
-            &b.nodes,
-            &desired(&b.joined.local, &b.learned).problems,
-        );
-        let mut rx = match store.watch(&prefix, listing.revision).await {
-            Ok(rx) => rx,
-            Err(e) => {
-                tracing::warn!("bgp: watch: {e}");
-                continue;
-            }
-        };
-        let mut status_tick = tokio::time::interval(Duration::from_millis(250));
-        let mut resync_tick = tokio::time::interval(resync_every);
-        resync_tick.tick().await;
-        loop {
-            tokio::select! {
-                item = rx.recv() => {
-                    let Some(item) = item else { break };
-                    match item {
-                        WatchItem::Events(events) => {
-                            for ev in events {
-                                match ev {
-                                    Event::Put(kv) => b.apply_kv(&kv.key, Some(&kv.value)),
-                                    Event::Delete { key, .. } => b.apply_kv(&key, None),
-                                }
-                            }
-                            b.replan().await;
-                            set_view(&view, &b.nodes, &desired(&b.joined.local, &b.learned).problems);
-                        }
-                        WatchItem::Resync(_) => break,
-                    }
-                }
-                Some((gen, evs)) = ev_rx.recv() => {
-                    evs.into_iter().for_each(|ev| b.route_event(gen, ev));
-                    while let Ok((gen, evs)) = ev_rx.try_recv() {
-                        evs.into_iter().for_each(|ev| b.route_event(gen, ev));
-                    }
-                    let want = desired(&b.joined.local, &b.learned);
-                    set_view(&view, &b.nodes, &want.problems);
-                    let errors = tokio::task::block_in_place(|| rec.apply(want));
-                    for e in errors {
-                        tracing::warn!("routing: {e}");
-                    }
-                }
-                _ = status_tick.tick() => {
-                    if b.running.is_none() {
-                        // the speaker could not start (port taken?): again
-                        b.replan().await;
-                    }
-                    if b.check_synced() {
-                        resync(&mut rec, &b, &dp, &masquerade);
-                    }
-                    publish(&view, &b).await;
-                }
-                _ = resync_tick.tick() => {
-                    if b.synced {
-                        resync(&mut rec, &b, &dp, &masquerade);
-                    } else if let Err(e) = tokio::task::block_in_place(|| dp.nft_apply(&masquerade)) {
-                        tracing::warn!("resync: {e}");
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn resync(rec: &mut RouteReconciler, b: &Backend, dp: &Arc<dyn Dataplane>, masquerade: &str) {
-    resync_kernel(rec, desired(&b.joined.local, &b.learned), dp, masquerade);
-}
-
-async fn publish(view: &Arc<Mutex<ClusterView>>, b: &Backend) {
-    let Some(r) = &b.running else { return };
-    let peers = r.speaker.status().await;
-    // nodes and problems are set where they change (set_view)
-    let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
-    v.bgp = Some(BgpView {
-        asn: r.settings.asn,
-        router_id: b.joined.local.public_ip.to_string(),
-        route_reflector_cluster_id: r.settings.cluster_id.map(|c| c.to_string()),
-        peers,
-    });
+    let settings = LoopSettings {
+        name: "bgp",
+        prefix,
+        resync_every: Duration::from_secs(agent.resync_seconds),
+        housekeeping_every: Some(Duration::from_millis(250)),
+        health: shared.health,
+        metrics: shared.metrics,
+    };
+    drive(&store, settings, &mut ctl, Some(ev_rx)).await;
 }

@@ -23,7 +23,7 @@ pub const BGP_PORT: u16 = 179;
 
 /// What the speaker should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub struct BgpPlan {
     /// Speaker-wide settings; a change restarts the speaker.
     pub speaker: SpeakerSettings,
     /// Peers.
@@ -67,7 +67,7 @@ pub fn plan(
     nodes: &BTreeMap<String, NodeRecord>,
     res: &BgpResources,
     cli: &NodeBgp,
-) -> Plan {
+) -> BgpPlan {
     let asn_of = |r: &NodeBgp| r.as_number.unwrap_or(res.config.as_number);
     let mut my_role = role(&me.name, nodes.get(&me.name), res);
     my_role.as_number = my_role.as_number.or(cli.as_number);
@@ -150,7 +150,7 @@ pub fn plan(
             IpAddr::V6(_) => None,
         })
         .collect();
-    Plan {
+    BgpPlan {
         speaker: SpeakerSettings {
             asn: my_as,
             cluster_id: my_role.route_reflector_cluster_id,
@@ -170,7 +170,7 @@ pub fn plan(
 /// Kernel routes for learned best paths: next hops on this node's segment
 /// become routes; others are problems (the route would lead nowhere —
 /// peer with a router that relays it).
-pub fn desired(me: &LocalNode, learned: &BTreeMap<Ipv4Net, Ipv4Addr>) -> Desired {
+pub fn learned_routes(me: &LocalNode, learned: &BTreeMap<Ipv4Net, Ipv4Addr>) -> Desired {
     let mut d = Desired::default();
     for (dst, nh) in learned {
         if me.underlay.contains(nh) && *nh != me.public_ip {
@@ -349,7 +349,7 @@ mod tests {
                 Ipv4Addr::new(198, 51, 100, 19),
             ),
         ]);
-        let d = desired(&local(1), &learned);
+        let d = learned_routes(&local(1), &learned);
         assert_eq!(d.routes.len(), 1);
         assert!(d.vxlan.is_none() && d.neighbours.is_empty() && d.fdb.is_empty());
         assert_eq!(d.problems.len(), 1);

@@ -5,8 +5,11 @@
 //! channel as [`RouteEvent`]s.
 
 mod core;
+mod feed;
 pub mod out;
 mod session;
+
+pub use feed::{Empty, RouteFeed};
 
 use crate::fsm::State;
 use crate::import::ImportPolicy;
@@ -138,6 +141,8 @@ pub struct PeerStatus {
     pub advertised: usize,
     /// Routes kept as stale during the peer's graceful restart.
     pub stale: usize,
+    /// Times the session reached Established.
+    pub established_count: u64,
     /// The last error or notification.
     pub last_error: Option<String>,
 }
@@ -163,7 +168,11 @@ pub(crate) enum FromSession {
     },
     Update(Update),
     Refresh(u16, u8),
-    Note(String),
+    /// An error worth showing; `log`: not a repeat of a recent one.
+    Note {
+        text: String,
+        log: bool,
+    },
 }
 
 enum Cmd {
@@ -176,69 +185,98 @@ enum Cmd {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// Commands queued for the core.
+const CMD_QUEUE: usize = 256;
+/// Longest wait for the core to take a command or answer.
+const CMD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running speaker. Dropping it ends every session without a Cease
 /// (as a crash would; peers with graceful restart keep our routes);
 /// [`Speaker::shutdown`] ends them politely.
 pub struct Speaker {
-    tx: mpsc::UnboundedSender<Cmd>,
+    tx: mpsc::Sender<Cmd>,
 }
 
 impl Speaker {
     /// Binds the listener and starts the core. Returns the speaker and the
-    /// stream of best-path changes, in batches (one per UPDATE processed).
-    pub async fn start(
-        cfg: SpeakerConfig,
-    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Vec<RouteEvent>>)> {
+    /// feed of best-path changes.
+    pub async fn start(cfg: SpeakerConfig) -> std::io::Result<(Self, RouteFeed)> {
         let listener = match cfg.listen {
             Some(addr) => Some(core::bind(addr)?),
             None => None,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        tokio::spawn(core::run(cfg, listener, rx, ev_tx));
-        Ok((Self { tx }, ev_rx))
+        let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let (feed_tx, feed_rx) = feed::feed();
+        tokio::spawn(core::run(cfg, listener, rx, feed_tx));
+        Ok((Self { tx }, feed_rx))
+    }
+
+    /// Queues a command; the core never blocks, so this waits only while
+    /// the queue is full, and at most [`CMD_TIMEOUT`].
+    async fn cmd(&self, c: Cmd) -> bool {
+        match tokio::time::timeout(CMD_TIMEOUT, self.tx.send(c)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                tracing::error!("bgp: the speaker took no command for {CMD_TIMEOUT:?}");
+                false
+            }
+        }
     }
 
     /// Sets the peers: unchanged ones keep their sessions, changed ones
     /// restart, missing ones stop.
-    pub fn set_peers(&self, peers: Vec<PeerSpec>) {
-        let _ = self.tx.send(Cmd::SetPeers(peers));
+    pub async fn set_peers(&self, peers: Vec<PeerSpec>) {
+        self.cmd(Cmd::SetPeers(peers)).await;
     }
 
     /// Originates `prefix` (next hop self).
-    pub fn announce(&self, prefix: IpNet) {
-        let _ = self.tx.send(Cmd::Announce(prefix));
+    pub async fn announce(&self, prefix: IpNet) {
+        self.cmd(Cmd::Announce(prefix)).await;
     }
 
     /// Stops originating `prefix`.
-    pub fn withdraw(&self, prefix: IpNet) {
-        let _ = self.tx.send(Cmd::Withdraw(prefix));
+    pub async fn withdraw(&self, prefix: IpNet) {
+        self.cmd(Cmd::Withdraw(prefix)).await;
     }
 
-    /// Replaces the import policy; routes that now fail it are withdrawn,
-    /// peers whose routes were refused are asked to send them again.
-    pub fn set_policy(&self, policy: ImportPolicy) {
-        let _ = self.tx.send(Cmd::SetPolicy(policy));
+    /// Replaces the import policy; routes that now fail it are withdrawn
+    /// (and kept as refused), refused routes that pass now are accepted.
+    pub async fn set_policy(&self, policy: ImportPolicy) {
+        self.cmd(Cmd::SetPolicy(policy)).await;
     }
 
-    /// Every peer's status.
+    /// Every peer's status (empty if the core does not answer in time).
     pub async fn status(&self) -> Vec<PeerStatus> {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Cmd::Status(tx));
-        rx.await.unwrap_or_default()
+        if !self.cmd(Cmd::Status(tx)).await {
+            return vec![];
+        }
+        tokio::time::timeout(CMD_TIMEOUT, rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
     }
 
     /// Number of prefixes in the Loc-RIB.
     pub async fn loc_rib_len(&self) -> usize {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Cmd::LocRib(tx));
-        rx.await.unwrap_or_default()
+        if !self.cmd(Cmd::LocRib(tx)).await {
+            return 0;
+        }
+        tokio::time::timeout(CMD_TIMEOUT, rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
     }
 
     /// Sends a Cease to every peer and stops.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Cmd::Shutdown(tx));
-        let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+        if self.cmd(Cmd::Shutdown(tx)).await {
+            let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+        }
     }
 }

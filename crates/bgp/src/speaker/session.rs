@@ -33,10 +33,15 @@ struct Session {
     fsm: Fsm,
     stream: Option<TcpStream>,
     dial: Option<Dial>,
+    /// When the connection attempt in `dial` started.
+    dial_started: Option<Instant>,
     timers: [Option<Instant>; 3],
     ctx: Ctx,
     buf: Vec<u8>,
-    to_core: mpsc::UnboundedSender<SessionMsg>,
+    to_core: mpsc::Sender<SessionMsg>,
+    /// The last note shown and when: a repeat within [`NOTE_REPEAT`] is
+    /// recorded (status) but not logged again.
+    last_note: Option<(String, Instant)>,
     reported: State,
     /// Connection attempts that failed in a row: retries start fast (a
     /// node's peer is often just starting) and back off to the configured
@@ -46,6 +51,12 @@ struct Session {
 
 /// First retry after a failed connection attempt.
 const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest a connection attempt may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The same note is logged again only after this long.
+const NOTE_REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Write deadline when the peers agreed on no hold time.
+const NO_HOLD_WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(90);
 
 fn slot(t: Timer) -> usize {
     match t {
@@ -62,8 +73,8 @@ pub(crate) async fn run(
     spec: PeerSpec,
     cfg: PeerConfig,
     gen: u64,
-    mut rx: mpsc::UnboundedReceiver<ToSession>,
-    to_core: mpsc::UnboundedSender<SessionMsg>,
+    mut rx: mpsc::Receiver<ToSession>,
+    to_core: mpsc::Sender<SessionMsg>,
 ) {
     let mut s = Session {
         spec,
@@ -71,10 +82,12 @@ pub(crate) async fn run(
         fsm: Fsm::new(cfg),
         stream: None,
         dial: None,
+        dial_started: None,
         timers: [None; 3],
         ctx: Ctx::default(),
         buf: Vec::with_capacity(1 << 16),
         to_core,
+        last_note: None,
         reported: State::Idle,
         failed_dials: 0,
     };
@@ -88,7 +101,7 @@ pub(crate) async fn run(
                     queue.push_back(e);
                 }
             }
-            s.report_state();
+            s.report_state().await;
         }
         if stopping {
             return;
@@ -125,10 +138,11 @@ pub(crate) async fn run(
             },
             r = read(s.stream.as_mut(), &mut s.buf) => match r {
                 Ok(0) | Err(_) => queue.push_back(Event::TcpDown),
-                Ok(_) => s.decode_into(&mut queue),
+                Ok(_) => s.decode_into(&mut queue).await,
             },
             r = dial(s.dial.as_mut()) => {
                 s.dial = None;
+                s.dial_started = None;
                 match r {
                     Ok(stream) => {
                         s.failed_dials = 0;
@@ -137,7 +151,7 @@ pub(crate) async fn run(
                     }
                     Err(e) => {
                         s.failed_dials = s.failed_dials.saturating_add(1);
-                        s.note(format!("connect: {e}"));
+                        s.note(format!("connect to {}: {e}", s.spec.addr)).await;
                         queue.push_back(Event::TcpDown);
                     }
                 }
@@ -196,9 +210,14 @@ fn connect(
         if let Some(l) = local {
             sock.bind(SocketAddr::new(l, 0))?;
         }
-        let stream = tokio::time::timeout(std::time::Duration::from_secs(5), sock.connect(addr))
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))??;
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()),
+                )
+            })??;
         if let Some(ttl) = ttl {
             stream.set_ttl(ttl)?;
         }
@@ -208,27 +227,53 @@ fn connect(
 }
 
 impl Session {
-    fn tell(&self, msg: FromSession) {
-        let _ = self.to_core.send(SessionMsg {
+    /// Waits while the core's queue is full: the session stops reading,
+    /// and TCP slows the peer down.
+    fn tell(&self, msg: FromSession) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let tx = self.to_core.clone();
+        let m = SessionMsg {
             peer: self.spec.addr,
             gen: self.gen,
             msg,
-        });
-    }
-
-    fn note(&self, why: String) {
-        self.tell(FromSession::Note(why));
-    }
-
-    fn report_state(&mut self) {
-        let st = self.fsm.state();
-        if st != self.reported {
-            self.reported = st;
-            self.tell(FromSession::State(st));
+        };
+        async move {
+            let _ = tx.send(m).await;
         }
     }
 
-    fn decode_into(&mut self, queue: &mut VecDeque<Event>) {
+    /// Reports `why` (status always; the log once per [`NOTE_REPEAT`]).
+    async fn note(&mut self, why: String) {
+        let now = Instant::now();
+        let log = match &self.last_note {
+            Some((last, at)) => *last != why || now.duration_since(*at) >= NOTE_REPEAT,
+            None => true,
+        };
+        if log {
+            self.last_note = Some((why.clone(), now));
+        }
+        self.tell(FromSession::Note { text: why, log }).await;
+    }
+
+    async fn report_state(&mut self) {
+        let st = self.fsm.state();
+        if st != self.reported {
+            self.reported = st;
+            self.tell(FromSession::State(st)).await;
+        }
+    }
+
+    /// How long one write may take: the hold time (a peer that does not
+    /// read for that long is as dead as one that does not send).
+    fn write_deadline(&self) -> std::time::Duration {
+        let hold = self.fsm.hold();
+        if hold.is_zero() {
+            NO_HOLD_WRITE_DEADLINE
+        } else {
+            hold
+        }
+    }
+
+    async fn decode_into(&mut self, queue: &mut VecDeque<Event>) {
         let mut at = 0;
         loop {
             match decode(&self.buf[at..], self.ctx) {
@@ -244,7 +289,8 @@ impl Session {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    self.note(format!("malformed message: {}", e.0.describe()));
+                    self.note(format!("malformed message: {}", e.0.describe()))
+                        .await;
                     queue.push_back(Event::Malformed(e.0));
                     at = self.buf.len();
                     break;
@@ -255,20 +301,45 @@ impl Session {
     }
 
     async fn send(&mut self, msgs: &[Message]) -> Option<Event> {
+        let deadline = self.write_deadline();
+        let ctx = self.ctx;
         let stream = self.stream.as_mut()?;
         let mut bytes = Vec::new();
         for m in msgs {
-            bytes.extend_from_slice(&encode(m, self.ctx));
+            bytes.extend_from_slice(&encode(m, ctx));
         }
-        match stream.write_all(&bytes).await {
-            Ok(()) => None,
-            Err(_) => Some(Event::TcpDown),
+        let written = tokio::time::timeout(deadline, stream.write_all(&bytes)).await;
+        match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                self.note(format!("write: {e}")).await;
+                Some(Event::TcpDown)
+            }
+            Err(_) => {
+                self.note(format!(
+                    "write: the peer read nothing for {} s (the hold time); closing",
+                    deadline.as_secs()
+                ))
+                .await;
+                Some(Event::TcpDown)
+            }
         }
     }
 
     async fn exec(&mut self, act: Action, tcp_failure: bool) -> Option<Event> {
         match act {
             Action::Connect => {
+                if let Some(started) = self.dial_started.take() {
+                    // the retry timer ends an attempt that got no answer
+                    // (SYNs dropped): say so instead of starting over silently
+                    self.failed_dials = self.failed_dials.saturating_add(1);
+                    self.note(format!(
+                        "connect to {}: no answer in {} ms; retrying",
+                        self.spec.addr,
+                        started.elapsed().as_millis()
+                    ))
+                    .await;
+                }
                 if !self.spec.passive && self.stream.is_none() {
                     let ttl = (self.spec.asn != self.spec.local_as)
                         .then_some(if self.spec.multihop { 255 } else { 1 });
@@ -278,18 +349,21 @@ impl Session {
                         self.spec.password.clone(),
                         ttl,
                     ));
+                    self.dial_started = Some(Instant::now());
                 }
                 None
             }
             Action::Send(m) => {
                 if let Message::Notification(n) = &m {
-                    self.note(format!("sent NOTIFICATION: {}", n.describe()));
+                    self.note(format!("sent NOTIFICATION: {}", n.describe()))
+                        .await;
                 }
                 self.send(std::slice::from_ref(&m)).await
             }
             Action::Close => {
                 self.stream = None;
                 self.dial = None;
+                self.dial_started = None;
                 self.buf.clear();
                 self.ctx = Ctx::default();
                 None
@@ -314,22 +388,23 @@ impl Session {
                     .as_ref()
                     .and_then(|s| s.local_addr().ok())
                     .map(|a| a.ip());
-                self.tell(FromSession::Up { open, local });
+                self.tell(FromSession::Up { open, local }).await;
                 None
             }
             Action::Down(why) => {
                 self.tell(FromSession::Down {
                     why,
                     graceful: tcp_failure,
-                });
+                })
+                .await;
                 None
             }
             Action::Update(u) => {
-                self.tell(FromSession::Update(u));
+                self.tell(FromSession::Update(u)).await;
                 None
             }
             Action::Refresh(afi, safi) => {
-                self.tell(FromSession::Refresh(afi, safi));
+                self.tell(FromSession::Refresh(afi, safi)).await;
                 None
             }
         }

@@ -5,9 +5,15 @@ use serde_json::Value;
 use std::time::Duration;
 use trellis_lab::{exec, Lab, LabOptions};
 
-/// True when the test may run; prints why it is skipped otherwise.
+/// True when the test may run; prints why it is skipped otherwise. Under
+/// CI (`CI` set) a test that cannot run fails instead: a skip must never
+/// pass for a result.
 pub fn privileged(test: &str) -> bool {
     if !nix::unistd::Uid::effective().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} cannot run under CI: it needs root for network namespaces"
+        );
         eprintln!("SKIP {test}: needs root for network namespaces");
         return false;
     }

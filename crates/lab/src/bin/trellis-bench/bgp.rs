@@ -33,7 +33,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Counts distinct prefixes a speaker has learned.
-fn count(mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<RouteEvent>>) -> Arc<AtomicUsize> {
+fn count(mut rx: trellis_bgp::RouteFeed) -> Arc<AtomicUsize> {
     let n = Arc::new(AtomicUsize::new(0));
     let out = n.clone();
     tokio::spawn(async move {
@@ -95,7 +95,7 @@ async fn scenario(n: usize, reflector: bool, net: u8) -> anyhow::Result<(f64, f6
         })
         .await
         .with_context(|| format!("speaker {}", addr(i)))?;
-        s.announce(subnet(i));
+        s.announce(subnet(i)).await;
         counts.push(count(rx));
         speakers.push(s);
     }
@@ -122,12 +122,12 @@ async fn scenario(n: usize, reflector: bool, net: u8) -> anyhow::Result<(f64, f6
         } else {
             vec![peer(i, 0, PeerKind::Reflector)]
         };
-        s.set_peers(peers);
+        s.set_peers(peers).await;
     }
     wait_all(&counts, n - 1, "full convergence").await?;
     let full = t0.elapsed();
     let t1 = Instant::now();
-    speakers[n - 1].announce(subnet(n));
+    speakers[n - 1].announce(subnet(n)).await;
     let others: Vec<Arc<AtomicUsize>> = counts[..n - 1].to_vec();
     wait_all(&others, n, "one new subnet").await?;
     let one = t1.elapsed();
@@ -224,18 +224,20 @@ pub fn ingest(prefixes: usize, rounds: usize) -> anyhow::Result<()> {
             // the agent would install these; here they are only drained
             let mut rx = rx;
             tokio::spawn(async move { while rx.recv().await.is_some() {} });
-            speaker.set_peers(vec![PeerSpec {
-                addr: FEEDER.parse()?,
-                port: 179,
-                asn: 65001,
-                local_as: 65002,
-                kind: PeerKind::External,
-                password: None,
-                passive: true,
-                multihop: true,
-                local_addr: Some(TRELLIS.parse()?),
-                max_prefixes: 0,
-            }]);
+            speaker
+                .set_peers(vec![PeerSpec {
+                    addr: FEEDER.parse()?,
+                    port: 179,
+                    asn: 65001,
+                    local_as: 65002,
+                    kind: PeerKind::External,
+                    password: None,
+                    passive: true,
+                    multihop: true,
+                    local_addr: Some(TRELLIS.parse()?),
+                    max_prefixes: 0,
+                }])
+                .await;
             let mut ours = Vec::new();
             let mut theirs = Vec::new();
             let mut rss = 0;

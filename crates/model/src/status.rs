@@ -1,0 +1,149 @@
+//! The agent's status document, as the status socket sends it and
+//! `trellisctl status` / `bgp status` read it: one typed struct on both
+//! sides (JSON on the wire, camelCase keys).
+
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// One node's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// Node name.
+    pub node: String,
+    /// Pod subnet (empty until known).
+    pub subnet: String,
+    /// Routing backend, in a cluster.
+    pub backend: Option<String>,
+    /// Pod MTU.
+    pub mtu: u32,
+    /// Underlay address, in a cluster.
+    pub public_ip: Option<String>,
+    /// What `/readyz` answers.
+    pub ready: bool,
+    /// Why the node is not ready (empty when it is).
+    #[serde(default)]
+    pub not_ready: Vec<String>,
+    /// Pods with an address on this node.
+    pub pods: usize,
+    /// Other nodes, as the datastore lists them.
+    #[serde(default)]
+    pub peers: Vec<PeerNode>,
+    /// Routes trellis owns in the kernel.
+    #[serde(default)]
+    pub routes: Vec<RouteRow>,
+    /// Permanent neighbours on the VXLAN device.
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourRow>,
+    /// FDB entries on the VXLAN device.
+    #[serde(default)]
+    pub fdb: Vec<FdbRow>,
+    /// Problems the backend reported (unreachable peers, ...).
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// Failures reading the kernel or the datastore for this document: the
+    /// sections above may be incomplete when this is not empty.
+    #[serde(default)]
+    pub errors: Vec<String>,
+    /// The BGP speaker, with the bgp backend.
+    #[serde(default)]
+    pub bgp: Option<BgpStatus>,
+}
+
+/// Another node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerNode {
+    /// Its name.
+    pub node: String,
+    /// Its subnet.
+    pub subnet: String,
+    /// Its underlay address.
+    pub public_ip: String,
+    /// Its VTEP MAC (vxlan).
+    pub vtep_mac: Option<String>,
+}
+
+/// A route trellis owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRow {
+    /// Destination.
+    pub dst: String,
+    /// Gateway.
+    pub via: Option<String>,
+    /// Device.
+    pub dev: String,
+    /// `onlink` flag.
+    pub onlink: bool,
+}
+
+/// A permanent neighbour.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NeighbourRow {
+    /// Address.
+    pub ip: String,
+    /// MAC.
+    pub mac: String,
+    /// Device.
+    pub dev: String,
+}
+
+/// An FDB entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FdbRow {
+    /// MAC.
+    pub mac: String,
+    /// Remote VTEP.
+    pub dst: String,
+    /// Device.
+    pub dev: String,
+}
+
+/// The BGP speaker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpStatus {
+    /// Our AS.
+    pub asn: u32,
+    /// Router id.
+    pub router_id: String,
+    /// Cluster id when this node is a route reflector.
+    pub route_reflector_cluster_id: Option<String>,
+    /// Peers.
+    #[serde(default)]
+    pub peers: Vec<BgpPeer>,
+}
+
+/// One BGP peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpPeer {
+    /// Address.
+    pub addr: IpAddr,
+    /// AS.
+    pub asn: u32,
+    /// mesh / reflector / rr-client / external.
+    pub kind: String,
+    /// FSM state.
+    pub state: String,
+    /// Seconds in this state.
+    pub since_secs: u64,
+    /// The peer's router id once known.
+    pub router_id: Option<Ipv4Addr>,
+    /// Prefixes the peer announces to us (accepted or refused).
+    pub received: usize,
+    /// Of those, accepted.
+    pub accepted: usize,
+    /// Prefixes we advertise to it.
+    pub advertised: usize,
+    /// Routes kept as stale during the peer's graceful restart.
+    pub stale: usize,
+    /// Times the session reached Established (a flap adds one).
+    #[serde(default)]
+    pub established_count: u64,
+    /// The last error, while the session is not established.
+    pub last_error: Option<String>,
+}
