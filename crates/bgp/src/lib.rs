@@ -16,6 +16,6 @@ pub mod wire;
 
 pub use speaker::{PeerKind, PeerSpec, PeerStatus, RouteEvent, RouteFeed, Speaker, SpeakerConfig};
 pub use wire::{
-    decode, encode, Capability, Ctx, DecodeError, Message, Notification, Open, PathAttribute,
-    Update,
+    decode, encode, AsSegment, Capability, Ctx, DecodeError, Message, Notification, Open,
+    PathAttribute, Update,
 };

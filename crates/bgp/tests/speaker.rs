@@ -503,3 +503,205 @@ async fn malformed_messages_get_notifications_or_treat_as_withdraw() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Item: a peer that stops reading must not wedge its session. The raw peer
+/// completes OPEN with a tiny receive window, keeps sending KEEPALIVEs
+/// (so its hold timer never fires on our side) and never reads; the
+/// speaker has 1.2 M routes (~6 MB of UPDATEs, more than the kernel's
+/// largest send buffer, 4 MB) to send it. The session's write blocks; the
+/// write deadline (the hold time) must end the session, while another
+/// peer's session keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_cannot_wedge_its_session() {
+    use tokio::io::AsyncWriteExt;
+    let base = 18;
+    let mut hold = cfg(1, base, None, ImportPolicy::default());
+    hold.hold_time = 3;
+    let (speaker, _events) = Speaker::start(hold).await.expect("speaker");
+    let a = Node {
+        speaker,
+        events: _events,
+        routes: BTreeMap::new(),
+    };
+    let b = start(3, base, None, ImportPolicy::default()).await;
+    let mut raw_peer = peer(2, base, 1, PeerKind::External);
+    raw_peer.passive = true;
+    for i in 0..1_200_000u32 {
+        let p = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)), 32).expect("net");
+        a.speaker.announce(p).await;
+    }
+    // the mesh peer refuses them all (outside its cluster network)
+    b.speaker.set_policy(node_policy(base, &[1, 3], 3)).await;
+    a.speaker
+        .set_peers(vec![raw_peer, peer(3, base, 1, PeerKind::Mesh)])
+        .await;
+    b.speaker
+        .set_peers(vec![peer(1, base, 3, PeerKind::Mesh)])
+        .await;
+    // the raw peer: a 4 KiB receive buffer, OPEN + KEEPALIVE, then silence
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    sock.bind(SocketAddr::new(ip(2, base), 0)).expect("bind");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        let s2 = tokio::net::TcpSocket::new_v4().expect("socket");
+        s2.set_recv_buffer_size(4096).expect("rcvbuf");
+        s2.bind(SocketAddr::new(ip(2, base), 0)).expect("bind");
+        match s2.connect(SocketAddr::new(ip(1, base), port())).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connect: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    drop(sock);
+    let mut open = raw::open(64512, base);
+    open[19 + 3] = 0;
+    open[19 + 4] = 3; // hold time 3 s
+    s.write_all(&open).await.expect("open");
+    let ka = trellis_bgp::encode(
+        &trellis_bgp::Message::Keepalive,
+        trellis_bgp::Ctx::default(),
+    );
+    s.write_all(&ka).await.expect("keepalive");
+    // keepalives every second, never a read
+    let (mut rd, mut wr) = s.into_split();
+    let keepalives = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if wr.write_all(&ka).await.is_err() {
+                return;
+            }
+        }
+    });
+    let state = |st: &[trellis_bgp::PeerStatus], who: IpAddr| {
+        st.iter()
+            .find(|p| p.addr == who)
+            .map(|p| p.state.clone())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(&a.speaker.status().await, ip(2, base)) != "Established" {
+        assert!(Instant::now() < deadline, "raw peer never established");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the session must leave Established within the hold time (+ margin),
+    // though the peer holds the connection open and never reads
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = a.speaker.status().await;
+        if state(&st, ip(2, base)) != "Established" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a non-reading peer kept its session Established: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the mesh session was never disturbed
+    let st = a.speaker.status().await;
+    let mesh = st
+        .iter()
+        .find(|p| p.addr == ip(3, base))
+        .expect("mesh peer");
+    assert_eq!(mesh.state, "Established", "{st:?}");
+    assert_eq!(mesh.established_count, 1, "{st:?}");
+    keepalives.abort();
+    let _ = &mut rd;
+}
+
+/// Item: a route refused as a loop counts as received, and replaces what
+/// the peer announced for the prefix before (an implicit withdraw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loops_count_as_received_and_withdraw_the_earlier_path() {
+    use tokio::io::AsyncWriteExt;
+    use trellis_bgp::{AsSegment, Message, PathAttribute, Update};
+    let base = 19;
+    let mut a = start(1, base, None, ImportPolicy::default()).await;
+    let mut spec = peer(2, base, 1, PeerKind::External);
+    spec.passive = true;
+    spec.asn = 65001;
+    a.speaker.set_peers(vec![spec]).await;
+    let mut s = raw::connect(base).await;
+    s.write_all(&raw::open(65001, base)).await.expect("open");
+    let ctx = trellis_bgp::Ctx {
+        four_octet_as: true,
+    };
+    s.write_all(&trellis_bgp::encode(&Message::Keepalive, ctx))
+        .await
+        .expect("ka");
+    let upd = |path: Vec<u32>, prefixes: &[&str]| {
+        trellis_bgp::encode(
+            &Message::Update(Update {
+                attributes: vec![
+                    PathAttribute::Origin(0),
+                    PathAttribute::AsPath(vec![AsSegment::Sequence(path)]),
+                    PathAttribute::NextHop(Ipv4Addr::new(127, 0, base, 2)),
+                ],
+                nlri: prefixes.iter().map(|p| p.parse().expect("net")).collect(),
+                ..Default::default()
+            }),
+            ctx,
+        )
+    };
+    s.write_all(&upd(vec![65001], &["10.60.0.0/24"]))
+        .await
+        .expect("good");
+    a.wait_for("good route", |r| r.contains_key(&net("10.60.0.0/24")))
+        .await;
+    // the same prefix and three more, now with our AS in the path
+    s.write_all(&upd(
+        vec![65001, 64512],
+        &[
+            "10.60.0.0/24",
+            "10.61.0.0/24",
+            "10.62.0.0/24",
+            "10.63.0.0/24",
+        ],
+    ))
+    .await
+    .expect("loop");
+    a.wait_for("looped path replaces the good one", |r| r.is_empty())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = a.speaker.status().await;
+        if (st[0].received, st[0].accepted) == (4, 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Item: a prefix that fails the policy for a while (its owner's lease
+/// expired) comes back when the policy admits it again, with nothing
+/// resent by the peer (a reflector does not resend an identical path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_refused_for_a_while_returns_when_the_policy_admits_it() {
+    let base = 20;
+    let mut a = start(1, base, None, node_policy(base, &[1, 2], 1)).await;
+    let b = start(2, base, None, ImportPolicy::default()).await;
+    a.speaker
+        .set_peers(vec![peer(2, base, 1, PeerKind::Mesh)])
+        .await;
+    b.speaker
+        .set_peers(vec![peer(1, base, 2, PeerKind::Mesh)])
+        .await;
+    b.speaker.announce(subnet(2)).await;
+    a.wait_for("owned subnet", |r| r.contains_key(&subnet(2)))
+        .await;
+    // node 2's lease is gone: nobody owns 10.244.2.0/24
+    a.speaker.set_policy(node_policy(base, &[1], 1)).await;
+    a.wait_for("gone while unowned", |r| r.is_empty()).await;
+    let st = a.speaker.status().await;
+    assert_eq!((st[0].received, st[0].accepted), (1, 0), "{st:?}");
+    // the lease is back (the session never dropped)
+    a.speaker.set_policy(node_policy(base, &[1, 2], 1)).await;
+    a.wait_for("back when owned again", |r| r.contains_key(&subnet(2)))
+        .await;
+    let st = a.speaker.status().await;
+    assert_eq!(st[0].established_count, 1, "session kept: {st:?}");
+}

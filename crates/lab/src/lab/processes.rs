@@ -223,4 +223,32 @@ impl Lab {
         }
         self.save()
     }
+
+    /// Waits (at most `timeout`) for `node`'s agent to exit by itself;
+    /// returns its exit status. Fails if it is still running at the end.
+    pub fn wait_agent_exit(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self
+                .children
+                .get_mut(node)
+                .ok_or_else(|| anyhow!("{node}: no agent started by this process"))?;
+            if let Some(status) = child.try_wait()? {
+                self.children.remove(node);
+                if let Some(n) = self.st.nodes.iter_mut().find(|n| n.name == node) {
+                    n.agent_pid = None;
+                }
+                self.save()?;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{node}: the agent still runs after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

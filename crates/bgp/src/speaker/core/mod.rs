@@ -129,7 +129,7 @@ pub(super) async fn run(
 ) {
     let (stx, mut srx) = mpsc::channel(TO_CORE_QUEUE);
     let (itx, mut irx) = mpsc::channel::<(tokio::net::TcpStream, SocketAddr)>(ACCEPT_QUEUE);
-    if let Some(l) = &listener {
+    let acceptor = listener.as_ref().map(|l| {
         let l = l.clone();
         tokio::spawn(async move {
             loop {
@@ -145,13 +145,13 @@ pub(super) async fn run(
                         }
                     }
                     Err(e) => {
-                        tracing::warn!("bgp: accept: {e}");
+                        tracing::warn!(error = %e, "bgp: accept");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }
-        });
-    }
+        })
+    });
     let mut core = Core {
         me: Me {
             asn: cfg.asn,
@@ -178,7 +178,18 @@ pub(super) async fn run(
             cmd = cmds.recv() => match cmd {
                 // the handle was dropped: end like a crash, without Cease
                 None => return,
-                Some(Cmd::Shutdown(done)) => { core.stop_all(); let _ = done.send(()); return; }
+                Some(Cmd::Shutdown(done)) => {
+                    core.stop_all();
+                    // the port is free once shutdown returns: the acceptor
+                    // (holding the listener) has ended and the core's copy is gone
+                    if let Some(a) = acceptor {
+                        a.abort();
+                        let _ = a.await;
+                    }
+                    core.listener = None;
+                    let _ = done.send(());
+                    return;
+                }
                 Some(c) => core.command(c),
             },
             Some(m) = srx.recv() => core.on_session(m),
