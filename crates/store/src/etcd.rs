@@ -200,10 +200,32 @@ fn retry_is_safe(safe: Safety, e: &etcd_client::Error) -> bool {
         (_, etcd_client::Error::TransportError(_)) => true,
         (Safety::Read, etcd_client::Error::GRpcStatus(s)) => s.code() == tonic::Code::Unavailable,
         (Safety::Write, etcd_client::Error::GRpcStatus(s)) => {
-            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+            s.code() == tonic::Code::Unavailable && never_connected(s)
         }
         _ => false,
     }
+}
+
+/// The request failed while connecting (so it never left): an
+/// `std::io::Error` of a connect kind somewhere in the error's sources.
+/// Decided by the error's type and kind, never by its text.
+fn never_connected(s: &tonic::Status) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+                    | TimedOut
+            );
+        }
+        cur = e.source();
+    }
+    false
 }
 
 impl Datastore for EtcdStore {
@@ -401,5 +423,44 @@ impl EtcdStore {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use std::io::{Error as IoError, ErrorKind};
+    use std::sync::Arc;
+
+    fn status(kind: Option<ErrorKind>, text: &str) -> tonic::Status {
+        let mut s = tonic::Status::unavailable(text);
+        if let Some(k) = kind {
+            s.set_source(Arc::new(IoError::new(k, "io")));
+        }
+        s
+    }
+
+    /// A write is retried only when its error's type says it never left:
+    /// the words in the message do not count.
+    #[test]
+    fn writes_retry_on_connect_failures_by_type_not_text() {
+        assert!(never_connected(&status(
+            Some(ErrorKind::ConnectionRefused),
+            "x"
+        )));
+        assert!(never_connected(&status(
+            Some(ErrorKind::HostUnreachable),
+            "x"
+        )));
+        assert!(!never_connected(&status(None, "tcp connect error")));
+        assert!(!never_connected(&status(
+            Some(ErrorKind::ConnectionReset),
+            "connect"
+        )));
+        let w = |s| retry_is_safe(Safety::Write, &etcd_client::Error::GRpcStatus(s));
+        assert!(w(status(Some(ErrorKind::ConnectionRefused), "")));
+        assert!(!w(status(Some(ErrorKind::BrokenPipe), "connect")));
+        let r = |s| retry_is_safe(Safety::Read, &etcd_client::Error::GRpcStatus(s));
+        assert!(r(status(Some(ErrorKind::BrokenPipe), "")));
     }
 }
