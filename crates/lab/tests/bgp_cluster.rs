@@ -513,3 +513,56 @@ fn metrics_and_readiness_follow_traffic_and_a_session_flap() {
         "checked before the socket: {err}"
     );
 }
+
+/// Item: nodes peering only with an outside reflector (BIRD, mesh off).
+/// n3's agent stalls past its lease TTL but not past the BGP hold time
+/// (9 s): its lease expires, the others drop its subnet (no owner), and
+/// when it runs again and re-claims the subnet, they must take the route
+/// back although no session dropped and BIRD resends nothing.
+#[test]
+fn a_subnet_whose_lease_returns_is_routed_again_through_a_reflector() {
+    if !privileged("a_subnet_whose_lease_returns_is_routed_again_through_a_reflector") {
+        return;
+    }
+    let mut lab = bgp_lab(3, 2, Some(trellis_lab::bird::SEGMENT_PEERS));
+    let _bird = trellis_lab::bird::router(&lab, "").expect("BIRD on the router");
+    let p = pods(&mut lab);
+    for (node, _, _) in &p {
+        wait_established(&lab, node, 1);
+    }
+    reach_all(&lab, &p);
+    let n3 = lab.node("n3").expect("n3").clone();
+    let key = format!("/trellis/v1/subnets/{}", n3.subnet.replace('/', "-"));
+    let held = |lab: &Lab| {
+        !lab.etcdctl(&["get", &key, "--print-value-only"])
+            .expect("etcdctl")
+            .trim()
+            .is_empty()
+    };
+    let since_before = bgp_peers(&lab, "n1")[0]["establishedCount"].clone();
+    lab.freeze_agent("n3", true).expect("freeze");
+    wait_for("n3's lease expires", Duration::from_secs(8), || !held(&lab));
+    wait_for(
+        "n1 drops the unowned subnet",
+        Duration::from_secs(5),
+        || !routes(&lab, "n1").contains(&n3.subnet),
+    );
+    lab.freeze_agent("n3", false).expect("thaw");
+    wait_for("n3 holds its subnet again", Duration::from_secs(10), || {
+        held(&lab)
+    });
+    wait_for("n1 routes to n3 again", Duration::from_secs(10), || {
+        routes(&lab, "n1").contains(&n3.subnet)
+    });
+    // the session with the reflector never dropped: nothing was resent
+    assert_eq!(
+        bgp_peers(&lab, "n1")[0]["establishedCount"],
+        since_before,
+        "n1's session was reset"
+    );
+    let (_, n1_pod, _) = &p[0];
+    let (_, _, n3_ip) = &p[2];
+    wait_for("n1's pod reaches n3's pod", Duration::from_secs(10), || {
+        lab.ping(n1_pod, n3_ip, 1).is_some()
+    });
+}
