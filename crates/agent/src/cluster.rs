@@ -221,10 +221,17 @@ impl LeaseKeeper {
     /// with the addresses it has: it claims another subnet for its next
     /// start, refuses CNI ADDs and stops with an error naming both.
     async fn run<D: Datastore>(mut self, store: D) {
+        let mut wait = self.ttl / 3;
         loop {
-            tokio::time::sleep(self.ttl / 3).await;
+            tokio::time::sleep(wait).await;
+            // after a failure, try again soon: one slow answer must not
+            // let the lease run out
+            wait = (self.ttl / 10).max(std::time::Duration::from_millis(200));
             match store.keep_alive(self.joined.lease.lease).await {
-                Ok(()) => self.metrics.lease_renewal("ok"),
+                Ok(()) => {
+                    self.metrics.lease_renewal("ok");
+                    wait = self.ttl / 3;
+                }
                 Err(StoreError::LeaseGone(_)) => {
                     if self.expired(&store).await {
                         return;
@@ -251,6 +258,11 @@ impl LeaseKeeper {
             }
             Ok(Reclaim::TakenBy(holder)) => {
                 self.metrics.lease_renewal("lost");
+                // no pod may get an address of a subnet another node holds,
+                // not even while the next subnet is claimed
+                self.health.refuse(format!(
+                    "subnet {subnet} was lost: node {holder} holds it now"
+                ));
                 let next = claim(
                     store,
                     &self.prefix,

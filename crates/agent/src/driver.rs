@@ -135,9 +135,6 @@ pub async fn drive<D, C>(
     let mut outage = Outage::new();
     let mut first = true;
     loop {
-        if !first {
-            s.metrics.watch_restarted();
-        }
         let listing = match store.list(&s.prefix).await {
             Ok(l) => l,
             Err(e) => {
@@ -170,9 +167,16 @@ pub async fn drive<D, C>(
             tokio::select! {
                 item = rx.recv() => match item {
                     // the watch ended (its connection broke for good): list again
-                    None => break,
+                    None => {
+                        s.metrics.watch_restarted();
+                        break;
+                    }
                     Some(WatchItem::Events(events)) => ctl.on_events(events).await,
-                    Some(WatchItem::Resync(l)) => ctl.on_listing(l.items).await,
+                    // the watch fell behind (a compaction, a reconnect past one)
+                    Some(WatchItem::Resync(l)) => {
+                        s.metrics.watch_restarted();
+                        ctl.on_listing(l.items).await
+                    }
                 },
                 batch = next_inputs(&mut inputs) => ctl.on_inputs(batch).await,
                 _ = resync.tick() => ctl.on_resync().await,

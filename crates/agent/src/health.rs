@@ -81,8 +81,14 @@ impl Health {
     /// now on, readiness turns false, and the main thread exits non-zero.
     pub fn fatal(&self, msg: String) {
         tracing::error!(reason = %msg, "fatal: the agent stops");
-        lock(&self.fatal).get_or_insert(msg.clone());
+        self.refuse(msg.clone());
         self.send(Exit::Fatal(msg));
+    }
+
+    /// Refuses CNI ADDs (and turns readiness false) from now on, before the
+    /// agent has decided how to end: the first reason stays.
+    pub fn refuse(&self, msg: String) {
+        lock(&self.fatal).get_or_insert(msg);
     }
 
     /// Asks the main thread to stop.

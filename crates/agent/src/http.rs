@@ -16,6 +16,9 @@ use std::time::Duration;
 /// Connections served at the same time; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 16;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The whole request must arrive within this (a client trickling a byte
+/// at a time cannot hold a connection slot for long).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the endpoint reads.
 #[derive(Clone)]
@@ -123,12 +126,19 @@ fn answer(stream: TcpStream, state: &HttpState) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?).take(16 * 1024);
+    let started = std::time::Instant::now();
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    // drain the headers (bounded by `take`)
+    // drain the headers (bounded by `take` and the request deadline)
     let mut header = String::new();
     while reader.read_line(&mut header)? > 2 {
         header.clear();
+        if started.elapsed() > REQUEST_DEADLINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request headers too slow",
+            ));
+        }
     }
     let reply = route(state, &line);
     let head_only = line.starts_with("HEAD ");

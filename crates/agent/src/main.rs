@@ -188,12 +188,17 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| Exit::Fatal("exit channel closed".into()));
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&cfg.status_socket);
+    // exit right here: dropping the runtime would wait for whatever a
+    // worker is blocked in
     match why {
         Exit::Signal(sig) => {
             tracing::info!(signal = %sig, "shutting down");
-            Ok(())
+            std::process::exit(0)
         }
-        Exit::Fatal(msg) => Err(anyhow::anyhow!(msg)),
+        Exit::Fatal(msg) => {
+            eprintln!("Error: {msg}");
+            std::process::exit(1)
+        }
     }
 }
 

@@ -163,13 +163,13 @@ impl Metrics {
         let watch_restarts = Counter::default();
         registry.register(
             "datastore_watch_restarts",
-            "Datastore list+watch restarts (errors, compaction)",
+            "Full relistings after the first: a watch that ended, or fell behind a compaction (the etcd client reconnects a broken watch by itself)",
             watch_restarts.clone(),
         );
         let datastore_errors = Counter::default();
         registry.register(
             "datastore_errors",
-            "Datastore requests of the routing loop that failed",
+            "List and watch requests of the routing loop that failed (keep-alives count in lease_renewals)",
             datastore_errors.clone(),
         );
         let lease_renewals = Family::<ResultLabels, Counter>::default();

@@ -5,9 +5,10 @@
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
 
-/// One node's status.
+/// One node's status. Every field has a default, so a CLI reads the
+/// document of an older or newer agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct NodeStatus {
     /// Node name.
     pub node: String,

@@ -126,8 +126,14 @@ impl BgpController {
             }
         }
         if let Some(r) = &self.running {
-            r.speaker.set_peers(p.peers.clone()).await;
-            r.speaker.set_policy(p.policy.clone()).await;
+            let taken = r.speaker.set_peers(p.peers.clone()).await
+                && r.speaker.set_policy(p.policy.clone()).await;
+            if !taken {
+                // tried again at the next housekeeping tick
+                tracing::warn!("bgp: the speaker did not take the new peers or policy; retrying");
+                self.plan = None;
+                return;
+            }
         }
         self.plan = Some(p);
     }
@@ -160,7 +166,12 @@ impl BgpController {
                 Err(e) => return Err(e),
             }
         };
-        speaker.announce(IpNet::V4(self.joined.lease.subnet)).await;
+        if !speaker.announce(IpNet::V4(self.joined.lease.subnet)).await {
+            speaker.shutdown().await;
+            return Err(std::io::Error::other(
+                "the new speaker did not take this node's subnet",
+            ));
+        }
         let gen = self.next_gen;
         self.next_gen += 1;
         let tx = self.events.clone();
@@ -340,8 +351,9 @@ impl Controller for BgpController {
     }
 
     async fn on_housekeeping(&mut self) {
-        if self.running.is_none() {
-            // the speaker could not start (port taken?): again
+        if self.running.is_none() || self.plan.is_none() {
+            // the speaker could not start (port taken?) or did not take
+            // its peers: again
             self.replan().await;
         }
         if self.check_synced() {

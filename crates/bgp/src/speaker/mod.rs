@@ -226,24 +226,32 @@ impl Speaker {
 
     /// Sets the peers: unchanged ones keep their sessions, changed ones
     /// restart, missing ones stop.
-    pub async fn set_peers(&self, peers: Vec<PeerSpec>) {
-        self.cmd(Cmd::SetPeers(peers)).await;
+    /// False when the speaker did not take it (stopped, or busy past the
+    /// command deadline): the caller must try again.
+    pub async fn set_peers(&self, peers: Vec<PeerSpec>) -> bool {
+        self.cmd(Cmd::SetPeers(peers)).await
     }
 
     /// Originates `prefix` (next hop self).
-    pub async fn announce(&self, prefix: IpNet) {
-        self.cmd(Cmd::Announce(prefix)).await;
+    /// False when the speaker did not take it (stopped, or busy past the
+    /// command deadline): the caller must try again.
+    pub async fn announce(&self, prefix: IpNet) -> bool {
+        self.cmd(Cmd::Announce(prefix)).await
     }
 
     /// Stops originating `prefix`.
-    pub async fn withdraw(&self, prefix: IpNet) {
-        self.cmd(Cmd::Withdraw(prefix)).await;
+    /// False when the speaker did not take it (stopped, or busy past the
+    /// command deadline): the caller must try again.
+    pub async fn withdraw(&self, prefix: IpNet) -> bool {
+        self.cmd(Cmd::Withdraw(prefix)).await
     }
 
     /// Replaces the import policy; routes that now fail it are withdrawn
     /// (and kept as refused), refused routes that pass now are accepted.
-    pub async fn set_policy(&self, policy: ImportPolicy) {
-        self.cmd(Cmd::SetPolicy(policy)).await;
+    /// False when the speaker did not take it (stopped, or busy past the
+    /// command deadline): the caller must try again.
+    pub async fn set_policy(&self, policy: ImportPolicy) -> bool {
+        self.cmd(Cmd::SetPolicy(policy)).await
     }
 
     /// Every peer's status (empty if the core does not answer in time).

@@ -42,6 +42,9 @@ struct Session {
     /// The last note shown and when: a repeat within [`NOTE_REPEAT`] is
     /// recorded (status) but not logged again.
     last_note: Option<(String, Instant)>,
+    /// Why we closed the connection ourselves (a write failed), reported
+    /// instead of the FSM's generic reason when the session goes down.
+    close_reason: Option<String>,
     reported: State,
     /// Connection attempts that failed in a row: retries start fast (a
     /// node's peer is often just starting) and back off to the configured
@@ -88,6 +91,7 @@ pub(crate) async fn run(
         buf: Vec::with_capacity(1 << 16),
         to_core,
         last_note: None,
+        close_reason: None,
         reported: State::Idle,
         failed_dials: 0,
     };
@@ -312,15 +316,14 @@ impl Session {
         match written {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
-                self.note(format!("write: {e}")).await;
+                self.close_reason = Some(format!("write: {e}"));
                 Some(Event::TcpDown)
             }
             Err(_) => {
-                self.note(format!(
-                    "write: the peer read nothing for {} s (the hold time); closing",
+                self.close_reason = Some(format!(
+                    "write: the peer read nothing for {} s (the hold time); connection closed",
                     deadline.as_secs()
-                ))
-                .await;
+                ));
                 Some(Event::TcpDown)
             }
         }
@@ -383,6 +386,7 @@ impl Session {
             }
             Action::Up(open, ctx) => {
                 self.ctx = ctx;
+                self.close_reason = None;
                 let local = self
                     .stream
                     .as_ref()
@@ -392,6 +396,7 @@ impl Session {
                 None
             }
             Action::Down(why) => {
+                let why = self.close_reason.take().unwrap_or(why);
                 self.tell(FromSession::Down {
                     why,
                     graceful: tcp_failure,

@@ -79,7 +79,17 @@ impl Core {
             withdrawn.push(prefix);
         }
         let mut accepted = Vec::with_capacity(imp.announced.len());
-        let held = self.rib.received(&addr);
+        // what the peer will hold after this UPDATE's withdrawals; only
+        // prefixes it does not hold yet count against max-prefix
+        let adj_in = self.rib.adj_in(&addr);
+        let known = |prefix: &IpNet| adj_in.is_some_and(|t| t.contains_key(prefix));
+        let mut held = self.rib.received(&addr)
+            - withdrawn
+                .iter()
+                .collect::<rustc_hash::FxHashSet<_>>()
+                .into_iter()
+                .filter(|w| known(w))
+                .count();
         let max = if p.spec.max_prefixes > 0 {
             p.spec.max_prefixes
         } else {
@@ -94,13 +104,12 @@ impl Core {
                 .policy
                 .check(&prefix, path.originator(), from_node)
                 .and_then(|()| {
-                    let known = self
-                        .rib
-                        .adj_in(&addr)
-                        .is_some_and(|t| t.contains_key(&prefix));
-                    if max > 0 && !known && held + accepted.len() >= max {
+                    if known(&prefix) {
+                        Ok(())
+                    } else if max > 0 && held >= max {
                         Err(Refusal::Limit(prefix, max))
                     } else {
+                        held += 1;
                         Ok(())
                     }
                 });
@@ -162,11 +171,15 @@ impl Core {
             self.cfg.policy.max_prefixes
         };
         let policy = &self.cfg.policy;
+        // routes kept stale through the peer's graceful restart are left
+        // to End-of-RIB or the restart time, not moved into `refused`
+        let stale = &p.stale;
         let bad: Vec<(IpNet, SharedPath)> = self
             .rib
             .adj_in(&addr)
             .map(|t| {
                 t.iter()
+                    .filter(|(p, _)| !stale.contains(p))
                     .filter(|(p, path)| policy.check(p, path.originator(), from_node).is_err())
                     .map(|(p, path)| (*p, path.clone()))
                     .collect()

@@ -80,8 +80,8 @@ struct Peer {
     /// Refused prefixes were kept without their path: a policy change
     /// needs a ROUTE-REFRESH.
     refused_pathless: bool,
-    /// Times the session reached Established.
-    established_count: u64,
+    /// The session task, aborted when the session is reset.
+    task: tokio::task::AbortHandle,
     refusals_logged: usize,
     /// Kept through the peer's graceful restart, until End-of-RIB.
     stale: FxHashSet<IpNet>,
@@ -113,6 +113,12 @@ struct Core {
     local: BTreeSet<IpNet>,
     peers: HashMap<IpAddr, Peer>,
     next_gen: u64,
+    /// Times each peer's session reached Established (kept across session
+    /// resets and peer changes: a flap shows as growth).
+    established: HashMap<IpAddr, u64>,
+    /// Sessions to reset once the current event is handled (never in the
+    /// middle of an export, which would reorder UPDATEs to other peers).
+    resets: Vec<IpAddr>,
     listener: Option<Arc<TcpListener>>,
     /// Connections from addresses not (yet) configured as peers, kept for a
     /// moment: the peer often learns of us a little before we learn of it.
@@ -167,6 +173,8 @@ pub(super) async fn run(
         local: BTreeSet::new(),
         peers: HashMap::new(),
         next_gen: 1,
+        established: HashMap::new(),
+        resets: Vec::new(),
         listener,
         pending: HashMap::new(),
         feed,
@@ -190,11 +198,11 @@ pub(super) async fn run(
                     let _ = done.send(());
                     return;
                 }
-                Some(c) => core.command(c),
+                Some(c) => { core.command(c); core.run_resets(); }
             },
-            Some(m) = srx.recv() => core.on_session(m),
-            Some((stream, from)) = irx.recv() => core.incoming(stream, from),
-            _ = tick.tick() => core.expire_stale(),
+            Some(m) = srx.recv() => { core.on_session(m); core.run_resets(); }
+            Some((stream, from)) = irx.recv() => { core.incoming(stream, from); core.run_resets(); }
+            _ = tick.tick() => { core.expire_stale(); core.run_resets(); }
         }
     }
 }
@@ -265,7 +273,10 @@ impl Core {
     /// withdraws what it gave us.
     fn remove_peer(&mut self, a: IpAddr) -> Option<PeerSpec> {
         let p = self.peers.remove(&a)?;
-        let _ = p.tx.try_send(ToSession::Stop);
+        if p.tx.try_send(ToSession::Stop).is_err() {
+            // no room for the Cease: end the session now
+            p.task.abort();
+        }
         self.set_md5(&p.spec, None);
         let changes = self.rib.peer_down(&a);
         self.propagate(changes);
@@ -288,13 +299,14 @@ impl Core {
             restart_time: self.cfg.restart_time,
             restarting: self.cfg.restarting,
         };
-        tokio::spawn(session::run(
+        let task = tokio::spawn(session::run(
             spec.clone(),
             pc,
             gen,
             rx,
             self.sessions.clone(),
-        ));
+        ))
+        .abort_handle();
         if let Some((stream, _)) = self.pending.remove(&a) {
             let _ = tx.try_send(ToSession::Incoming(stream));
         }
@@ -310,7 +322,7 @@ impl Core {
                 adj_out: FxHashMap::default(),
                 refused: FxHashMap::default(),
                 refused_pathless: false,
-                established_count: 0,
+                task,
                 refusals_logged: 0,
                 stale: FxHashSet::default(),
                 stale_until: None,
@@ -321,8 +333,8 @@ impl Core {
 
     /// Hands `msg` to the peer's session without waiting. A full queue
     /// means the session cannot write (the peer stopped reading, or is far
-    /// slower than the routes change): the session is reset, and the peer
-    /// gets the full table when it is back.
+    /// slower than the routes change): the session is reset after the
+    /// current event, and the peer gets the full table when it is back.
     fn send_to_session(&mut self, addr: IpAddr, msg: ToSession) {
         let Some(p) = self.peers.get(&addr) else {
             return;
@@ -330,18 +342,33 @@ impl Core {
         match p.tx.try_send(msg) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(
-                    peer = %addr,
-                    queued = SESSION_QUEUE,
-                    "bgp: session is not keeping up with its queue; resetting it"
-                );
-                if let Some(spec) = self.remove_peer(addr) {
-                    self.add_peer(spec);
-                    if let Some(p) = self.peers.get_mut(&addr) {
-                        p.last_error = Some(format!(
-                            "reset: {SESSION_QUEUE} message batches queued and not written"
-                        ));
-                    }
+                if !self.resets.contains(&addr) {
+                    self.resets.push(addr);
+                }
+            }
+        }
+    }
+
+    /// Resets the sessions whose queues overflowed: the old task is
+    /// aborted (its connection closes at once, even mid-write), the peer's
+    /// routes are withdrawn, a new session starts.
+    fn run_resets(&mut self) {
+        for addr in std::mem::take(&mut self.resets) {
+            let Some(p) = self.peers.get(&addr) else {
+                continue;
+            };
+            tracing::warn!(
+                peer = %addr,
+                queued = SESSION_QUEUE,
+                "bgp: session is not keeping up with its queue; resetting it"
+            );
+            p.task.abort();
+            if let Some(spec) = self.remove_peer(addr) {
+                self.add_peer(spec);
+                if let Some(p) = self.peers.get_mut(&addr) {
+                    p.last_error = Some(format!(
+                        "reset: {SESSION_QUEUE} message batches queued and not written"
+                    ));
                 }
             }
         }
@@ -391,7 +418,7 @@ impl Core {
             }
             FromSession::Up { open, local } => {
                 tracing::info!(peer = %addr, asn = open.asn, id = %open.id, "bgp: session established");
-                p.established_count += 1;
+                *self.established.entry(addr).or_default() += 1;
                 p.remote = Some(Remote {
                     router_id: open.id,
                     asn: open.asn,
@@ -492,7 +519,7 @@ impl Core {
                     since_secs: p.since.elapsed().as_secs(),
                     router_id: p.remote.as_ref().map(|r| r.router_id),
                     received: accepted + p.refused.len(),
-                    established_count: p.established_count,
+                    established_count: self.established.get(&p.spec.addr).copied().unwrap_or(0),
                     accepted,
                     advertised: p.adj_out.len(),
                     stale: p.stale.len(),
