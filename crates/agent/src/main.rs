@@ -48,8 +48,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
         .unwrap_or_else(|_| "info".into());
+    // colours only on a terminal: log files and journals get plain text
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),
