@@ -23,7 +23,7 @@ use trellis_model::netconf::{BackendType, ClusterConfig};
 use trellis_model::node::{parse_subnet_key, NodeRecord};
 use trellis_model::status::BgpStatus;
 use trellis_routing::LocalNode;
-use trellis_store::{Datastore, EtcdOptions, EtcdStore, StoreError, TlsFiles};
+use trellis_store::{Datastore, EtcdOptions, EtcdStore, KeyValue, StoreError, TlsFiles};
 
 /// What joining the cluster gave this node.
 #[derive(Debug, Clone)]
@@ -297,22 +297,47 @@ impl LeaseKeeper {
     }
 }
 
-pub(crate) fn record(prefix: &str, key: &str, value: &[u8]) -> Option<(String, NodeRecord)> {
-    parse_subnet_key(prefix, key)?;
-    match serde_json::from_slice::<NodeRecord>(value) {
-        Ok(r) => Some((r.node.clone(), r)),
-        Err(e) => {
-            tracing::warn!("cluster: {key}: unreadable node record: {e}");
-            None
-        }
-    }
+/// The other nodes' records under `subnets/`, as both backends keep them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NodeTable {
+    prefix: String,
+    /// Records by node name.
+    pub nodes: BTreeMap<String, NodeRecord>,
 }
 
-pub(crate) fn records<'a>(
-    prefix: &str,
-    kvs: impl Iterator<Item = (&'a str, &'a [u8])>,
-) -> BTreeMap<String, NodeRecord> {
-    kvs.filter_map(|(k, v)| record(prefix, k, v)).collect()
+impl NodeTable {
+    /// An empty table for keys under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Replaces the table with the records of a listing.
+    pub fn replace(&mut self, items: &[KeyValue]) {
+        self.nodes.clear();
+        for kv in items {
+            self.apply(&kv.key, Some(&kv.value));
+        }
+    }
+
+    /// One change (`None`: deleted). A subnet has one holder: a record
+    /// for it replaces whoever held it. Unreadable records are logged and
+    /// skipped; keys that are not subnet claims are ignored.
+    pub fn apply(&mut self, key: &str, value: Option<&[u8]>) {
+        let Some(net) = parse_subnet_key(&self.prefix, key) else {
+            return;
+        };
+        self.nodes.retain(|_, v| v.subnet != net);
+        let Some(value) = value else { return };
+        match serde_json::from_slice::<NodeRecord>(value) {
+            Ok(r) => {
+                self.nodes.insert(r.node.clone(), r);
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "unreadable node record"),
+        }
+    }
 }
 
 pub(crate) fn set_view(
@@ -355,5 +380,49 @@ pub(crate) fn apply_routes(
     shared.metrics.reconciled("routes", errors.len());
     for e in errors {
         tracing::warn!(error = %e, "routing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    fn rec(node: &str, subnet: &str) -> String {
+        format!(
+            r#"{{"node":"{node}","subnet":"{subnet}","publicIp":"192.0.2.1","backendType":"host-gw"}}"#
+        )
+    }
+
+    #[test]
+    fn one_holder_per_subnet_and_bad_records_skipped() {
+        let p = "/trellis/v1/";
+        let mut t = NodeTable::new(p);
+        t.replace(&[
+            kv(
+                "/trellis/v1/subnets/10.244.1.0-24",
+                &rec("n1", "10.244.1.0/24"),
+            ),
+            kv("/trellis/v1/subnets/10.244.2.0-24", "not json"),
+            kv("/trellis/v1/bgp/peers/x", "{}"),
+        ]);
+        assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["n1"]);
+        // the subnet changes hands: the old holder goes
+        t.apply(
+            "/trellis/v1/subnets/10.244.1.0-24",
+            Some(rec("n9", "10.244.1.0/24").as_bytes()),
+        );
+        assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["n9"]);
+        t.apply("/trellis/v1/subnets/10.244.1.0-24", None);
+        assert!(t.nodes.is_empty());
     }
 }

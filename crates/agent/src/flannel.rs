@@ -3,22 +3,22 @@
 //! routes / neighbours / FDB entries (`trellis_routing::desired`) and the
 //! nftables table out.
 
-use crate::cluster::{apply_routes, hold_lease, records, resync_kernel, set_view, Joined, Shared};
+use crate::cluster::{
+    apply_routes, hold_lease, resync_kernel, set_view, Joined, NodeTable, Shared,
+};
 use crate::config::AgentConfig;
 use crate::driver::{drive, Controller, LoopSettings};
 use crate::masq;
 use crate::routes::RouteReconciler;
-use std::collections::BTreeMap;
 use std::time::Duration;
-use trellis_model::node::{parse_subnet_key, NodeRecord};
+use trellis_model::node::NodeRecord;
 use trellis_routing::desired;
 use trellis_store::{Datastore, Event, KeyValue};
 
 /// Routes to every other node's subnet, kept in line with `subnets/`.
 pub struct FlannelController {
-    prefix: String,
     joined: Joined,
-    nodes: BTreeMap<String, NodeRecord>,
+    nodes: NodeTable,
     rec: RouteReconciler,
     ruleset: String,
     shared: Shared,
@@ -26,13 +26,13 @@ pub struct FlannelController {
 
 impl FlannelController {
     fn want(&self) -> trellis_routing::Desired {
-        let nodes: Vec<NodeRecord> = self.nodes.values().cloned().collect();
+        let nodes: Vec<NodeRecord> = self.nodes.nodes.values().cloned().collect();
         desired(&self.joined.cfg.backend, &self.joined.local, &nodes)
     }
 
     fn resync(&mut self) {
         let want = self.want();
-        set_view(&self.shared.view, &self.nodes, &want.problems);
+        set_view(&self.shared.view, &self.nodes.nodes, &want.problems);
         for p in &want.problems {
             tracing::warn!(problem = %p, "routing");
         }
@@ -44,35 +44,19 @@ impl Controller for FlannelController {
     type Input = ();
 
     async fn on_listing(&mut self, items: Vec<KeyValue>) {
-        self.nodes = records(
-            &self.prefix,
-            items
-                .iter()
-                .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        );
+        self.nodes.replace(&items);
         self.resync();
     }
 
     async fn on_events(&mut self, events: Vec<Event>) {
         for ev in events {
             match ev {
-                Event::Put(kv) => {
-                    if let Some((name, r)) =
-                        crate::cluster::record(&self.prefix, &kv.key, &kv.value)
-                    {
-                        self.nodes.retain(|_, v| v.subnet != r.subnet);
-                        self.nodes.insert(name, r);
-                    }
-                }
-                Event::Delete { key, .. } => {
-                    if let Some(net) = parse_subnet_key(&self.prefix, &key) {
-                        self.nodes.retain(|_, v| v.subnet != net);
-                    }
-                }
+                Event::Put(kv) => self.nodes.apply(&kv.key, Some(&kv.value)),
+                Event::Delete { key, .. } => self.nodes.apply(&key, None),
             }
         }
         let want = self.want();
-        set_view(&self.shared.view, &self.nodes, &want.problems);
+        set_view(&self.shared.view, &self.nodes.nodes, &want.problems);
         apply_routes(&mut self.rec, want, &self.shared);
     }
 
@@ -95,8 +79,7 @@ pub async fn run<D: Datastore + Clone>(
     let mut ctl = FlannelController {
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), joined.cfg.network),
         ruleset: masq::ruleset(&joined.cfg),
-        prefix: prefix.clone(),
-        nodes: BTreeMap::new(),
+        nodes: NodeTable::new(&prefix),
         joined,
         shared: shared.clone(),
     };

@@ -338,9 +338,18 @@ mod raw {
     };
 
     pub async fn connect(base: u8) -> TcpStream {
+        connect_with(base, None).await
+    }
+
+    /// Connects as peer 2 of `base`, with a receive buffer of `rcvbuf`
+    /// bytes when given (a tiny window: a peer that reads slowly or not).
+    pub async fn connect_with(base: u8, rcvbuf: Option<u32>) -> TcpStream {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let s = TcpSocket::new_v4().expect("socket");
+            if let Some(b) = rcvbuf {
+                s.set_recv_buffer_size(b).expect("rcvbuf");
+            }
             s.bind(SocketAddr::new(ip(2, base), 0)).expect("bind");
             match s.connect(SocketAddr::new(ip(1, base), port())).await {
                 Ok(c) => return c,
@@ -531,23 +540,7 @@ async fn a_peer_that_stops_reading_cannot_wedge_its_session() {
     }
     a.speaker.set_peers(vec![raw_peer]).await;
     // the raw peer: a 4 KiB receive buffer, OPEN + KEEPALIVE, then silence
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(4096).expect("rcvbuf");
-    sock.bind(SocketAddr::new(ip(2, base), 0)).expect("bind");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = loop {
-        let s2 = tokio::net::TcpSocket::new_v4().expect("socket");
-        s2.set_recv_buffer_size(4096).expect("rcvbuf");
-        s2.bind(SocketAddr::new(ip(2, base), 0)).expect("bind");
-        match s2.connect(SocketAddr::new(ip(1, base), port())).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "connect: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    drop(sock);
+    let mut s = raw::connect_with(base, Some(4096)).await;
     let mut open = raw::open(64512, base);
     open[19 + 3] = 0;
     open[19 + 4] = 3; // hold time 3 s

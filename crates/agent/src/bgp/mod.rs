@@ -8,7 +8,9 @@
 
 pub mod plan;
 
-use crate::cluster::{apply_routes, hold_lease, records, resync_kernel, set_view, Joined, Shared};
+use crate::cluster::{
+    apply_routes, hold_lease, resync_kernel, set_view, Joined, NodeTable, Shared,
+};
 use crate::config::AgentConfig;
 use crate::driver::{drive, Controller, LoopSettings};
 use crate::masq;
@@ -21,7 +23,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use trellis_bgp::{RouteEvent, Speaker, SpeakerConfig};
 use trellis_model::bgp::{bgp_prefix, BgpResources, NodeBgp};
-use trellis_model::node::NodeRecord;
 use trellis_model::status::{BgpPeer, BgpStatus};
 use trellis_store::{Datastore, Event, KeyValue};
 
@@ -41,7 +42,7 @@ struct BgpController {
     joined: Joined,
     prefix: String,
     cli: NodeBgp,
-    nodes: BTreeMap<String, NodeRecord>,
+    nodes: NodeTable,
     kvs: BTreeMap<String, Vec<u8>>,
     res: BgpResources,
     running: Option<Running>,
@@ -76,24 +77,12 @@ impl BgpController {
             self.res = res;
             return;
         }
-        match value {
-            Some(v) => {
-                if let Some((name, r)) = crate::cluster::record(&self.prefix, key, v) {
-                    self.nodes.retain(|_, x| x.subnet != r.subnet);
-                    self.nodes.insert(name, r);
-                }
-            }
-            None => {
-                if let Some(net) = trellis_model::node::parse_subnet_key(&self.prefix, key) {
-                    self.nodes.retain(|_, x| x.subnet != net);
-                }
-            }
-        }
+        self.nodes.apply(key, value);
     }
 
     /// Brings the speaker in line with the datastore.
     async fn replan(&mut self) {
-        let mut nodes = self.nodes.clone();
+        let mut nodes = self.nodes.nodes.clone();
         nodes
             .entry(self.joined.local.name.clone())
             .or_insert_with(|| self.joined.record.clone());
@@ -248,7 +237,7 @@ impl BgpController {
     fn publish_problems(&self) {
         set_view(
             &self.shared.view,
-            &self.nodes,
+            &self.nodes.nodes,
             &learned_routes(&self.joined.local, &self.learned).problems,
         );
     }
@@ -272,26 +261,7 @@ impl BgpController {
 
     async fn publish(&self) {
         let Some(r) = &self.running else { return };
-        let peers: Vec<BgpPeer> = r
-            .speaker
-            .status()
-            .await
-            .into_iter()
-            .map(|p| BgpPeer {
-                addr: p.addr,
-                asn: p.asn,
-                kind: p.kind.as_str().into(),
-                state: p.state,
-                since_secs: p.since_secs,
-                router_id: p.router_id,
-                received: p.received,
-                accepted: p.accepted,
-                advertised: p.advertised,
-                stale: p.stale,
-                established_count: p.established_count,
-                last_error: p.last_error,
-            })
-            .collect();
+        let peers: Vec<BgpPeer> = r.speaker.status().await;
         self.shared.metrics.bgp(&peers);
         // nodes and problems are set where they change (set_view)
         let mut v = self.shared.view.lock().unwrap_or_else(|p| p.into_inner());
@@ -308,12 +278,7 @@ impl Controller for BgpController {
     type Input = (u64, Vec<RouteEvent>);
 
     async fn on_listing(&mut self, items: Vec<KeyValue>) {
-        self.nodes = records(
-            &self.prefix,
-            items
-                .iter()
-                .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        );
+        self.nodes.replace(&items);
         self.kvs.clear();
         self.res = BgpResources::default();
         for kv in &items {
@@ -342,7 +307,7 @@ impl Controller for BgpController {
             evs.into_iter().for_each(|ev| self.route_event(gen, ev));
         }
         let want = learned_routes(&self.joined.local, &self.learned);
-        set_view(&self.shared.view, &self.nodes, &want.problems);
+        set_view(&self.shared.view, &self.nodes.nodes, &want.problems);
         apply_routes(&mut self.rec, want, &self.shared);
     }
 
@@ -390,7 +355,7 @@ pub async fn run<D: Datastore + Clone>(
     let mut ctl = BgpController {
         prefix: prefix.clone(),
         cli: agent.bgp.clone().unwrap_or_default(),
-        nodes: BTreeMap::new(),
+        nodes: NodeTable::new(&prefix),
         kvs: BTreeMap::new(),
         res: BgpResources::default(),
         running: None,

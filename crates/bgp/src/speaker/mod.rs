@@ -118,34 +118,9 @@ pub enum RouteEvent {
     },
 }
 
-/// One peer, as `trellisctl bgp status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PeerStatus {
-    /// Address.
-    pub addr: IpAddr,
-    /// AS.
-    pub asn: u32,
-    /// mesh / reflector / rr-client / external.
-    pub kind: PeerKind,
-    /// FSM state.
-    pub state: String,
-    /// Seconds in this state.
-    pub since_secs: u64,
-    /// The peer's router id once known.
-    pub router_id: Option<Ipv4Addr>,
-    /// Prefixes the peer currently announces to us.
-    pub received: usize,
-    /// Of those, accepted into the Loc-RIB candidates.
-    pub accepted: usize,
-    /// Prefixes we advertise to it.
-    pub advertised: usize,
-    /// Routes kept as stale during the peer's graceful restart.
-    pub stale: usize,
-    /// Times the session reached Established.
-    pub established_count: u64,
-    /// The last error or notification.
-    pub last_error: Option<String>,
-}
+/// One peer, as `trellisctl bgp status` shows it: the status document's
+/// own type, so the agent passes it on unchanged.
+pub type PeerStatus = trellis_model::status::BgpPeer;
 
 /// Sessions report to the core with these.
 #[derive(Debug)]

@@ -514,7 +514,7 @@ impl Core {
                 PeerStatus {
                     addr: p.spec.addr,
                     asn: p.spec.asn,
-                    kind: p.spec.kind,
+                    kind: p.spec.kind.as_str().into(),
                     state: format!("{:?}", p.state),
                     since_secs: p.since.elapsed().as_secs(),
                     router_id: p.remote.as_ref().map(|r| r.router_id),
