@@ -115,9 +115,18 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
                 // the claim: no route of ours to that subnet, and the agent reports why
                 let to_underlay = lab.node(to_node)?.ip.clone();
                 let to_subnet = lab.node(to_node)?.subnet.clone();
-                let st = crate::status::fetch(&lab.status_socket(from_node))?;
-                let routed = st.routes.iter().any(|r| r.dst == to_subnet);
-                let reported = st.problems.iter().any(|p| p.contains(&to_underlay));
+                // a node's record reaches the others within a second or so,
+                // like its routes: allow for that, as the pings below do
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                let (st, routed, reported) = loop {
+                    let st = crate::status::fetch(&lab.status_socket(from_node))?;
+                    let routed = st.routes.iter().any(|r| r.dst == to_subnet);
+                    let reported = st.problems.iter().any(|p| p.contains(&to_underlay));
+                    if (!routed && reported) || std::time::Instant::now() > deadline {
+                        break (st, routed, reported);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                };
                 let ok = !routed && reported;
                 failures += usize::from(!ok);
                 println!(
@@ -129,7 +138,11 @@ pub fn run(backend: &str, segments: usize) -> anyhow::Result<usize> {
                     if ok {
                         "reported, no black-hole route".to_string()
                     } else {
-                        format!("FAIL: route installed {routed}, problem reported {reported}")
+                        format!(
+                            "FAIL: route installed {routed}, problem reported {reported}; {from_node} knows {:?}, reports {:?}",
+                            st.peers.iter().map(|p| &p.node).collect::<Vec<_>>(),
+                            st.problems
+                        )
                     }
                 );
                 continue;
