@@ -14,6 +14,7 @@ pub mod http;
 pub mod lease;
 pub mod masq;
 pub mod metrics;
+pub mod reaper;
 pub mod routes;
 pub mod server;
 pub mod service;

@@ -4,6 +4,7 @@
 
 use crate::attach::{host_veth_name, plan, Plan, PlanInput};
 use crate::config::AgentConfig;
+use crate::reaper::Reaper;
 use std::collections::HashSet;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub struct CniService {
     range: HostRange,
     mtu: u32,
     dp: Arc<dyn Dataplane>,
+    reaper: Reaper,
     pool: Mutex<Pool>,
 }
 
@@ -65,6 +67,7 @@ impl CniService {
             cfg,
             range,
             mtu,
+            reaper: Reaper::start(dp.clone()),
             dp,
             pool: Mutex::new(pool),
         })
@@ -182,6 +185,11 @@ impl CniService {
             )
             .with_details("DEL it first"));
         }
+        // a DEL of this same container and interface may have left its
+        // pod-side interface in a tombstone that is not reaped yet
+        self.reaper
+            .clear(&host)
+            .map_err(dp_err("delete the retired veth of an earlier DEL"))?;
         let pod = match (env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME")) {
             (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
             _ => None,
@@ -258,9 +266,9 @@ impl CniService {
 
     fn del(&self, env: &Env, conf: &NetConf) -> Result<(), CniError> {
         let host = host_veth_name(&env.container_id, &env.ifname);
-        self.dp
-            .link_delete(&host)
-            .map_err(dp_err("delete host veth"))?;
+        self.reaper
+            .retire(&host)
+            .map_err(dp_err("take the host veth out of service"))?;
         self.pool()
             .release(&Self::key(env, conf))
             .map_err(pool_err)?;
@@ -455,6 +463,43 @@ mod tests {
                 "{mode}/{verb}"
             );
         }
+    }
+
+    #[test]
+    fn del_takes_the_veth_out_of_service_at_once_and_a_readd_finds_the_names_free() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (svc, fake) = service(dir.path());
+        let host = host_veth_name("c1", "eth0");
+        for round in 0..3 {
+            assert!(
+                matches!(
+                    svc.handle(request("ADD", "routed"), pod_fd()),
+                    Response::Added(_)
+                ),
+                "round {round}"
+            );
+            assert!(fake.links().contains_key(&host));
+            assert!(matches!(
+                svc.handle(request("DEL", "routed"), None),
+                Response::Done
+            ));
+            // when DEL answers, the pod's link and route are out of service
+            assert!(!fake.links().contains_key(&host), "round {round}");
+            assert!(fake.routes().iter().all(|r| r.dev != host), "round {round}");
+            assert!(svc.allocations().is_empty(), "round {round}");
+        }
+        // DEL of what is gone already is fine
+        assert!(matches!(
+            svc.handle(request("DEL", "routed"), None),
+            Response::Done
+        ));
+        // an ADD clears a tombstone of the same container at once
+        assert!(matches!(
+            svc.handle(request("ADD", "routed"), pod_fd()),
+            Response::Added(_)
+        ));
+        let tomb = crate::reaper::tombstone_name(&host);
+        assert!(!fake.links().contains_key(&tomb));
     }
 
     #[test]

@@ -75,6 +75,11 @@ impl FakeDataplane {
         self.lock().links.clone()
     }
 
+    /// Puts a plain link `name` into the node namespace (a leftover).
+    pub fn add_test_link(&self, name: &str) {
+        self.lock().add_link(name, 1500, None);
+    }
+
     /// Routes in the node namespace.
     pub fn routes(&self) -> Vec<HostRoute> {
         self.lock().routes.clone()
@@ -213,6 +218,33 @@ impl Dataplane for FakeDataplane {
         }
         s.routes.retain(|r| r.dev != name);
         Ok(true)
+    }
+
+    fn link_retire(&self, name: &str, new_name: &str) -> Result<bool> {
+        let mut s = self.enter("link_retire")?;
+        if s.links.contains_key(new_name) {
+            return Err(DataplaneError::new(
+                "link_retire",
+                NlError::Kernel(Errno::EEXIST),
+            ));
+        }
+        let Some(link) = s.links.remove(name) else {
+            return Ok(false);
+        };
+        // a down link loses its routes, as in the kernel
+        s.routes.retain(|r| r.dev != name);
+        s.links.insert(new_name.to_string(), link);
+        Ok(true)
+    }
+
+    fn links_named(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .enter("links_named")?
+            .links
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     fn link_index(&self, name: &str) -> Result<Option<u32>> {

@@ -172,6 +172,15 @@ pub trait Dataplane: Send + Sync {
     /// `ip link del NAME`; `Ok(false)` when it did not exist.
     fn link_delete(&self, name: &str) -> Result<bool>;
 
+    /// `ip link set NAME down; ip link set NAME name NEW`: takes a link out
+    /// of service at once (no traffic, its routes gone) so that deleting it,
+    /// which waits for RCU in the kernel, can happen later. `Ok(false)` when
+    /// `name` did not exist.
+    fn link_retire(&self, name: &str, new_name: &str) -> Result<bool>;
+
+    /// Names of the links whose name starts with `prefix`.
+    fn links_named(&self, prefix: &str) -> Result<Vec<String>>;
+
     /// The index of link `name`, if it exists.
     fn link_index(&self, name: &str) -> Result<Option<u32>>;
 

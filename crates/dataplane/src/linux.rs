@@ -248,6 +248,39 @@ impl Dataplane for LinuxDataplane {
         }
     }
 
+    fn link_retire(&self, name: &str, new_name: &str) -> Result<bool> {
+        let op = format!("ip link set {name} down");
+        let mut sock = own(&op)?;
+        let mut m = link_by_name(name);
+        m.header.change_mask = LinkFlags::Up;
+        match sock.request(RouteNetlinkMessage::SetLink(m), 0) {
+            Ok(()) => {}
+            Err(NlError::Kernel(Errno::ENODEV)) => return Ok(false),
+            Err(e) => return Err(DataplaneError::new(op, e)),
+        }
+        // a rename by name needs the index: IFLA_IFNAME is the new name then
+        let op = format!("ip link set {name} name {new_name}");
+        let Some(link) = get_link(&mut sock, name).map_err(nl(&op))? else {
+            return Ok(false);
+        };
+        let mut m = LinkMessage::default();
+        m.header.index = link.header.index;
+        m.attributes
+            .push(LinkAttribute::IfName(new_name.to_string()));
+        sock.request(RouteNetlinkMessage::SetLink(m), 0)
+            .map_err(nl(op))?;
+        Ok(true)
+    }
+
+    fn links_named(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut sock = own("ip link show")?;
+        Ok(crate::overlay::link_names(&mut sock)?
+            .into_iter()
+            .map(|(_, n)| n)
+            .filter(|n| n.starts_with(prefix))
+            .collect())
+    }
+
     fn link_index(&self, name: &str) -> Result<Option<u32>> {
         let op = format!("ip link show {name}");
         let mut sock = own(&op)?;

@@ -211,7 +211,7 @@ pub fn routes_owned() -> Result<Vec<HostRoute>> {
     Ok(out)
 }
 
-fn link_names(sock: &mut Netlink) -> Result<Vec<(u32, String)>> {
+pub(crate) fn link_names(sock: &mut Netlink) -> Result<Vec<(u32, String)>> {
     let op = "ip link show";
     Ok(sock
         .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))

@@ -125,6 +125,23 @@ fn attach_mode(mode: &str) {
     lab.del_pod("n1", "b").expect("del b");
     assert!(pod_veths(&node_ns).is_empty());
     assert!(allocations(&lab, "n1").is_empty());
+    // DEL answers before the kernel's slow part: the links are retired
+    // (down, renamed `tz…`) and deleted in the background, within seconds
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = links(&node_ns)
+            .into_iter()
+            .filter(|l| l.starts_with("tz"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retired veths not deleted: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn exec_ok(lab: &trellis_lab::Lab, ns: &str, args: &[&str]) {

@@ -4,7 +4,7 @@
 use anyhow::bail;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use trellis_lab::{exec, netns, Lab, LabOptions};
 
 const REF_DIR: &str = "/usr/lib/cni";
@@ -49,6 +49,23 @@ fn run_ours(lab: &Lab, command: &str, pod: &str, conf: &str) -> anyhow::Result<D
     Ok(t.took)
 }
 
+/// Waits until the node has no retired veth (`tz…`) left: trellis's DEL
+/// answers once the veth is out of service and the kernel's deletion runs
+/// after it. Returns how long after `since` that was (±3 ms: one `ip` run).
+fn settled(lab: &Lab, since: Instant) -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let links = exec::ip(&["-n", &lab.ns("n1"), "-o", "link", "show"])?;
+        if !links.lines().any(|l| l.contains(": tz")) {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("retired veths still there after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Runs `cycles` ADD+DEL cycles of each and prints the result line.
 pub fn run(cycles: usize) -> anyhow::Result<()> {
     if !Path::new(REF_DIR).join("bridge").exists() {
@@ -64,6 +81,7 @@ pub fn run(cycles: usize) -> anyhow::Result<()> {
     })
     .to_string();
     let (mut oa, mut od, mut ra, mut rd) = (vec![], vec![], vec![], vec![]);
+    let mut gone = vec![];
     for i in 0..cycles {
         for turn in 0..2 {
             let ours_turn = (i + turn) % 2 == 0;
@@ -72,7 +90,11 @@ pub fn run(cycles: usize) -> anyhow::Result<()> {
             exec::ip(&["netns", "add", &ns])?;
             if ours_turn {
                 oa.push(run_ours(&lab, "ADD", &pod, &ours)?);
+                let start = Instant::now();
                 od.push(run_ours(&lab, "DEL", &pod, &ours)?);
+                // the deletion finishes before the other plugin's turn, so
+                // it never slows the reference down
+                gone.push(settled(&lab, start)?);
             } else {
                 ra.push(run_ref(&lab, "ADD", &ns, &reference)?);
                 rd.push(run_ref(&lab, "DEL", &ns, &reference)?);
@@ -81,11 +103,13 @@ pub fn run(cycles: usize) -> anyhow::Result<()> {
         }
     }
     let (ta, td, fa, fd) = (p50(&mut oa), p50(&mut od), p50(&mut ra), p50(&mut rd));
+    let tg = p50(&mut gone);
     lab.destroy()?;
     println!(
-        "trellis_add_p50_ms={ta:.2} ref_add_p50_ms={fa:.2} add_ratio={:.2} trellis_del_p50_ms={td:.2} ref_del_p50_ms={fd:.2} del_ratio={:.2}",
+        "trellis_add_p50_ms={ta:.2} ref_add_p50_ms={fa:.2} add_ratio={:.2} trellis_del_p50_ms={td:.2} ref_del_p50_ms={fd:.2} del_ratio={:.2} trellis_veth_gone_p50_ms={tg:.2} veth_gone_ratio={:.2}",
         ta / fa,
-        td / fd
+        td / fd,
+        tg / fd
     );
     Ok(())
 }
