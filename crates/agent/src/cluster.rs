@@ -30,8 +30,8 @@ use trellis_store::{Datastore, EtcdOptions, EtcdStore, KeyValue, StoreError, Tls
 pub struct Joined {
     /// The cluster network config.
     pub cfg: ClusterConfig,
-    /// The leased subnet.
-    pub lease: SubnetLease,
+    /// The node's pod subnet (leased, or the Node's podCIDR).
+    pub subnet: Ipv4Net,
     /// This node as the backends see it.
     pub local: LocalNode,
     /// What this node publishes.
@@ -95,7 +95,7 @@ pub async fn join<D: Datastore>(
     store: &D,
     agent: &AgentConfig,
     dp: &dyn Dataplane,
-) -> anyhow::Result<Joined> {
+) -> anyhow::Result<(Joined, SubnetLease)> {
     let etcd = agent
         .etcd
         .as_ref()
@@ -111,50 +111,71 @@ pub async fn join<D: Datastore>(
         })?;
     let cfg =
         ClusterConfig::parse(&String::from_utf8_lossy(&kv.value)).with_context(|| key.clone())?;
+    check_backend(&cfg, dp).with_context(|| key.clone())?;
+    let public_ip = agent
+        .public_ip
+        .ok_or_else(|| anyhow!("publicIp is not set"))?;
+    let mut joined = local_node(agent, cfg, Ipv4Net::default(), public_ip, dp)?;
+    let previous: Option<Ipv4Net> = std::fs::read_to_string(previous_file(agent))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let ttl = Duration::from_secs(agent.lease_ttl_seconds);
+    let lease = claim(store, prefix, &joined.cfg, &joined.record, previous, ttl).await?;
+    std::fs::create_dir_all(&agent.data_dir)?;
+    std::fs::write(previous_file(agent), lease.subnet.to_string())?;
+    joined.subnet = lease.subnet;
+    joined.local.subnet = lease.subnet;
+    joined.record.subnet = lease.subnet;
+    Ok((joined, lease))
+}
+
+/// Refuses backends this kernel or this version cannot run.
+pub fn check_backend(cfg: &ClusterConfig, dp: &dyn Dataplane) -> anyhow::Result<()> {
     match cfg.backend.kind {
-        BackendType::Vxlan | BackendType::HostGw | BackendType::Bgp => {}
+        BackendType::Vxlan | BackendType::HostGw | BackendType::Bgp => Ok(()),
         BackendType::Ipip => {
             let supported = dp
                 .link_kind_supported(trellis_dataplane::LinkKind::Ipip)
-                .with_context(|| format!("{key}: probing for the kernel's ipip support"))?;
+                .context("probing for the kernel's ipip support")?;
             if !supported {
                 bail!(
-                    "{key}: Backend.Type \"ipip\" needs IP-in-IP tunnels, and this kernel has no ipip \
+                    "Backend.Type \"ipip\" needs IP-in-IP tunnels, and this kernel has no ipip \
                      driver (module ipip, CONFIG_NET_IPIP): creating an ipip link fails with \
                      \"unknown device type\". Use \"bgp\" (no encapsulation) or \"vxlan\" instead"
                 );
             }
             bail!(
-                "{key}: Backend.Type \"ipip\": the kernel has ipip, but this version of trellis \
+                "Backend.Type \"ipip\": the kernel has ipip, but this version of trellis \
                  does not program IPIP tunnels yet; use \"bgp\" or \"vxlan\""
-            );
+            )
         }
     }
-    let public_ip = agent
-        .public_ip
-        .ok_or_else(|| anyhow!("publicIp is not set"))?;
+}
+
+/// This node as the backends see it, with pod subnet `subnet`: its
+/// underlay (the interface holding `public_ip`), its record, the pod MTU.
+pub fn local_node(
+    agent: &AgentConfig,
+    cfg: ClusterConfig,
+    subnet: Ipv4Net,
+    public_ip: std::net::Ipv4Addr,
+    dp: &dyn Dataplane,
+) -> anyhow::Result<Joined> {
     let underlay = dp.underlay(IpAddr::V4(public_ip))?.ok_or_else(|| {
         anyhow!("publicIp {public_ip} is not an address of any interface of this node")
     })?;
     let ipnet::IpNet::V4(underlay_net) = underlay.net else {
         bail!("publicIp {public_ip}: underlay must be IPv4");
     };
-    let previous: Option<Ipv4Net> = std::fs::read_to_string(previous_file(agent))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
     let record = NodeRecord {
         node: agent.node_name.clone(),
-        subnet: Ipv4Net::default(),
+        subnet,
         public_ip: IpAddr::V4(public_ip),
         backend_type: cfg.backend.kind.as_str().into(),
         vtep_mac: (cfg.backend.kind == BackendType::Vxlan)
             .then(|| trellis_dataplane::mac_string(&vtep_mac(public_ip))),
         bgp: agent.bgp.clone(),
     };
-    let ttl = Duration::from_secs(agent.lease_ttl_seconds);
-    let lease = claim(store, prefix, &cfg, &record, previous, ttl).await?;
-    std::fs::create_dir_all(&agent.data_dir)?;
-    std::fs::write(previous_file(agent), lease.subnet.to_string())?;
     let overhead = if cfg.backend.kind == BackendType::Vxlan {
         50
     } else {
@@ -163,51 +184,51 @@ pub async fn join<D: Datastore>(
     let pod_mtu = agent.mtu.unwrap_or(underlay.mtu.saturating_sub(overhead));
     let local = LocalNode {
         name: agent.node_name.clone(),
-        subnet: lease.subnet,
+        subnet,
         public_ip,
         underlay: underlay_net,
         underlay_dev: underlay.dev.clone(),
         underlay_mtu: underlay.mtu,
     };
-    let mut record = record;
-    record.subnet = lease.subnet;
     Ok(Joined {
         cfg,
-        lease,
+        subnet,
         local,
         record,
         pod_mtu,
     })
 }
 
-/// Starts keeping this node's lease alive; returns the key prefix.
-pub(crate) fn hold_lease<D: Datastore + Clone>(
+/// Starts keeping this node's lease alive.
+pub fn hold_lease<D: Datastore + Clone>(
     store: &D,
     agent: &AgentConfig,
     joined: &Joined,
+    lease: SubnetLease,
     shared: &Shared,
-) -> String {
+) {
     let prefix = agent
         .etcd
         .as_ref()
         .map(|e| e.prefix.clone())
         .unwrap_or_default();
     let keeper = LeaseKeeper {
-        prefix: prefix.clone(),
+        prefix,
         joined: joined.clone(),
+        lease,
         ttl: Duration::from_secs(agent.lease_ttl_seconds),
         subnet_file: previous_file(agent),
         health: shared.health.clone(),
         metrics: shared.metrics.clone(),
     };
     tokio::spawn(keeper.run(store.clone()));
-    prefix
 }
 
 /// Keeps the subnet lease alive.
 struct LeaseKeeper {
     prefix: String,
     joined: Joined,
+    lease: SubnetLease,
     ttl: Duration,
     subnet_file: PathBuf,
     health: Arc<Health>,
@@ -227,7 +248,7 @@ impl LeaseKeeper {
             // after a failure, try again soon: one slow answer must not
             // let the lease run out
             wait = (self.ttl / 10).max(std::time::Duration::from_millis(200));
-            match store.keep_alive(self.joined.lease.lease).await {
+            match store.keep_alive(self.lease.lease).await {
                 Ok(()) => {
                     self.metrics.lease_renewal("ok");
                     wait = self.ttl / 3;
@@ -239,7 +260,7 @@ impl LeaseKeeper {
                 }
                 Err(e) => {
                     self.metrics.lease_renewal("failed");
-                    tracing::warn!(subnet = %self.joined.lease.subnet, error = %e, "lease keep-alive failed");
+                    tracing::warn!(subnet = %self.lease.subnet, error = %e, "lease keep-alive failed");
                 }
             }
         }
@@ -247,13 +268,13 @@ impl LeaseKeeper {
 
     /// Handles an expired lease; true when the agent must stop.
     async fn expired<D: Datastore>(&mut self, store: &D) -> bool {
-        let subnet = self.joined.lease.subnet;
+        let subnet = self.lease.subnet;
         tracing::warn!(%subnet, "subnet lease expired; claiming the same subnet again");
         match reclaim_same(store, &self.prefix, &self.joined.record, subnet, self.ttl).await {
             Ok(Reclaim::Same(l)) => {
                 self.metrics.lease_renewal("reclaimed");
                 tracing::info!(%subnet, "subnet claimed again");
-                self.joined.lease = l;
+                self.lease = l;
                 false
             }
             Ok(Reclaim::TakenBy(holder)) => {

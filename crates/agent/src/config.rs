@@ -54,6 +54,26 @@ pub struct EtcdSection {
     #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
+fn default_config_map() -> String {
+    "trellis-system/trellis-config".into()
+}
+
+/// How to reach the Kubernetes API (Kubernetes mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// A kubeconfig file; without one, the pod's service account.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's address, `https://IP:PORT` (required in a pod:
+    /// the agent must not depend on the `kubernetes` Service it proxies).
+    #[serde(default)]
+    pub server: Option<String>,
+    /// `NAMESPACE/NAME` of the ConfigMap holding `net-conf.json`.
+    #[serde(default = "default_config_map")]
+    pub config_map: String,
+}
+
 fn default_bridge() -> String {
     "cni0".into()
 }
@@ -62,7 +82,9 @@ fn default_bridge() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
-    /// This node's name.
+    /// This node's name (default: the `NODE_NAME` environment variable, as
+    /// a DaemonSet passes it from `spec.nodeName`).
+    #[serde(default)]
     pub node_name: String,
     /// The node's pod subnet, when it is not leased from the datastore.
     #[serde(default)]
@@ -75,6 +97,9 @@ pub struct AgentConfig {
     /// routes to the other nodes.
     #[serde(default)]
     pub etcd: Option<EtcdSection>,
+    /// The Kubernetes API as the datastore (instead of `etcd`).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSection>,
     /// This node's underlay address (required with `etcd`).
     #[serde(default)]
     pub public_ip: Option<std::net::Ipv4Addr>,
@@ -159,20 +184,60 @@ impl AgentConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        Self::parse(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+        Self::parse_with_node_name(&text, std::env::var("NODE_NAME").ok())
+            .map_err(|e| ConfigError::Parse(path.into(), e))
     }
 
     /// Parses and validates a config document.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        match (&cfg.subnet, &cfg.etcd) {
-            (Some(s), _) => {
+        Self::parse_with_node_name(text, None)
+    }
+
+    /// Parses and validates a config document; `node_name` is used when
+    /// the document names no node.
+    pub fn parse_with_node_name(text: &str, node_name: Option<String>) -> Result<Self, String> {
+        let mut cfg: Self = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if cfg.node_name.is_empty() {
+            cfg.node_name = node_name.unwrap_or_default();
+        }
+        let datastore = cfg.etcd.is_some() || cfg.kubernetes.is_some();
+        if cfg.etcd.is_some() && cfg.kubernetes.is_some() {
+            return Err("fields \"etcd\" and \"kubernetes\": choose one datastore".into());
+        }
+        match (&cfg.subnet, datastore) {
+            (Some(_), true) => {
+                return Err(
+                    "field \"subnet\": the datastore gives the node its subnet; remove it".into(),
+                )
+            }
+            (Some(s), false) => {
                 HostRange::new(*s).map_err(|e| format!("field \"subnet\": {e}"))?;
             }
-            (None, None) => {
-                return Err("field \"subnet\" is missing (or set \"etcd\" to lease one)".into())
+            (None, false) => {
+                return Err(
+                    "field \"subnet\" is missing (or set \"etcd\" or \"kubernetes\" to get one)"
+                        .into(),
+                )
             }
-            (None, Some(_)) => {}
+            (None, true) => {}
+        }
+        if let Some(k) = &cfg.kubernetes {
+            match k.config_map.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {}
+                _ => {
+                    return Err(format!(
+                        "field \"kubernetes.configMap\": {:?} is not NAMESPACE/NAME",
+                        k.config_map
+                    ))
+                }
+            }
+            if let Some(s) = &k.server {
+                if !s.starts_with("https://") && !s.starts_with("http://") {
+                    return Err(format!(
+                        "field \"kubernetes.server\": {s:?} is not an https:// address"
+                    ));
+                }
+            }
         }
         if let Some(e) = &cfg.etcd {
             if e.endpoints.is_empty() {
@@ -213,7 +278,7 @@ impl AgentConfig {
             )
         })?;
         if cfg.node_name.is_empty() {
-            return Err("field \"nodeName\" is empty".into());
+            return Err("field \"nodeName\" is missing and NODE_NAME is not set".into());
         }
         Ok(cfg)
     }

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use trellis_store::{Datastore, Event, KeyValue, WatchItem};
+use trellis_store::{Event, KeyValue, Source, WatchItem};
 
 /// Most inputs handed to a controller in one call.
 pub const INPUT_BATCH: usize = 1024;
@@ -129,7 +129,7 @@ pub async fn drive<D, C>(
     ctl: &mut C,
     mut inputs: Option<mpsc::Receiver<C::Input>>,
 ) where
-    D: Datastore,
+    D: Source,
     C: Controller,
 {
     let mut outage = Outage::new();

@@ -3,9 +3,7 @@
 //! routes / neighbours / FDB entries (`trellis_routing::desired`) and the
 //! nftables table out.
 
-use crate::cluster::{
-    apply_routes, hold_lease, resync_kernel, set_view, Joined, NodeTable, Shared,
-};
+use crate::cluster::{apply_routes, resync_kernel, set_view, Joined, NodeTable, Shared};
 use crate::config::AgentConfig;
 use crate::driver::{drive, Controller, LoopSettings};
 use crate::masq;
@@ -13,7 +11,7 @@ use crate::routes::RouteReconciler;
 use std::time::Duration;
 use trellis_model::node::NodeRecord;
 use trellis_routing::desired;
-use trellis_store::{Datastore, Event, KeyValue};
+use trellis_store::{Event, KeyValue, Source};
 
 /// Routes to every other node's subnet, kept in line with `subnets/`.
 pub struct FlannelController {
@@ -67,15 +65,15 @@ impl Controller for FlannelController {
     }
 }
 
-/// Keeps the lease alive and the routes in line; runs until the process
-/// ends.
-pub async fn run<D: Datastore + Clone>(
-    store: D,
+/// Keeps the routes in line with `source` (node records under
+/// `prefix`); runs until the process ends.
+pub async fn run<S: Source>(
+    source: S,
+    prefix: String,
     agent: AgentConfig,
     joined: Joined,
     shared: Shared,
 ) {
-    let prefix = hold_lease(&store, &agent, &joined, &shared);
     let mut ctl = FlannelController {
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), joined.cfg.network),
         ruleset: masq::ruleset(&joined.cfg),
@@ -91,5 +89,5 @@ pub async fn run<D: Datastore + Clone>(
         health: shared.health,
         metrics: shared.metrics,
     };
-    drive(&store, settings, &mut ctl, None).await;
+    drive(&source, settings, &mut ctl, None).await;
 }

@@ -25,6 +25,8 @@ pub struct Health {
     cni_up: AtomicBool,
     /// The datastore's last failure, while it lasts.
     datastore: Mutex<Option<String>>,
+    /// What keeps the node from joining, while it lasts.
+    join_problem: Mutex<Option<String>>,
     fatal: Mutex<Option<String>>,
     exit: SyncSender<Exit>,
 }
@@ -45,6 +47,7 @@ impl Health {
                 synced: AtomicBool::new(false),
                 cni_up: AtomicBool::new(false),
                 datastore: Mutex::new(None),
+                join_problem: Mutex::new(None),
                 fatal: Mutex::new(None),
                 exit,
             },
@@ -55,6 +58,16 @@ impl Health {
     /// The node has its subnet.
     pub fn set_joined(&self) {
         self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// What keeps the node from joining (`None`: nothing, or joined).
+    pub fn set_join_problem(&self, p: Option<String>) {
+        *lock(&self.join_problem) = p;
+    }
+
+    /// Whether the routing loop finished its first full sync.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
     }
 
     /// The routing loop finished its first full sync.
@@ -113,7 +126,10 @@ impl Health {
             out.push(format!("fatal: {f}"));
         }
         if !self.joined.load(Ordering::Relaxed) {
-            out.push("not joined: no pod subnet yet".into());
+            match lock(&self.join_problem).as_ref() {
+                Some(p) => out.push(format!("not joined: {p}")),
+                None => out.push("not joined: no pod subnet yet".into()),
+            }
         }
         if !self.synced.load(Ordering::Relaxed) {
             out.push("first sync with the datastore not done".into());

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod flannel;
 pub mod health;
 pub mod http;
+pub mod kube;
 pub mod lease;
 pub mod masq;
 pub mod metrics;

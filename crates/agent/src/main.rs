@@ -111,39 +111,35 @@ fn main() -> anyhow::Result<()> {
         mtu: 0,
         public_ip: cfg.public_ip.map(|i| i.to_string()),
     };
-    let (subnet, mtu) = match cfg.etcd {
-        Some(_) => {
-            let (store, joined) = runtime.block_on(async {
+    let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
+        (Some(etcd), _) => {
+            let prefix = etcd.prefix.clone();
+            let (store, joined, lease) = runtime.block_on(async {
                 let store = cluster::connect(&cfg).await?;
-                let joined = cluster::join(&store, &cfg, dp.as_ref()).await?;
-                anyhow::Ok((store, joined))
+                let (joined, lease) = cluster::join(&store, &cfg, dp.as_ref()).await?;
+                anyhow::Ok((store, joined, lease))
             })?;
-            tracing::info!(
-                subnet = %joined.lease.subnet, backend = joined.cfg.backend.kind.as_str(),
-                mtu = joined.pod_mtu, underlay = %joined.local.underlay_dev, "joined the cluster"
-            );
-            let (subnet, mtu) = (ipnet::IpNet::V4(joined.lease.subnet), joined.pod_mtu);
-            facts.backend = Some(joined.cfg.backend.kind.as_str().into());
-            if joined.cfg.backend.kind == BackendType::Bgp {
-                // like Calico: no bridge unless asked for
-                cfg.default_mode.get_or_insert(AttachMode::Routed);
-                runtime.spawn(trellis_agent::bgp::run(
-                    store,
-                    cfg.clone(),
-                    joined,
-                    shared.clone(),
-                ));
-            } else {
-                runtime.spawn(trellis_agent::flannel::run(
-                    store,
-                    cfg.clone(),
-                    joined,
-                    shared.clone(),
-                ));
-            }
-            (subnet, mtu)
+            let _rt = runtime.enter();
+            cluster::hold_lease(&store, &cfg, &joined, lease, &shared);
+            start_backend(
+                &runtime, store, prefix, &mut cfg, joined, &shared, &mut facts,
+            )
         }
-        None => {
+        (None, Some(k)) => {
+            let kj = runtime.block_on(trellis_agent::kube::join(&cfg, &k, dp.as_ref(), &health))?;
+            let _rt = runtime.enter();
+            let source = trellis_agent::kube::source(&kj, health.clone());
+            runtime.spawn(trellis_agent::kube::mark_network_available(
+                kj.client.clone(),
+                cfg.node_name.clone(),
+                health.clone(),
+            ));
+            let prefix = trellis_agent::kube::PREFIX.to_string();
+            start_backend(
+                &runtime, source, prefix, &mut cfg, kj.joined, &shared, &mut facts,
+            )
+        }
+        (None, None) => {
             // no datastore: nothing to sync with
             health.set_synced();
             (
@@ -202,6 +198,46 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1)
         }
     }
+}
+
+/// Starts the backend's controller on `source`; returns the node's pod
+/// subnet and MTU.
+fn start_backend<S: trellis_store::Source>(
+    runtime: &tokio::runtime::Runtime,
+    source: S,
+    prefix: String,
+    cfg: &mut AgentConfig,
+    joined: cluster::Joined,
+    shared: &cluster::Shared,
+    facts: &mut trellis_agent::status::NodeFacts,
+) -> (ipnet::IpNet, u32) {
+    tracing::info!(
+        subnet = %joined.subnet, backend = joined.cfg.backend.kind.as_str(),
+        mtu = joined.pod_mtu, underlay = %joined.local.underlay_dev, "joined the cluster"
+    );
+    let out = (ipnet::IpNet::V4(joined.subnet), joined.pod_mtu);
+    facts.backend = Some(joined.cfg.backend.kind.as_str().into());
+    facts.public_ip = Some(joined.local.public_ip.to_string());
+    if joined.cfg.backend.kind == BackendType::Bgp {
+        // like Calico: no bridge unless asked for
+        cfg.default_mode.get_or_insert(AttachMode::Routed);
+        runtime.spawn(trellis_agent::bgp::run(
+            source,
+            prefix,
+            cfg.clone(),
+            joined,
+            shared.clone(),
+        ));
+    } else {
+        runtime.spawn(trellis_agent::flannel::run(
+            source,
+            prefix,
+            cfg.clone(),
+            joined,
+            shared.clone(),
+        ));
+    }
+    out
 }
 
 fn decommission(cfg: &AgentConfig) -> anyhow::Result<()> {

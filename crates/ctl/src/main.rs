@@ -86,6 +86,15 @@ enum BgpCmd {
     },
 }
 
+/// Where a lab cluster keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LabDatastore {
+    /// etcd (subnet leases).
+    Etcd,
+    /// The Kubernetes API (podCIDRs, Node annotations).
+    Kubernetes,
+}
+
 #[derive(Subcommand, Debug)]
 enum LabCmd {
     /// Add one more node (with its agent) to a cluster lab.
@@ -120,6 +129,11 @@ enum LabCmd {
         /// BGP resources to apply before the agents start (bgp backend).
         #[arg(long, value_name = "MANIFEST")]
         bgp: Option<std::path::PathBuf>,
+        /// Where the cluster state lives with --backend: etcd, or the real
+        /// Kubernetes control plane (API server, controller manager) the
+        /// lab runs, playing the kubelet itself.
+        #[arg(long, value_enum, default_value_t = LabDatastore::Etcd)]
+        datastore: LabDatastore,
     },
     /// Destroy a persistent lab.
     Down {
@@ -222,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             backend,
             segments,
             bgp,
+            datastore,
         } => {
             let bgp = bgp
                 .map(|f| {
@@ -235,10 +250,19 @@ fn main() -> anyhow::Result<()> {
                 mtu,
                 etcd,
                 segments,
-                cluster: backend
-                    .as_deref()
-                    .map(trellis_lab::cluster_config)
-                    .transpose()?,
+                cluster: match datastore {
+                    LabDatastore::Etcd => backend
+                        .as_deref()
+                        .map(trellis_lab::cluster_config)
+                        .transpose()?,
+                    LabDatastore::Kubernetes => None,
+                },
+                kubernetes: match datastore {
+                    LabDatastore::Etcd => None,
+                    LabDatastore::Kubernetes => Some(trellis_lab::cluster_config(
+                        backend.as_deref().unwrap_or("vxlan"),
+                    )?),
+                },
             })?;
             println!(
                 "lab {} is up: {} node(s); state in {}",
@@ -246,6 +270,14 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 lab.dir().display()
             );
+            if datastore == LabDatastore::Kubernetes {
+                println!(
+                    "kubectl: ip netns exec {} {} --kubeconfig {} get nodes",
+                    lab.etcd_ns(),
+                    trellis_lab::k8s::bin_dir()?.join("kubectl").display(),
+                    lab.kubeconfig().display()
+                );
+            }
             Ok(())
         }
         LabCmd::AddNode { name } => {

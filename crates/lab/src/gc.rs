@@ -7,9 +7,12 @@ use crate::state::LabState;
 pub fn is_lab_process(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
-            c.split(|b| *b == 0)
-                .next()
-                .is_some_and(|argv0| argv0.ends_with(b"trellisd") || argv0.ends_with(b"etcd"))
+            c.split(|b| *b == 0).next().is_some_and(|argv0| {
+                argv0.ends_with(b"trellisd")
+                    || argv0.ends_with(b"etcd")
+                    || argv0.ends_with(b"kube-apiserver")
+                    || argv0.ends_with(b"kube-controller-manager")
+            })
         })
         .unwrap_or(false)
 }

@@ -11,6 +11,7 @@ pub mod bird;
 pub mod etcd;
 pub mod exec;
 pub mod gc;
+pub mod k8s;
 mod lab;
 pub mod netns;
 pub mod state;

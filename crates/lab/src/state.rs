@@ -28,6 +28,9 @@ pub struct PodState {
     pub mode: String,
     /// Its address (with prefix).
     pub ip: String,
+    /// Its Pod object's UID (Kubernetes mode).
+    #[serde(default)]
+    pub uid: Option<String>,
 }
 
 /// The whole lab.
@@ -50,6 +53,9 @@ pub struct LabState {
     /// Agents lease subnets from etcd and route between nodes.
     #[serde(default)]
     pub cluster: bool,
+    /// Agents read the Kubernetes API of the lab's control plane.
+    #[serde(default)]
+    pub kubernetes: bool,
     /// Pod MTU of agents without a datastore.
     #[serde(default)]
     pub mtu: u32,

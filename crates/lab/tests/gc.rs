@@ -26,6 +26,7 @@ fn gc_sweeps_labs_of_dead_owners_only() {
         etcd_pid: None,
         extra_pids: vec![],
         cluster: false,
+        kubernetes: false,
         mtu: 1500,
         segments: 1,
     }

@@ -20,6 +20,35 @@ use tokio::sync::mpsc;
 /// Result alias.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What the agent's loop reads (DESIGN §4): a listing of a key prefix and
+/// a watch from the listing's revision. Every [`Datastore`] is one; the
+/// Kubernetes API is one through an adapter that shows Nodes and custom
+/// resources in the same key space.
+pub trait Source: Send + Sync + 'static {
+    /// Every key under `prefix`, with the revision of the listing.
+    fn list(&self, prefix: &str) -> impl Future<Output = Result<Listing>> + Send;
+    /// Changes under `prefix` after `revision`; a closed stream means
+    /// "list again".
+    fn watch(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>>> + Send;
+}
+
+impl<D: Datastore> Source for D {
+    fn list(&self, prefix: &str) -> impl Future<Output = Result<Listing>> + Send {
+        Datastore::list(self, prefix)
+    }
+    fn watch(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>>> + Send {
+        Datastore::watch(self, prefix, revision)
+    }
+}
+
 /// What trellis needs from a datastore.
 pub trait Datastore: Send + Sync + 'static {
     /// One key.

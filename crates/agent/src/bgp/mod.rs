@@ -8,9 +8,7 @@
 
 pub mod plan;
 
-use crate::cluster::{
-    apply_routes, hold_lease, resync_kernel, set_view, Joined, NodeTable, Shared,
-};
+use crate::cluster::{apply_routes, resync_kernel, set_view, Joined, NodeTable, Shared};
 use crate::config::AgentConfig;
 use crate::driver::{drive, Controller, LoopSettings};
 use crate::masq;
@@ -24,7 +22,7 @@ use tokio::sync::mpsc;
 use trellis_bgp::{RouteEvent, Speaker, SpeakerConfig};
 use trellis_model::bgp::{bgp_prefix, BgpResources, NodeBgp};
 use trellis_model::status::{BgpPeer, BgpStatus};
-use trellis_store::{Datastore, Event, KeyValue};
+use trellis_store::{Event, KeyValue, Source};
 
 /// Route-event batches queued between the speaker and the controller.
 const EVENT_QUEUE: usize = 64;
@@ -155,7 +153,7 @@ impl BgpController {
                 Err(e) => return Err(e),
             }
         };
-        if !speaker.announce(IpNet::V4(self.joined.lease.subnet)).await {
+        if !speaker.announce(IpNet::V4(self.joined.subnet)).await {
             speaker.shutdown().await;
             return Err(std::io::Error::other(
                 "the new speaker did not take this node's subnet",
@@ -328,15 +326,15 @@ impl Controller for BgpController {
     }
 }
 
-/// Keeps the lease alive and the BGP speaker and routes in line; runs until
-/// the process ends.
-pub async fn run<D: Datastore + Clone>(
-    store: D,
+/// Keeps the BGP speaker and routes in line with `source` (keys under
+/// `prefix`); runs until the process ends.
+pub async fn run<S: Source>(
+    source: S,
+    prefix: String,
     agent: AgentConfig,
     joined: Joined,
     shared: Shared,
 ) {
-    let prefix = hold_lease(&store, &agent, &joined, &shared);
     let cluster = joined.cfg.network;
     let restarting = tokio::task::block_in_place(|| shared.dp.routes_owned())
         .map(|rs| {
@@ -380,5 +378,5 @@ pub async fn run<D: Datastore + Clone>(
         health: shared.health,
         metrics: shared.metrics,
     };
-    drive(&store, settings, &mut ctl, Some(ev_rx)).await;
+    drive(&source, settings, &mut ctl, Some(ev_rx)).await;
 }

@@ -3,6 +3,7 @@
 //! `processes`, pods (the CNI plugin run as a runtime does) in `pods`,
 //! traffic helpers in `traffic`.
 
+mod kube;
 mod pods;
 mod processes;
 mod traffic;
@@ -39,6 +40,10 @@ pub struct LabOptions {
     /// BGP resources (a `trellisctl apply -f` manifest) written before the
     /// agents start.
     pub bgp: Option<String>,
+    /// Kubernetes mode with this cluster network config (net-conf.json):
+    /// a real control plane in the control-plane namespace, the agents
+    /// read the Kubernetes API (podCIDRs from the controller manager).
+    pub kubernetes: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -51,6 +56,7 @@ impl Default for LabOptions {
             segments: 1,
             cluster: None,
             bgp: None,
+            kubernetes: None,
         }
     }
 }
@@ -133,6 +139,7 @@ impl Lab {
             etcd_pid: None,
             extra_pids: vec![],
             cluster: false,
+            kubernetes: false,
             mtu: opts.mtu,
             segments: 1,
         };
@@ -212,9 +219,17 @@ impl Lab {
         ])?;
         ip(&["-n", &inet, "link", "set", "eth0", "up"])?;
         ip(&["-n", &inet, "route", "add", "default", "via", "203.0.113.1"])?;
-        if opts.etcd || opts.cluster.is_some() {
+        if opts.etcd || opts.cluster.is_some() || opts.kubernetes.is_some() {
             crate::etcd::make_namespace(&self.etcd_ns(), &fab)?;
             self.start_etcd()?;
+        }
+        if let Some(conf) = &opts.kubernetes {
+            if opts.cluster.is_some() {
+                bail!("a lab runs etcd mode or Kubernetes mode, not both");
+            }
+            self.st.kubernetes = true;
+            self.save()?;
+            self.build_control_plane(conf)?;
         }
         if let Some(conf) = &opts.cluster {
             self.etcdctl(&["put", &format!("{}config", crate::etcd::PREFIX), conf])?;
@@ -287,7 +302,17 @@ impl Lab {
             "via",
             &format!("{gw}.1"),
         ])?;
-        let cfg = if self.st.cluster {
+        let cfg = if self.st.kubernetes {
+            self.register_node(&name, &node.ip)?;
+            serde_json::json!({
+                "nodeName": name,
+                "socket": self.socket(&name),
+                "statusSocket": self.status_socket(&name),
+                "dataDir": self.dir.join(format!("{name}-data")),
+                "kubernetes": {"kubeconfig": self.dir.join("k8s/agent.kubeconfig")},
+                "resyncSeconds": 2,
+            })
+        } else if self.st.cluster {
             serde_json::json!({
                 "nodeName": name,
                 "socket": self.socket(&name),

@@ -26,9 +26,19 @@ impl Lab {
         exec::run(cmd, Some(&netns::path(&self.ns(node))), stdin, CNI_TIMEOUT)
     }
 
-    /// The runtime environment for `command` on pod `pod` of `node`.
+    /// The runtime environment for `command` on pod `pod` of `node`:
+    /// what a kubelet passes (CNI_ARGS with the pod's namespace, name,
+    /// infra container id and, in Kubernetes mode, its UID).
     pub fn cni_env(&self, command: &str, node: &str, pod: &str) -> Vec<(String, String)> {
         let ns = self.pod_ns(node, pod);
+        let uid = self
+            .st
+            .pods
+            .iter()
+            .find(|p| p.node == node && p.name == pod)
+            .and_then(|p| p.uid.clone())
+            .map(|u| format!(";K8S_POD_UID={u}"))
+            .unwrap_or_default();
         vec![
             ("CNI_COMMAND".into(), command.into()),
             ("CNI_CONTAINERID".into(), ns.clone()),
@@ -40,7 +50,10 @@ impl Lab {
             ("CNI_PATH".into(), self.bin.to_string_lossy().into_owned()),
             (
                 "CNI_ARGS".into(),
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};\
+                     K8S_POD_INFRA_CONTAINER_ID={ns}{uid}"
+                ),
             ),
         ]
     }
@@ -68,8 +81,21 @@ impl Lab {
             name: pod.into(),
             mode: mode.into(),
             ip: String::new(),
+            uid: None,
         });
         self.save()?;
+        if self.st.kubernetes {
+            let uid = self.create_pod_object(node, pod)?;
+            if let Some(p) = self
+                .st
+                .pods
+                .iter_mut()
+                .find(|p| p.node == node && p.name == pod)
+            {
+                p.uid = Some(uid);
+            }
+            self.save()?;
+        }
         let t = self.cni("ADD", node, pod, &self.netconf(node, mode))?;
         let out: serde_json::Value =
             serde_json::from_slice(&t.output.stdout).with_context(|| {
@@ -95,6 +121,9 @@ impl Lab {
             p.ip = address.clone();
         }
         self.save()?;
+        if self.st.kubernetes {
+            self.mark_pod_ready(pod, &ip)?;
+        }
         Ok(PodAttach {
             address,
             ip,
@@ -120,6 +149,9 @@ impl Lab {
             );
         }
         ip(&["netns", "del", &self.pod_ns(node, pod)])?;
+        if self.st.kubernetes {
+            self.delete_pod_object(pod)?;
+        }
         self.st.pods.retain(|p| !(p.node == node && p.name == pod));
         self.save()?;
         Ok(t.took)

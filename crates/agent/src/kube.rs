@@ -1,0 +1,264 @@
+//! Kubernetes mode: the cluster config from a ConfigMap, the node's subnet
+//! from its Node's `spec.podCIDRs`, its public data written as Node
+//! annotations through `nodes/status`, the other nodes and the BGP custom
+//! resources from watches ([`trellis_kube::KubeSource`]) fed to the same
+//! controllers as in etcd mode, and `NetworkUnavailable=False` once the
+//! first sync put the routes in place.
+//!
+//! The agent waits for what is missing (API server, ConfigMap, podCIDR)
+//! with backoff, saying in `/readyz` and the log what it waits for; it
+//! never gives up and never crashes on it.
+
+use crate::cluster::{check_backend, local_node, Joined};
+use crate::config::{AgentConfig, KubernetesSection};
+use crate::health::Health;
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::Client;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use trellis_dataplane::Dataplane;
+use trellis_kube::node::{annotations, internal_ip, node_record, pod_cidr};
+use trellis_kube::source::{custom_resource, show_spec, Shown};
+use trellis_kube::{KubeSource, Reporter};
+use trellis_model::netconf::{BackendType, ClusterConfig};
+use trellis_model::node::subnet_key;
+
+/// The key space the Kubernetes objects are shown in (as in etcd mode).
+pub const PREFIX: &str = "/trellis/v1/";
+/// The ConfigMap key holding the cluster config (as flannel's).
+pub const NET_CONF_KEY: &str = "net-conf.json";
+/// One API call may take this long.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The field manager trellis writes as.
+const MANAGER: &str = "trellis";
+
+/// A connected client and what joining gave.
+pub struct KubeJoined {
+    /// The client.
+    pub client: Client,
+    /// The API server's address, for messages.
+    pub server: String,
+    /// The node as the backends see it.
+    pub joined: Joined,
+}
+
+/// Runs `attempt` until it succeeds, backing off from 200 ms to 5 s;
+/// each failure is shown in `/readyz` and logged when its reason changes.
+async fn until_ok<T, F, Fut>(health: &Health, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut wait = Duration::from_millis(200);
+    let mut last: Option<String> = None;
+    loop {
+        let r = match tokio::time::timeout(CALL_TIMEOUT, attempt()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+        };
+        match r {
+            Ok(v) => {
+                health.set_join_problem(None);
+                return v;
+            }
+            Err(e) => {
+                let msg = format!("{what}: {e}");
+                if last.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(problem = %msg, "waiting; retrying with backoff");
+                    last = Some(msg.clone());
+                }
+                health.set_join_problem(Some(msg));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn split_ref(s: &str) -> (&str, &str) {
+    s.split_once('/').unwrap_or(("default", s))
+}
+
+/// Connects, reads the cluster config, waits for the node's podCIDR,
+/// publishes the node's annotations.
+pub async fn join(
+    agent: &AgentConfig,
+    k: &KubernetesSection,
+    dp: &dyn Dataplane,
+    health: &Health,
+) -> anyhow::Result<KubeJoined> {
+    let (client, server) = trellis_kube::client(&trellis_kube::ClientOptions {
+        kubeconfig: k.kubeconfig.clone(),
+        server: k.server.clone(),
+    })
+    .await?;
+    let (ns, name) = split_ref(&k.config_map);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let what = format!("ConfigMap {ns}/{name} key {NET_CONF_KEY} at {server}");
+    let cfg = until_ok(health, &what, || async {
+        let cm = cms.get(name).await.map_err(|e| e.to_string())?;
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(NET_CONF_KEY))
+            .ok_or_else(|| format!("no key {NET_CONF_KEY}"))?;
+        ClusterConfig::parse(text).map_err(|e| e.to_string())
+    })
+    .await;
+    check_backend(&cfg, dp).with_context(|| what.clone())?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let what = format!("Node {} at {server}", agent.node_name);
+    let network = cfg.network;
+    let (subnet, public_ip) = until_ok(health, &what, || async {
+        let node = nodes
+            .get(&agent.node_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let subnet = pod_cidr(&node).map_err(|e| e.to_string())?;
+        if !network.contains(&subnet) {
+            return Err(format!(
+                "its podCIDR {subnet} is outside the cluster network {network} \
+                 (net-conf.json Network); kube-controller-manager's --cluster-cidr \
+                 must be that network"
+            ));
+        }
+        let ip = match agent.public_ip {
+            Some(ip) => ip,
+            None => match internal_ip(&node) {
+                Some(IpAddr::V4(ip)) => ip,
+                _ => return Err(
+                    "no IPv4 InternalIP in status.addresses and no publicIp in the agent config"
+                        .into(),
+                ),
+            },
+        };
+        Ok((subnet, ip))
+    })
+    .await;
+    let joined = local_node(agent, cfg, subnet, public_ip, dp)?;
+    let what = format!(
+        "publishing node {} (PATCH nodes/status) at {server}",
+        agent.node_name
+    );
+    let patch = serde_json::json!({"metadata": {"annotations": annotations(&joined.record)}});
+    until_ok(health, &what, || async {
+        nodes
+            .patch_status(
+                &agent.node_name,
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    Ok(KubeJoined {
+        client,
+        server,
+        joined,
+    })
+}
+
+/// How a Node shows in the key space: its subnet claim with its record;
+/// an unpublished node is not shown, a malformed one is reported (once
+/// per distinct problem) and skipped — the rest keep working.
+fn show_node(prefix: String) -> impl Fn(&Node) -> Shown + Send + 'static {
+    let reported: Mutex<HashMap<String, String>> = Mutex::default();
+    move |n| {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let mut seen = reported.lock().unwrap_or_else(|p| p.into_inner());
+        match node_record(n) {
+            Ok(r) => {
+                seen.remove(&name);
+                let value = serde_json::to_vec(&r).ok()?;
+                Some((subnet_key(&prefix, r.subnet), value))
+            }
+            Err(p) => {
+                let msg = p.to_string();
+                if seen.get(&name) != Some(&msg) {
+                    if p.is_pending() {
+                        tracing::debug!(node = %name, problem = %msg, "node not routed yet");
+                    } else {
+                        tracing::warn!(node = %name, problem = %msg, "node skipped");
+                    }
+                    seen.insert(name, msg);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Starts the watches the backend needs and returns the source the
+/// controllers read.
+pub fn source(kj: &KubeJoined, health: Arc<Health>) -> KubeSource {
+    let src = KubeSource::new(&kj.server);
+    let report: Reporter = Arc::new(move |e| health.set_datastore_error(e));
+    let nodes: Api<Node> = Api::all(kj.client.clone());
+    src.watch_kind(
+        "nodes",
+        nodes,
+        watcher::Config::default(),
+        show_node(PREFIX.to_string()),
+        report.clone(),
+    );
+    if kj.joined.cfg.backend.kind == BackendType::Bgp {
+        for (kind, plural, dir) in [
+            ("BGPConfiguration", "bgpconfigurations", "configurations"),
+            ("BGPPeer", "bgppeers", "peers"),
+            ("Node", "nodes", "nodes"),
+        ] {
+            let api: Api<DynamicObject> =
+                Api::all_with(kj.client.clone(), &custom_resource(kind, plural));
+            src.watch_kind(
+                &format!("{plural}.{}", trellis_kube::GROUP),
+                api,
+                watcher::Config::default(),
+                show_spec(format!("{PREFIX}bgp/{dir}/")),
+                report.clone(),
+            );
+        }
+    }
+    tokio::spawn(src.probe(kj.client.clone(), report));
+    src
+}
+
+/// Once the first sync has put the routes in place, sets the Node's
+/// `NetworkUnavailable` condition to False (as Calico and flannel do).
+pub async fn mark_network_available(client: Client, node: String, health: Arc<Health>) {
+    while !health.is_synced() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let nodes: Api<Node> = Api::all(client);
+    let patch = serde_json::json!({"status": {"conditions": [{
+        "type": "NetworkUnavailable", "status": "False",
+        "reason": "TrellisIsUp", "message": "trellis has programmed the routes of this node",
+    }]}});
+    let what = format!("setting NetworkUnavailable=False on node {node}");
+    until_ok(&health, &what, || async {
+        nodes
+            .patch_status(
+                &node,
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    tracing::info!(node = %node, "NetworkUnavailable=False");
+}
