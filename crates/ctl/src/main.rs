@@ -103,6 +103,15 @@ enum LabCmd {
         #[arg(long, default_value = "dev")]
         name: String,
     },
+    /// Run kubectl as the lab's admin against a Kubernetes-mode lab.
+    Kubectl {
+        /// Lab name.
+        #[arg(long, default_value = "dev")]
+        name: String,
+        /// kubectl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
     /// Build a one-node lab, attach pods in both modes, show them talking, tear it down.
     Demo,
     /// Create a persistent lab (kept until `lab down`).
@@ -246,7 +255,7 @@ fn main() -> anyhow::Result<()> {
             let lab = Lab::create(LabOptions {
                 bgp,
                 nodes,
-                name: Some(name),
+                name: Some(name.clone()),
                 mtu,
                 etcd,
                 segments,
@@ -272,12 +281,19 @@ fn main() -> anyhow::Result<()> {
             );
             if datastore == LabDatastore::Kubernetes {
                 println!(
-                    "kubectl: ip netns exec {} {} --kubeconfig {} get nodes",
+                    "kubectl: trellisctl lab kubectl --name {name} get nodes, or\n  \
+                     ip netns exec {} {} --kubeconfig {} get nodes",
                     lab.etcd_ns(),
                     trellis_lab::k8s::bin_dir()?.join("kubectl").display(),
                     lab.kubeconfig().display()
                 );
             }
+            Ok(())
+        }
+        LabCmd::Kubectl { name, args } => {
+            let lab = Lab::open(&name)?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            print!("{}", lab.kubectl(&args)?);
             Ok(())
         }
         LabCmd::AddNode { name } => {

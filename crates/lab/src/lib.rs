@@ -16,7 +16,7 @@ mod lab;
 pub mod netns;
 pub mod state;
 
-pub use lab::{Lab, LabOptions, PingStream, PodAttach, INTERNET_IP};
+pub use lab::{deploy_dir, Lab, LabOptions, PingStream, PodAttach, INTERNET_IP};
 pub use state::{LabState, NodeState, PodState};
 
 use std::path::PathBuf;

@@ -8,6 +8,7 @@ mod pods;
 mod processes;
 mod traffic;
 
+pub use kube::deploy_dir;
 pub use traffic::PingStream;
 
 use crate::exec::{self, ip};

@@ -171,3 +171,32 @@ pub fn metric(metrics: &str, series: &str) -> Option<f64> {
         (k == series).then(|| v.parse().ok())?
     })
 }
+
+/// True when the Kubernetes binaries are there (see `trellis_lab::k8s`);
+/// under CI their absence fails the test.
+pub fn kubernetes(test: &str) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    match trellis_lab::k8s::bin_dir() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test} cannot run under CI: {e}"
+            );
+            eprintln!("SKIP {test}: {e}");
+            false
+        }
+    }
+}
+
+/// A Kubernetes-mode lab of `nodes` with `backend`.
+pub fn kube_lab(backend: &str, nodes: usize) -> Lab {
+    Lab::create(LabOptions {
+        nodes,
+        kubernetes: Some(trellis_lab::cluster_config(backend).expect("backend")),
+        ..Default::default()
+    })
+    .expect("kubernetes lab")
+}

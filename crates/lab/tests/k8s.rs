@@ -1,0 +1,227 @@
+//! Kubernetes mode against the real v1.36.2 control plane the lab runs
+//! (API server, controller manager): subnets from podCIDRs, routes from
+//! the Node watch, annotations and NetworkUnavailable, node deletion and
+//! addition, malformed and misplaced nodes, the manifests on the server.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use trellis_lab::{exec, Lab, INTERNET_IP};
+
+fn node_json(lab: &Lab, node: &str) -> Value {
+    serde_json::from_str(
+        &lab.kubectl(&["get", "node", node, "-o", "json"])
+            .expect("get node"),
+    )
+    .expect("node json")
+}
+
+fn routes(lab: &Lab, node: &str) -> String {
+    exec::ip(&["-n", &lab.ns(node), "route", "show", "proto", "84"]).expect("ip route")
+}
+
+fn backend_in_kubernetes_mode(backend: &str) {
+    let mut lab = kube_lab(backend, 3);
+    let mut pods = vec![];
+    for n in ["n1", "n2", "n3"] {
+        let p = lab.add_pod(n, &format!("p{n}"), "bridge").expect("add pod");
+        pods.push((n, lab.pod_ns(n, &format!("p{n}")), p.ip));
+    }
+    for n in ["n1", "n2", "n3"] {
+        // the subnet is the controller manager's podCIDR
+        let node = node_json(&lab, n);
+        let cidr = node["spec"]["podCIDR"]
+            .as_str()
+            .expect("podCIDR")
+            .to_string();
+        let st = status(&lab, n);
+        assert_eq!(st["subnet"], cidr.as_str(), "{backend}/{n}: {st}");
+        assert_eq!(
+            st["backend"],
+            if backend == "directrouting" {
+                "vxlan"
+            } else {
+                backend
+            }
+        );
+        // the node published itself through nodes/status
+        let ann = &node["metadata"]["annotations"];
+        let ip = lab.node(n).expect("node").ip.clone();
+        assert_eq!(ann["trellis.dev/public-ip"], ip.as_str(), "{ann}");
+        let conds = node["status"]["conditions"].as_array().expect("conditions");
+        assert!(
+            conds
+                .iter()
+                .any(|c| c["type"] == "NetworkUnavailable" && c["status"] == "False"),
+            "{backend}/{n}: {conds:?}"
+        );
+    }
+    for (_, from, _) in &pods {
+        for (_, _, to) in &pods {
+            wait_for(
+                &format!("{backend}: {from} -> {to}"),
+                Duration::from_secs(10),
+                || lab.ping(from, to, 1).is_some(),
+            );
+        }
+    }
+    // TCP keeps the pod's address across nodes; egress leaves as the node
+    let (a, b) = (&pods[0], &pods[1]);
+    let peer = lab.tcp_exchange(&a.1, &b.1, &b.2, 7100).expect("tcp");
+    assert_eq!(peer.ip().to_string(), a.2, "{backend}: source kept");
+    let peer = lab
+        .tcp_exchange(&a.1, &lab.internet_ns(), INTERNET_IP, 7200)
+        .expect("egress tcp");
+    assert_eq!(
+        peer.ip().to_string(),
+        lab.node("n1").expect("n1").ip,
+        "{backend}: masqueraded"
+    );
+}
+
+#[test]
+fn vxlan_in_kubernetes_mode() {
+    if kubernetes("vxlan_in_kubernetes_mode") {
+        backend_in_kubernetes_mode("vxlan");
+    }
+}
+
+#[test]
+fn host_gw_in_kubernetes_mode() {
+    if kubernetes("host_gw_in_kubernetes_mode") {
+        backend_in_kubernetes_mode("host-gw");
+    }
+}
+
+#[test]
+fn directrouting_in_kubernetes_mode() {
+    if kubernetes("directrouting_in_kubernetes_mode") {
+        backend_in_kubernetes_mode("directrouting");
+    }
+}
+
+#[test]
+fn a_deleted_node_is_unrouted_and_a_new_one_routed_within_a_second() {
+    if !kubernetes("a_deleted_node_is_unrouted_and_a_new_one_routed_within_a_second") {
+        return;
+    }
+    let mut lab = kube_lab("host-gw", 3);
+    let n3 = node_json(&lab, "n3")["spec"]["podCIDR"]
+        .as_str()
+        .expect("podCIDR")
+        .to_string();
+    wait_for("n1 routes n3", Duration::from_secs(10), || {
+        routes(&lab, "n1").contains(&n3)
+    });
+    let t = Instant::now();
+    lab.kubectl(&["delete", "node", "n3", "--wait=false"])
+        .expect("delete");
+    wait_for(
+        "n3's route gone from n1 and n2",
+        Duration::from_secs(1),
+        || !routes(&lab, "n1").contains(&n3) && !routes(&lab, "n2").contains(&n3),
+    );
+    eprintln!("route gone {} ms after the delete", t.elapsed().as_millis());
+    // a new node: registered, its agent started, routed by the others
+    let t = Instant::now();
+    let n4 = lab.add_node().expect("add n4");
+    let cidr = lab
+        .wait_pod_cidr(&n4, Duration::from_secs(5))
+        .expect("podCIDR");
+    wait_for("n4 routed from n1", Duration::from_secs(1), || {
+        routes(&lab, "n1").contains(&cidr)
+    });
+    eprintln!(
+        "n4 routed {} ms after its registration",
+        t.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn malformed_and_misplaced_nodes_are_reported_and_the_rest_keep_working() {
+    if !kubernetes("malformed_and_misplaced_nodes_are_reported_and_the_rest_keep_working") {
+        return;
+    }
+    let mut lab = kube_lab("host-gw", 2);
+    let a = lab.add_pod("n1", "a", "bridge").expect("a");
+    let b = lab.add_pod("n2", "b", "bridge").expect("b");
+    // a foreign node with a podCIDR and broken annotations
+    let bad = serde_json::json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "broken", "annotations": {
+            "trellis.dev/public-ip": "not-an-ip", "trellis.dev/backend-type": "host-gw"}},
+        "spec": {"podCIDR": "10.244.200.0/24", "podCIDRs": ["10.244.200.0/24"]}});
+    lab.kubectl_stdin(&["create", "-f", "-"], &bad.to_string())
+        .expect("create broken");
+    wait_for("the broken node reported", Duration::from_secs(10), || {
+        std::fs::read_to_string(lab.agent_log("n1"))
+            .unwrap_or_default()
+            .contains("\"not-an-ip\"")
+    });
+    assert!(!routes(&lab, "n1").contains("10.244.200.0"));
+    wait_for("a -> b", Duration::from_secs(10), || {
+        lab.ping(&lab.pod_ns("n1", "a"), &b.ip, 1).is_some()
+    });
+    assert!(lab.ping(&lab.pod_ns("n2", "b"), &a.ip, 1).is_some());
+    // a node whose podCIDR lies outside the cluster network: its agent
+    // is not ready and says why, naming both
+    let n3 = serde_json::json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "n3"},
+        "spec": {"podCIDR": "10.99.0.0/24", "podCIDRs": ["10.99.0.0/24"]}});
+    lab.kubectl_stdin(&["create", "-f", "-"], &n3.to_string())
+        .expect("create n3");
+    let err = lab.add_node().expect_err("n3's agent cannot serve");
+    eprintln!("n3: {err:#}");
+    let (code, body) = agent_http(&lab, "n3", "/readyz");
+    assert!(code.contains("503"), "{code} {body}");
+    assert!(
+        body.contains("10.99.0.0/24") && body.contains("10.244.0.0/16"),
+        "{body}"
+    );
+}
+
+#[test]
+fn the_manifests_pass_the_api_server_and_bad_resources_are_refused_naming_the_field() {
+    if !kubernetes(
+        "the_manifests_pass_the_api_server_and_bad_resources_are_refused_naming_the_field",
+    ) {
+        return;
+    }
+    let lab = kube_lab("bgp", 1);
+    let dir = trellis_lab::deploy_dir();
+    for f in std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .flatten()
+    {
+        let p = f.path();
+        if p.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&p).expect("read");
+            lab.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &text)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        }
+    }
+    // the README's resources are accepted ...
+    lab.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: tor}\nspec: {peerIP: 192.0.2.1, asNumber: 65000, nodeSubnet: 192.0.2.0/24, password: s3cret}\n",
+    )
+    .expect("a good peer");
+    // ... and what the etcd-mode parser refuses is refused, naming the field
+    for (doc, field) in [
+        ("kind: BGPPeer\nmetadata: {name: p1}\nspec: {peerIP: 192.0.2.1, asNumber: 0}", "asNumber"),
+        ("kind: BGPPeer\nmetadata: {name: p2}\nspec: {peerIP: 224.0.0.5, asNumber: 65000}", "peerIP"),
+        ("kind: BGPPeer\nmetadata: {name: p3}\nspec: {peerIP: 192.0.2.1, asNumber: 65000, node: n1, nodeSubnet: 192.0.2.0/24}", "nodeSubnet"),
+        ("kind: BGPPeer\nmetadata: {name: p4}\nspec: {peerIP: 192.0.2.1, asNumber: 65000, password: \"\"}", "password"),
+        ("kind: BGPPeer\nmetadata: {name: p5}\nspec: {peerIP: 192.0.2.1, asNumber: 65000, colour: red}", "colour"),
+        ("kind: BGPConfiguration\nmetadata: {name: other}\nspec: {asNumber: 64512}", "metadata.name"),
+        ("kind: BGPConfiguration\nmetadata: {name: default}\nspec: {holdTimeSeconds: 2}", "holdTimeSeconds"),
+        ("kind: BGPConfiguration\nmetadata: {name: default}\nspec: {gracefulRestartSeconds: 5000}", "gracefulRestartSeconds"),
+        ("kind: Node\nmetadata: {name: n1}\nspec: {bgp: {routeReflectorClusterID: nope}}", "routeReflectorClusterID"),
+    ] {
+        let doc = format!("apiVersion: trellis.dev/v1\n{doc}\n");
+        let err = lab
+            .kubectl_stdin(&["apply", "-f", "-"], &doc)
+            .expect_err(&format!("refused: {doc}"));
+        assert!(err.to_string().contains(field), "{field}: {err:#}");
+    }
+}
