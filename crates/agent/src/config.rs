@@ -234,7 +234,7 @@ impl AgentConfig {
             if let Some(s) = &k.server {
                 if !s.starts_with("https://") && !s.starts_with("http://") {
                     return Err(format!(
-                        "field \"kubernetes.server\": {s:?} is not an https:// address"
+                        "field \"kubernetes.server\": {s:?} is not an https:// (or http://) address"
                     ));
                 }
             }

@@ -75,6 +75,11 @@ impl Health {
         self.synced.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the CNI socket accepts requests.
+    pub fn cni_is_up(&self) -> bool {
+        self.cni_up.load(Ordering::Relaxed)
+    }
+
     /// The CNI socket accepts requests.
     pub fn set_cni_up(&self) {
         self.cni_up.store(true, Ordering::Relaxed);

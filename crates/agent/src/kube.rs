@@ -19,7 +19,6 @@ use kube::runtime::watcher;
 use kube::Client;
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trellis_dataplane::Dataplane;
@@ -115,7 +114,7 @@ pub async fn join(
     let nodes: Api<Node> = Api::all(client.clone());
     let what = format!("Node {} at {server}", agent.node_name);
     let network = cfg.network;
-    let (subnet, public_ip) = until_ok(health, &what, || async {
+    let joined = until_ok(health, &what, || async {
         let node = nodes
             .get(&agent.node_name)
             .await
@@ -128,20 +127,16 @@ pub async fn join(
                  must be that network"
             ));
         }
-        let ip = match agent.public_ip {
-            Some(ip) => ip,
-            None => match internal_ip(&node) {
-                Some(IpAddr::V4(ip)) => ip,
-                _ => return Err(
-                    "no IPv4 InternalIP in status.addresses and no publicIp in the agent config"
-                        .into(),
-                ),
-            },
-        };
-        Ok((subnet, ip))
+        let ip = agent
+            .public_ip
+            .or_else(|| internal_ip(&node))
+            .ok_or_else(|| {
+                "no IPv4 InternalIP in status.addresses and no publicIp in the agent config"
+                    .to_string()
+            })?;
+        local_node(agent, cfg.clone(), subnet, ip, dp).map_err(|e| format!("{e:#}"))
     })
     .await;
-    let joined = local_node(agent, cfg, subnet, public_ip, dp)?;
     let what = format!(
         "publishing node {} (PATCH nodes/status) at {server}",
         agent.node_name

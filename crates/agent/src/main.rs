@@ -87,6 +87,18 @@ fn main() -> anyhow::Result<()> {
     let view = Arc::new(Mutex::new(ClusterView::default()));
     let (health, exit) = Health::new();
     let health = Arc::new(health);
+    // signals end the agent cleanly, also while it still waits to join
+    // (API server, podCIDR): then nothing is served yet and it exits at
+    // once; a fatal condition ends it non-zero
+    let on_signal = health.clone();
+    std::thread::spawn(move || match signals.wait() {
+        Ok(sig) if !on_signal.cni_is_up() => {
+            tracing::info!(signal = ?sig, "stopped before serving");
+            std::process::exit(0)
+        }
+        Ok(sig) => on_signal.send(Exit::Signal(format!("{sig:?}"))),
+        Err(e) => on_signal.send(Exit::Fatal(format!("waiting for signals: {e}"))),
+    });
     let metrics = Arc::new(Metrics::new());
     // /healthz answers from the start; /readyz says what is missing
     let http = trellis_agent::http::serve(
@@ -175,12 +187,6 @@ fn main() -> anyhow::Result<()> {
     let cni_metrics = metrics.clone();
     std::thread::spawn(move || server::serve(listener, service, cni_metrics));
     health.set_cni_up();
-    // signals end the agent cleanly; a fatal condition ends it non-zero
-    let on_signal = health.clone();
-    std::thread::spawn(move || match signals.wait() {
-        Ok(sig) => on_signal.send(Exit::Signal(format!("{sig:?}"))),
-        Err(e) => on_signal.send(Exit::Fatal(format!("waiting for signals: {e}"))),
-    });
     let why = exit
         .recv()
         .unwrap_or_else(|_| Exit::Fatal("exit channel closed".into()));

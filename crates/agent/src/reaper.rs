@@ -26,6 +26,15 @@ pub fn tombstone_name(host: &str) -> String {
     format!("{TOMBSTONE_PREFIX}{hash}")
 }
 
+/// Whether `name` is a tombstone trellis made: `tz` + 11 lowercase hex.
+pub fn is_tombstone(name: &str) -> bool {
+    name.strip_prefix(TOMBSTONE_PREFIX).is_some_and(|h| {
+        h.len() == 11
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Deletes retired links in the background.
 pub struct Reaper {
     dp: Arc<dyn Dataplane>,
@@ -54,7 +63,7 @@ impl Reaper {
         let reaper = Self { dp, queue };
         match reaper.dp.links_named(TOMBSTONE_PREFIX) {
             Ok(names) => {
-                for name in names {
+                for name in names.into_iter().filter(|n| is_tombstone(n)) {
                     reaper.queue_delete(name);
                 }
             }
@@ -85,8 +94,12 @@ impl Reaper {
             }
             Ok(false) => Ok(false),
             // the tombstone name is taken (an older one not reaped yet):
-            // delete the link at once instead
-            Err(_) => self.dp.link_delete(host),
+            // delete that one, then the link itself at once
+            Err(e) if e.source.errno() == Some(nix::errno::Errno::EEXIST) => {
+                self.dp.link_delete(&tomb)?;
+                self.dp.link_delete(host)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -116,6 +129,9 @@ mod tests {
         let fake = Arc::new(FakeDataplane::new());
         fake.add_test_link("tz0123456789a");
         fake.add_test_link("tl0123456789a");
+        // not ours: wrong length, not hex
+        fake.add_test_link("tzother");
+        fake.add_test_link("tz0123456789z");
         let _reaper = Reaper::start(fake.clone());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while fake.links().contains_key("tz0123456789a") {

@@ -79,15 +79,15 @@ pub fn pod_cidr(node: &Node) -> Result<Ipv4Net, NodeProblem> {
     })
 }
 
-/// The node's first `InternalIP` (then `ExternalIP`) in `status.addresses`.
-pub fn internal_ip(node: &Node) -> Option<IpAddr> {
-    let addrs = node.status.as_ref()?.addresses.as_ref()?;
-    ["InternalIP", "ExternalIP"].iter().find_map(|t| {
-        addrs
-            .iter()
-            .filter(|a| a.type_ == *t)
-            .find_map(|a| a.address.parse().ok())
-    })
+/// The node's first IPv4 `InternalIP` in `status.addresses`.
+pub fn internal_ip(node: &Node) -> Option<std::net::Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
 }
 
 /// The record other nodes route by, or why there is none.
@@ -197,6 +197,10 @@ mod tests {
                     NodeAddress {
                         type_: "Hostname".into(),
                         address: "n1".into(),
+                    },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "fd00::11".into(),
                     },
                     NodeAddress {
                         type_: "InternalIP".into(),

@@ -45,6 +45,9 @@ struct Kind {
     objects: HashMap<String, (String, Vec<u8>)>,
     /// objects of a relist in progress
     relist: Option<HashMap<String, (String, Vec<u8>)>>,
+    /// its watch's last failure, while it lasts; `true`: the API server
+    /// answered it (a 403, a 404), so reaching the server does not end it
+    error: Option<(String, bool)>,
 }
 
 struct Subscriber {
@@ -57,7 +60,6 @@ struct State {
     revision: i64,
     kinds: Vec<Kind>,
     subscribers: Vec<Subscriber>,
-    error: Option<String>,
 }
 
 impl State {
@@ -70,6 +72,8 @@ impl State {
             .map(|(key, value)| kv(key, value, self.revision))
             .collect();
         items.sort_by(|a, b| a.key.cmp(&b.key));
+        // two objects showing one key (two Nodes given one podCIDR): one
+        items.dedup_by(|a, b| a.key == b.key);
         Listing {
             items,
             revision: self.revision,
@@ -84,11 +88,14 @@ impl State {
         };
         if let Some((old_key, old_value)) = &before {
             if now.as_ref().map(|(key, _)| key) != Some(old_key) {
-                self.revision += 1;
-                out.push(Event::Delete {
-                    key: old_key.clone(),
-                    mod_revision: self.revision,
-                });
+                // the key goes only when no other object shows it
+                if !self.shown(old_key) {
+                    self.revision += 1;
+                    out.push(Event::Delete {
+                        key: old_key.clone(),
+                        mod_revision: self.revision,
+                    });
+                }
             } else if now.as_ref().map(|(_, v)| v) == Some(old_value) {
                 return;
             }
@@ -97,6 +104,21 @@ impl State {
             self.revision += 1;
             out.push(Event::Put(kv(&key, &value, self.revision)));
         }
+    }
+
+    fn shown(&self, key: &str) -> bool {
+        self.kinds
+            .iter()
+            .any(|k| k.objects.values().any(|(k2, _)| k2 == key))
+    }
+
+    /// The first watch failure, if any.
+    fn error(&self) -> Option<String> {
+        self.kinds.iter().find_map(|k| {
+            k.error
+                .as_ref()
+                .map(|(e, _)| format!("watch of {}: {e}", k.name))
+        })
     }
 
     fn publish(&mut self, events: Vec<Event>) {
@@ -178,12 +200,16 @@ impl KubeSource {
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(ev) => {
-                        if me.lock().error.take().is_some() {
-                            report(None);
+                        let cleared = {
+                            let mut st = me.lock();
+                            st.kinds[k].error.take().is_some().then(|| st.error())
+                        };
+                        if let Some(still) = cleared {
+                            report(still);
                         }
                         me.on_event(k, ev, &show);
                     }
-                    Err(e) => me.on_error(k, &e.to_string(), &report),
+                    Err(e) => me.on_error(k, &e.to_string(), answered(&e), &report),
                 }
             }
         });
@@ -204,13 +230,16 @@ impl KubeSource {
             }
             WEvent::InitDone => {
                 let fresh = st.kinds[k].relist.take().unwrap_or_default();
-                let gone: Vec<String> = st.kinds[k]
+                // first every object that vanished or whose key moved goes,
+                // then the new state comes: a key that changed hands is
+                // never deleted after its new holder's put
+                let leaving: Vec<String> = st.kinds[k]
                     .objects
-                    .keys()
-                    .filter(|n| !fresh.contains_key(*n))
-                    .cloned()
+                    .iter()
+                    .filter(|(n, (key, _))| fresh.get(*n).is_none_or(|(k2, _)| k2 != key))
+                    .map(|(n, _)| n.clone())
                     .collect();
-                for name in gone {
+                for name in leaving {
                     st.set(k, &name, None, &mut out);
                 }
                 for (name, v) in fresh {
@@ -225,21 +254,18 @@ impl KubeSource {
         st.publish(out);
     }
 
-    fn on_error(&self, k: usize, e: &str, report: &Reporter) {
-        let msg = {
+    fn on_error(&self, k: usize, e: &str, answered: bool, report: &Reporter) {
+        let all = {
             let mut st = self.lock();
-            let msg = format!("watch of {}: {e}", st.kinds[k].name);
-            let first = st.error.is_none();
-            if st.error.as_deref() != Some(msg.as_str()) {
-                tracing::warn!(server = %self.server, error = %msg, "API server watch failed; retrying with backoff");
+            let changed = st.kinds[k].error.as_ref().map(|(m, _)| m.as_str()) != Some(e);
+            if changed {
+                tracing::warn!(server = %self.server, kind = %st.kinds[k].name, error = %e,
+                    "API server watch failed; retrying with backoff");
             }
-            st.error = Some(msg.clone());
-            first.then_some(msg)
+            st.kinds[k].error = Some((e.to_string(), answered));
+            st.error()
         };
-        report(Some(format!("{}: {e}", self.server)));
-        if msg.is_some() {
-            tracing::debug!("watch errors reported until the API server answers again");
-        }
+        report(all.map(|m| format!("{}: {m}", self.server)));
     }
 
     /// While watches report errors, asks the API server for its version
@@ -250,16 +276,32 @@ impl KubeSource {
         async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
-                if me.lock().error.is_none() {
+                let unreachable = me
+                    .lock()
+                    .kinds
+                    .iter()
+                    .any(|k| matches!(k.error, Some((_, false))));
+                if !unreachable {
                     continue;
                 }
                 let answered =
                     tokio::time::timeout(Duration::from_secs(2), client.apiserver_version())
                         .await
                         .is_ok_and(|r| r.is_ok());
-                if answered && me.lock().error.take().is_some() {
+                if answered {
+                    // only failures to reach the server end by reaching it;
+                    // an answer it gave (403, 404) stays until its watch works
+                    let still = {
+                        let mut st = me.lock();
+                        for k in st.kinds.iter_mut() {
+                            if matches!(k.error, Some((_, false))) {
+                                k.error = None;
+                            }
+                        }
+                        st.error()
+                    };
                     tracing::info!(server = %me.server, "API server reachable again");
-                    report(None);
+                    report(still);
                 }
             }
         }
@@ -272,12 +314,24 @@ impl KubeSource {
             Some(k) => Err(format!(
                 "the watch of {} has not listed yet{}",
                 k.name,
-                st.error
+                k.error
                     .as_ref()
-                    .map(|e| format!(" ({e})"))
+                    .map(|(e, _)| format!(" ({e})"))
                     .unwrap_or_default()
             )),
         }
+    }
+}
+
+/// Whether the API server itself answered with this failure (a status
+/// such as 403 or 404), as opposed to not being reached at all.
+fn answered(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(_) => true,
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => matches!(e, kube::Error::Api(_)),
+        _ => false,
     }
 }
 
@@ -422,6 +476,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn keys_that_change_hands_in_a_relist_end_held_and_shared_keys_stay() {
+        let src = KubeSource::new("test");
+        src.lock().kinds.push(Kind {
+            name: "configmaps".into(),
+            ..Default::default()
+        });
+        let ev = |e: WEvent<ConfigMap>| src.on_event(0, e, &show);
+        ev(WEvent::Init);
+        ev(WEvent::InitApply(cm("a", "1")));
+        ev(WEvent::InitApply(cm("b", "3")));
+        ev(WEvent::InitDone);
+        let l = Source::list(&src, "/p/").await.expect("list");
+        let mut rx = Source::watch(&src, "/p/", l.revision).await.expect("watch");
+        // a moved to key 2, b took a's old key 1
+        ev(WEvent::Init);
+        ev(WEvent::InitApply(cm("a", "2")));
+        ev(WEvent::InitApply(cm("b", "1")));
+        ev(WEvent::InitDone);
+        let Some(WatchItem::Events(e)) = rx.recv().await else {
+            panic!("events")
+        };
+        // replaying the events leaves exactly keys 1 and 2
+        let mut held = std::collections::BTreeSet::from(["/p/1".to_string(), "/p/3".to_string()]);
+        for e in &e {
+            match e {
+                Event::Put(kv) => held.insert(kv.key.clone()),
+                Event::Delete { key, .. } => held.remove(key),
+            };
+        }
+        assert_eq!(
+            held.into_iter().collect::<Vec<_>>(),
+            ["/p/1", "/p/2"],
+            "{e:?}"
+        );
+        // two objects showing one key: it stays while one still does
+        ev(WEvent::Apply(cm("c", "2")));
+        ev(WEvent::Delete(cm("a", "2")));
+        let l = Source::list(&src, "/p/").await.expect("list");
+        assert_eq!(keys(&l), ["/p/1", "/p/2"]);
+        while let Ok(WatchItem::Events(e)) = rx.try_recv() {
+            assert!(
+                !e.iter()
+                    .any(|e| matches!(e, Event::Delete { key, .. } if key == "/p/2")),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_slow_subscriber_is_dropped_not_buffered_without_bound() {
         let src = KubeSource::new("test");
         src.lock().kinds.push(Kind {
@@ -449,7 +552,7 @@ mod tests {
             name: "nodes".into(),
             ..Default::default()
         });
-        src.lock().error = Some("connection refused".into());
+        src.lock().kinds[0].error = Some(("connection refused".into(), false));
         let e = Source::list(&src, "/p/").await.expect_err("not synced");
         let s = e.to_string();
         assert!(

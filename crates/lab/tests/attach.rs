@@ -114,8 +114,28 @@ fn attach_mode(mode: &str) {
     }
     assert_eq!(sysctl(&lab, "n1", "net/ipv4/ip_forward"), "1");
 
-    // DEL removes the host veth and frees the address
-    assert_eq!(allocations(&lab, "n1").len(), 2);
+    // DEL takes the host veth out of service at once and the agent
+    // deletes it in the background, while the pod's namespace still exists
+    // (deleting the namespace would delete the pair anyway)
+    let t = lab
+        .cni("DEL", "n1", "a", &lab.netconf("n1", mode))
+        .expect("DEL a");
+    assert!(t.output.status.success(), "{:?}", t.output);
+    assert!(
+        !links(&node_ns).contains(&host),
+        "host veth {host} still there"
+    );
+    wait_for(
+        "the retired veth of a deleted",
+        std::time::Duration::from_secs(10),
+        || !links(&node_ns).iter().any(|l| l.starts_with("tz")),
+    );
+    assert!(
+        !links(&a_ns).contains(&"eth0".to_string()),
+        "the pod side went with it"
+    );
+    // and the address is free; a second DEL (the runtime's retry) is fine
+    assert_eq!(allocations(&lab, "n1").len(), 1);
     lab.del_pod("n1", "a").expect("del a");
     assert!(
         !links(&node_ns).contains(&host),

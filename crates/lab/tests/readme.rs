@@ -71,15 +71,17 @@ fn the_lab_section_runs_as_written() {
     let lines = sh_block(&readme, "## The lab");
     assert!(lines.len() >= 10, "{lines:?}");
     let _labs = Labs(vec!["dev", "c3", "b3", "k3"]);
-    if !kubernetes("the_lab_section_runs_as_written") {
-        return;
-    }
+    // without the Kubernetes binaries (outside CI) the k3 lines are left out
+    let k8s = kubernetes("the_lab_section_runs_as_written (its Kubernetes lines)");
     let path = format!(
         "{}:{}",
         trellis_lab::bin_dir().display(),
         std::env::var("PATH").unwrap_or_default()
     );
     for line in lines {
+        if !k8s && line.contains("--name k3") {
+            continue;
+        }
         let mut c = std::process::Command::new("sh");
         c.args(["-c", &line]).env("PATH", &path);
         let t = exec::run(c, None, &[], Duration::from_secs(120)).expect("run");

@@ -439,9 +439,7 @@ impl Lab {
                 stop_pid(pid, self.children.remove(&n.name));
             }
         }
-        if let Some(pid) = self.st.etcd_pid.take() {
-            stop_pid(pid, self.children.remove("etcd"));
-        }
+        // the API server and controller manager before the etcd they use
         for pid in std::mem::take(&mut self.st.extra_pids) {
             let child = self
                 .children
@@ -449,6 +447,9 @@ impl Lab {
                 .find(|(_, c)| c.id() == pid)
                 .map(|(k, _)| k.clone());
             stop_pid(pid, child.and_then(|k| self.children.remove(&k)));
+        }
+        if let Some(pid) = self.st.etcd_pid.take() {
+            stop_pid(pid, self.children.remove("etcd"));
         }
         let errors = crate::gc::delete_namespaces(&self.st.id);
         let _ = std::fs::remove_dir_all(&self.dir);
