@@ -229,31 +229,78 @@ pub fn source(kj: &KubeJoined, health: Arc<Health>) -> KubeSource {
 }
 
 /// Once the first sync has put the routes in place, sets the Node's
-/// `NetworkUnavailable` condition to False (as Calico and flannel do).
-pub async fn mark_network_available(client: Client, node: String, health: Arc<Health>) {
+/// `NetworkUnavailable` condition to False (as Calico and flannel do), and
+/// from then on watches the own Node: a Node deleted and registered again
+/// (its annotations and condition gone) is published again; a changed
+/// podCIDR stops the agent (its pods hold addresses of the old one).
+pub async fn keep_published(client: Client, joined: Joined, health: Arc<Health>) {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
     while !health.is_synced() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let node = joined.local.name.clone();
     let nodes: Api<Node> = Api::all(client);
-    let patch = serde_json::json!({"status": {"conditions": [{
-        "type": "NetworkUnavailable", "status": "False",
-        "reason": "TrellisIsUp", "message": "trellis has programmed the routes of this node",
-    }]}});
-    let what = format!("setting NetworkUnavailable=False on node {node}");
-    until_ok(&health, &what, || async {
-        nodes
-            .patch_status(
-                &node,
-                &PatchParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Strategic(&patch),
-            )
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    })
-    .await;
-    tracing::info!(node = %node, "NetworkUnavailable=False");
+    let wanted = annotations(&joined.record);
+    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut stream = watcher::watcher(nodes.clone(), config)
+        .default_backoff()
+        .boxed();
+    while let Some(item) = stream.next().await {
+        let n = match item {
+            Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(node = %node, error = %e, "watch of the own Node failed; retrying");
+                continue;
+            }
+        };
+        if let Ok(cidr) = pod_cidr(&n) {
+            if cidr != joined.subnet {
+                health.fatal(format!(
+                    "the podCIDR of node {node} changed from {} to {cidr}; pods on this node \
+                     have addresses of {}: restart the agent, then the pods",
+                    joined.subnet, joined.subnet
+                ));
+                return;
+            }
+        }
+        let have = n.metadata.annotations.clone().unwrap_or_default();
+        let published = wanted.iter().all(|(k, v)| have.get(k) == v.as_ref());
+        let available = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False")
+            });
+        if published && available {
+            continue;
+        }
+        let mut patch = serde_json::json!({"status": {"conditions": [{
+            "type": "NetworkUnavailable", "status": "False",
+            "reason": "TrellisIsUp", "message": "trellis has programmed the routes of this node",
+        }]}});
+        if !published {
+            patch["metadata"] = serde_json::json!({"annotations": wanted});
+        }
+        let what = format!("publishing node {node} (PATCH nodes/status)");
+        until_ok(&health, &what, || async {
+            nodes
+                .patch_status(
+                    &node,
+                    &PatchParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &Patch::Strategic(&patch),
+                )
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        tracing::info!(node = %node, annotations = !published, "published the node; NetworkUnavailable=False");
+    }
 }

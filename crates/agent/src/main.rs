@@ -141,9 +141,9 @@ fn main() -> anyhow::Result<()> {
             let kj = runtime.block_on(trellis_agent::kube::join(&cfg, &k, dp.as_ref(), &health))?;
             let _rt = runtime.enter();
             let source = trellis_agent::kube::source(&kj, health.clone());
-            runtime.spawn(trellis_agent::kube::mark_network_available(
+            runtime.spawn(trellis_agent::kube::keep_published(
                 kj.client.clone(),
-                cfg.node_name.clone(),
+                kj.joined.clone(),
                 health.clone(),
             ));
             let prefix = trellis_agent::kube::PREFIX.to_string();
