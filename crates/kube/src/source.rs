@@ -422,17 +422,24 @@ mod tests {
         Some((format!("/p/{v}"), o.metadata.name.clone()?.into_bytes()))
     }
 
+    /// A source with one watched kind (no watch running: the tests feed it).
+    fn one_kind(synced: bool) -> KubeSource {
+        let src = KubeSource::new("test");
+        src.lock().kinds.push(Kind {
+            name: "configmaps".into(),
+            synced,
+            ..Default::default()
+        });
+        src
+    }
+
     fn keys(l: &Listing) -> Vec<String> {
         l.items.iter().map(|i| i.key.clone()).collect()
     }
 
     #[tokio::test]
     async fn relists_turn_into_deletes_and_key_moves_into_delete_put() {
-        let src = KubeSource::new("test");
-        src.lock().kinds.push(Kind {
-            name: "configmaps".into(),
-            ..Default::default()
-        });
+        let src = one_kind(false);
         let ev = |e: WEvent<ConfigMap>| src.on_event(0, e, &show);
         ev(WEvent::Init);
         ev(WEvent::InitApply(cm("a", "1")));
@@ -477,11 +484,7 @@ mod tests {
 
     #[tokio::test]
     async fn keys_that_change_hands_in_a_relist_end_held_and_shared_keys_stay() {
-        let src = KubeSource::new("test");
-        src.lock().kinds.push(Kind {
-            name: "configmaps".into(),
-            ..Default::default()
-        });
+        let src = one_kind(false);
         let ev = |e: WEvent<ConfigMap>| src.on_event(0, e, &show);
         ev(WEvent::Init);
         ev(WEvent::InitApply(cm("a", "1")));
@@ -526,12 +529,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_is_dropped_not_buffered_without_bound() {
-        let src = KubeSource::new("test");
-        src.lock().kinds.push(Kind {
-            name: "configmaps".into(),
-            synced: true,
-            ..Default::default()
-        });
+        let src = one_kind(true);
         let rev = src.lock().revision;
         let mut rx = Source::watch(&src, "/p/", rev).await.expect("watch");
         for i in 0..(SUBSCRIBER_QUEUE + 10) {

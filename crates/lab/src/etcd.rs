@@ -92,7 +92,8 @@ pub struct LabTls {
     pub server: (std::path::PathBuf, std::path::PathBuf),
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+/// `openssl ARGS` in `dir` (the lab CAs).
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let mut c = Command::new("openssl");
     c.current_dir(dir).args(args);
     crate::exec::check(c, None, Duration::from_secs(20))

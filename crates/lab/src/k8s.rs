@@ -8,6 +8,7 @@
 //! `install` script (`../shared/k8s/install`), else the lab refuses with
 //! how to get them.
 
+use crate::etcd::openssl;
 use crate::exec;
 use crate::netns;
 use anyhow::{bail, Context};
@@ -74,14 +75,6 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
         }
     }
     Ok(dir)
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("openssl");
-    c.current_dir(dir).args(args);
-    exec::check(c, None, Duration::from_secs(20))
-        .map(drop)
-        .context("openssl")
 }
 
 /// The control plane's files.
