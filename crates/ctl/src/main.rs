@@ -46,6 +46,20 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List BGP resources of one kind from the datastore (`-o yaml` prints
+    /// a manifest `apply -f` takes back).
+    Get {
+        /// bgpconfigurations, bgppeers or nodes.
+        #[arg(value_enum)]
+        kind: apply::Kind,
+        /// Only this one.
+        name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: status::Output,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// BGP on this node.
     Bgp {
         #[command(subcommand)]
@@ -60,6 +74,17 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct StoreArgs {
+    /// Where the cluster keeps its state: etcd, or the Kubernetes API
+    /// (the project's custom resources).
+    #[arg(long, value_enum, env = "TRELLIS_DATASTORE", default_value_t = LabDatastore::Etcd)]
+    datastore: LabDatastore,
+    /// Kubernetes mode: the kubeconfig (default ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Kubernetes mode: the API server's address, overriding the
+    /// kubeconfig's (`https://IP:PORT`).
+    #[arg(long)]
+    server: Option<String>,
     /// etcd endpoints, comma-separated.
     #[arg(
         long,
@@ -86,7 +111,7 @@ enum BgpCmd {
     },
 }
 
-/// Where a lab cluster keeps its state.
+/// Where a cluster keeps its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LabDatastore {
     /// etcd (subnet leases).
@@ -201,28 +226,62 @@ enum LabCmd {
     },
 }
 
+impl StoreArgs {
+    fn target(self) -> anyhow::Result<apply::Target> {
+        Ok(match self.datastore {
+            LabDatastore::Etcd => apply::Target::Etcd {
+                endpoints: self.etcd_endpoints,
+                prefix: self.prefix,
+            },
+            LabDatastore::Kubernetes => {
+                let kubeconfig = match self.kubeconfig {
+                    Some(k) => k,
+                    None => std::env::var_os("HOME")
+                        .map(|h| std::path::Path::new(&h).join(".kube/config"))
+                        .filter(|p| p.exists())
+                        .context(
+                            "--datastore kubernetes: no kubeconfig (pass --kubeconfig, set \
+                             KUBECONFIG, or have ~/.kube/config)",
+                        )?,
+                };
+                apply::Target::Kubernetes(trellis_kube::ClientOptions {
+                    kubeconfig: Some(kubeconfig),
+                    server: self.server,
+                })
+            }
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cmd = match cli.cmd {
         Cmd::Status { socket, output } => return print_status(&socket, output),
         Cmd::Lab { cmd } => cmd,
-        Cmd::Apply { file, store } => {
-            return apply::apply(
-                &file,
-                &apply::Target {
-                    endpoints: store.etcd_endpoints,
-                    prefix: store.prefix,
-                },
-            )
-        }
-        Cmd::Delete { file, store } => {
-            return apply::delete(
-                &file,
-                &apply::Target {
-                    endpoints: store.etcd_endpoints,
-                    prefix: store.prefix,
-                },
-            )
+        Cmd::Apply { file, store } => return apply::apply(&file, &store.target()?),
+        Cmd::Delete { file, store } => return apply::delete(&file, &store.target()?),
+        Cmd::Get {
+            kind,
+            name,
+            output,
+            store,
+        } => {
+            let rs = apply::get(kind, name.as_deref(), &store.target()?)?;
+            return match output {
+                status::Output::Table => {
+                    print!("{}", apply::render(kind, &rs));
+                    Ok(())
+                }
+                status::Output::Json => {
+                    status::print(output, &apply::manifests(&rs), |_| String::new())
+                }
+                status::Output::Yaml => {
+                    for r in &rs {
+                        print!("---\n{}", serde_yaml::to_string(&r.manifest())?);
+                    }
+                    Ok(())
+                }
+            };
         }
         Cmd::Bgp {
             cmd: BgpCmd::Status { socket, output },

@@ -8,13 +8,13 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use trellis_lab::{exec, Lab, LabOptions};
 
-fn bgp_lab(nodes: usize, segments: usize, manifest: Option<&str>) -> Lab {
+/// A bgp cluster; in Kubernetes mode the manifest is applied with kubectl.
+fn bgp_lab(ds: Datastore, nodes: usize, segments: usize, manifest: Option<&str>) -> Lab {
     Lab::create(LabOptions {
         nodes,
         segments,
-        cluster: Some(trellis_lab::cluster_config("bgp").expect("backend")),
         bgp: manifest.map(String::from),
-        ..Default::default()
+        ..ds.cluster("bgp")
     })
     .expect("bgp lab")
 }
@@ -77,10 +77,22 @@ fn no_encapsulation(lab: &Lab, node: &str) {
 
 #[test]
 fn mesh_of_three_routes_pods_without_encapsulation() {
-    if !privileged("mesh_of_three_routes_pods_without_encapsulation") {
+    mesh_of_three(
+        Datastore::Etcd,
+        "mesh_of_three_routes_pods_without_encapsulation",
+    );
+}
+
+#[test]
+fn mesh_of_three_in_kubernetes_mode() {
+    mesh_of_three(Datastore::Kubernetes, "mesh_of_three_in_kubernetes_mode");
+}
+
+fn mesh_of_three(ds: Datastore, test: &str) {
+    let Some(_running) = ds.runs(test) else {
         return;
-    }
-    let mut lab = bgp_lab(3, 1, None);
+    };
+    let mut lab = bgp_lab(ds, 3, 1, None);
     let p = pods(&mut lab);
     for (node, _, _) in &p {
         wait_established(&lab, node, 2);
@@ -125,11 +137,20 @@ fn mesh_of_three_routes_pods_without_encapsulation() {
 
 #[test]
 fn one_reflector_serves_five_nodes() {
-    if !privileged("one_reflector_serves_five_nodes") {
+    one_reflector(Datastore::Etcd, "one_reflector_serves_five_nodes");
+}
+
+#[test]
+fn one_reflector_in_kubernetes_mode() {
+    one_reflector(Datastore::Kubernetes, "one_reflector_in_kubernetes_mode");
+}
+
+fn one_reflector(ds: Datastore, test: &str) {
+    let Some(_running) = ds.runs(test) else {
         return;
-    }
+    };
     let manifest = "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec:\n  bgp:\n    routeReflectorClusterID: 224.0.0.1\n";
-    let mut lab = bgp_lab(5, 1, Some(manifest));
+    let mut lab = bgp_lab(ds, 5, 1, Some(manifest));
     let p = pods(&mut lab);
     wait_established(&lab, "n1", 4);
     for node in ["n2", "n3", "n4", "n5"] {
@@ -163,10 +184,22 @@ fn one_reflector_serves_five_nodes() {
 
 #[test]
 fn bird_routes_pods_between_two_segments() {
-    if !privileged("bird_routes_pods_between_two_segments") {
+    bird_between_segments(Datastore::Etcd, "bird_routes_pods_between_two_segments");
+}
+
+#[test]
+fn bird_between_segments_in_kubernetes_mode() {
+    bird_between_segments(
+        Datastore::Kubernetes,
+        "bird_between_segments_in_kubernetes_mode",
+    );
+}
+
+fn bird_between_segments(ds: Datastore, test: &str) {
+    let Some(_running) = ds.runs(test) else {
         return;
-    }
-    let mut lab = bgp_lab(4, 2, Some(trellis_lab::bird::SEGMENT_PEERS));
+    };
+    let mut lab = bgp_lab(ds, 4, 2, Some(trellis_lab::bird::SEGMENT_PEERS));
     // BIRD also announces a prefix outside the cluster network: refused
     let bird = trellis_lab::bird::router(
         &lab,
@@ -220,7 +253,7 @@ fn a_hung_agent_is_withdrawn_within_the_hold_time() {
         return;
     }
     let manifest = "apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {holdTimeSeconds: 3}\n";
-    let mut lab = bgp_lab(3, 1, Some(manifest));
+    let mut lab = bgp_lab(Datastore::Etcd, 3, 1, Some(manifest));
     let p = pods(&mut lab);
     for (node, _, _) in &p {
         wait_established(&lab, node, 2);
@@ -253,7 +286,7 @@ fn graceful_restart_keeps_traffic_flowing() {
     if !privileged("graceful_restart_keeps_traffic_flowing") {
         return;
     }
-    let mut lab = bgp_lab(2, 1, None);
+    let mut lab = bgp_lab(Datastore::Etcd, 2, 1, None);
     let p = pods(&mut lab);
     wait_established(&lab, "n1", 1);
     reach_all(&lab, &p);
@@ -321,10 +354,25 @@ fn tor_peer(password: &str) -> String {
 
 #[test]
 fn external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session() {
-    if !privileged("external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session") {
+    external_peer(
+        Datastore::Etcd,
+        "external_ebgp_peer_with_md5_and_changes_that_touch_only_their_session",
+    );
+}
+
+#[test]
+fn external_ebgp_peer_in_kubernetes_mode() {
+    external_peer(
+        Datastore::Kubernetes,
+        "external_ebgp_peer_in_kubernetes_mode",
+    );
+}
+
+fn external_peer(ds: Datastore, test: &str) {
+    let Some(_running) = ds.runs(test) else {
         return;
-    }
-    let mut lab = bgp_lab(2, 1, Some(&tor_peer("s3cret")));
+    };
+    let mut lab = bgp_lab(ds, 2, 1, Some(&tor_peer("s3cret")));
     // the ToR: eBGP, MD5, announces nothing we would take
     let bird = start_bird(
         &lab,
@@ -393,7 +441,7 @@ fn metrics_and_readiness_follow_traffic_and_a_session_flap() {
     if !privileged("metrics_and_readiness_follow_traffic_and_a_session_flap") {
         return;
     }
-    let mut lab = bgp_lab(2, 1, None);
+    let mut lab = bgp_lab(Datastore::Etcd, 2, 1, None);
     let p = pods(&mut lab);
     wait_established(&lab, "n1", 1);
     reach_all(&lab, &p);
@@ -524,7 +572,12 @@ fn a_subnet_whose_lease_returns_is_routed_again_through_a_reflector() {
     if !privileged("a_subnet_whose_lease_returns_is_routed_again_through_a_reflector") {
         return;
     }
-    let mut lab = bgp_lab(3, 2, Some(trellis_lab::bird::SEGMENT_PEERS));
+    let mut lab = bgp_lab(
+        Datastore::Etcd,
+        3,
+        2,
+        Some(trellis_lab::bird::SEGMENT_PEERS),
+    );
     let _bird = trellis_lab::bird::router(&lab, "").expect("BIRD on the router");
     let p = pods(&mut lab);
     for (node, _, _) in &p {

@@ -9,13 +9,6 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use trellis_lab::{exec, Lab, INTERNET_IP};
 
-/// One control plane at a time: three API servers, controller managers and
-/// their agents at once starve a 2-core machine past the tests' deadlines.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn node_json(lab: &Lab, node: &str) -> Value {
     serde_json::from_str(
         &lab.kubectl(&["get", "node", node, "-o", "json"])
@@ -33,7 +26,8 @@ fn backend_in_kubernetes_mode(backend: &str) {
     let mut lab = kube_lab(backend, 3);
     let mut pods = vec![];
     for n in ["n1", "n2", "n3"] {
-        let p = lab.add_pod(n, &format!("p{n}"), "bridge").expect("add pod");
+        // the backend's default attach mode (routed with bgp)
+        let p = lab.add_pod(n, &format!("p{n}"), "").expect("add pod");
         pods.push((n, lab.pod_ns(n, &format!("p{n}")), p.ip));
     }
     for n in ["n1", "n2", "n3"] {
@@ -106,6 +100,13 @@ fn host_gw_in_kubernetes_mode() {
 fn directrouting_in_kubernetes_mode() {
     if kubernetes("directrouting_in_kubernetes_mode") {
         backend_in_kubernetes_mode("directrouting");
+    }
+}
+
+#[test]
+fn bgp_in_kubernetes_mode() {
+    if kubernetes("bgp_in_kubernetes_mode") {
+        backend_in_kubernetes_mode("bgp");
     }
 }
 

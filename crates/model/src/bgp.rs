@@ -153,6 +153,19 @@ impl Resource {
         format!("{prefix}bgp/{dir}/{}", self.name())
     }
 
+    /// The resource as a manifest document (`apiVersion`, `kind`,
+    /// `metadata.name`, `spec`): what `get -o yaml` prints and what the
+    /// API server stores.
+    pub fn manifest(&self) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": self.kind(),
+            "metadata": {"name": self.name()},
+            "spec": serde_json::from_slice::<serde_json::Value>(&self.value())
+                .unwrap_or_default(),
+        })
+    }
+
     /// Its stored value (the spec as JSON).
     pub fn value(&self) -> Vec<u8> {
         let v = match self {
@@ -280,6 +293,32 @@ fn one(doc: Doc) -> Result<Resource, String> {
     Ok(r)
 }
 
+/// The resource of `kind` named `name` with a stored `spec` (an etcd
+/// value, a custom resource's spec), validated as a manifest would be.
+pub fn from_stored(kind: &str, name: &str, spec: &[u8]) -> Result<Resource, String> {
+    let spec: serde_yaml::Value =
+        serde_json::from_slice(spec).map_err(|e| format!("{kind} {name}: spec: {e}"))?;
+    one(Doc {
+        api_version: Some(API_VERSION.into()),
+        kind: Some(kind.into()),
+        metadata: Some(Meta {
+            name: Some(name.into()),
+        }),
+        spec,
+    })
+    .map_err(|e| format!("{kind} {name}: {e}"))
+}
+
+/// The kind stored in datastore directory `dir` (`peers` -> `BGPPeer`).
+pub fn kind_of_dir(dir: &str) -> Option<&'static str> {
+    match dir {
+        "configurations" => Some("BGPConfiguration"),
+        "peers" => Some("BGPPeer"),
+        "nodes" => Some("Node"),
+        _ => None,
+    }
+}
+
 /// Reads every document of a manifest. Any bad document fails the whole
 /// manifest (nothing is applied), naming the document and the field.
 pub fn parse_manifest(text: &str) -> Result<Vec<Resource>, String> {
@@ -290,8 +329,22 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Resource>, String> {
         if v.is_null() {
             continue;
         }
-        let doc: Doc = serde_yaml::from_value(v).map_err(|e| format!("document {n}: {e}"))?;
-        out.push(one(doc).map_err(|e| format!("document {n}: {e}"))?);
+        // a `kind: List` (what `get -o json` prints) holds its documents
+        let list = v.get("kind").and_then(|k| k.as_str()) == Some("List");
+        let docs = match (list, v.get("items")) {
+            (true, Some(serde_yaml::Value::Sequence(items))) => items.clone(),
+            (true, _) => return Err(format!("document {n}: a List without items")),
+            (false, _) => vec![v],
+        };
+        for (j, v) in docs.into_iter().enumerate() {
+            let at = if list {
+                format!("document {n} item {}", j + 1)
+            } else {
+                format!("document {n}")
+            };
+            let doc: Doc = serde_yaml::from_value(v).map_err(|e| format!("{at}: {e}"))?;
+            out.push(one(doc).map_err(|e| format!("{at}: {e}"))?);
+        }
     }
     if out.is_empty() {
         return Err("no resources in the manifest".into());
@@ -355,6 +408,42 @@ impl BgpResources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_resources_round_trip_through_manifests_and_lists() {
+        let text = "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: tor}\n\
+                    spec: {peerIP: 192.0.2.1, asNumber: 65000, node: n1}\n---\n\
+                    apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\n\
+                    spec: {bgp: {routeReflectorClusterID: 224.0.0.1}}\n";
+        let rs = parse_manifest(text).expect("manifest");
+        // stored (etcd value or custom resource spec) -> the same resource
+        for r in &rs {
+            let dir = r
+                .key("/p/")
+                .split('/')
+                .nth(3)
+                .unwrap_or_default()
+                .to_string();
+            let kind = kind_of_dir(&dir).expect("dir");
+            assert_eq!(&from_stored(kind, r.name(), &r.value()).expect("stored"), r);
+        }
+        // `get -o json` prints a List; apply takes it back
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List",
+            "items": rs.iter().map(Resource::manifest).collect::<Vec<_>>()});
+        assert_eq!(parse_manifest(&list.to_string()).expect("list"), rs);
+        // a bad item is named inside its list; a bad stored spec names the field
+        let mut bad = list.clone();
+        bad["items"][1]["spec"]["bgp"]["asNumber"] = 0.into();
+        let e = parse_manifest(&bad.to_string()).expect_err("bad item");
+        assert!(
+            e.contains("document 1 item 2") && e.contains("asNumber"),
+            "{e}"
+        );
+        let e = from_stored("BGPPeer", "x", br#"{"peerIP":"224.0.0.5","asNumber":1}"#)
+            .expect_err("multicast peer");
+        assert!(e.contains("BGPPeer x") && e.contains("peerIP"), "{e}");
+        assert!(from_stored("BGPPeer", "x", b"not json").is_err());
+    }
 
     #[test]
     fn a_calico_shaped_manifest() {

@@ -261,7 +261,12 @@ impl Lab {
         let node = NodeState {
             name: name.clone(),
             ip: format!("{gw}.{}", 10 + i),
-            subnet: format!("10.244.{i}.0/24"),
+            // Kubernetes mode: the controller manager's podCIDR, read below
+            subnet: if self.st.kubernetes {
+                String::new()
+            } else {
+                format!("10.244.{i}.0/24")
+            },
             agent_pid: None,
         };
         let (fab, ns) = (self.fabric_ns(), self.ns(&name));
@@ -336,6 +341,14 @@ impl Lab {
         };
         std::fs::write(self.agent_config(&name), serde_json::to_vec_pretty(&cfg)?)?;
         self.start_agent(&name)?;
+        if self.st.kubernetes {
+            // the agent serves only once it has its podCIDR
+            let cidr = self.wait_pod_cidr(&name, Duration::from_secs(5))?;
+            if let Some(n) = self.st.nodes.iter_mut().find(|n| n.name == name) {
+                n.subnet = cidr;
+            }
+            self.save()?;
+        }
         Ok(name)
     }
 

@@ -155,28 +155,57 @@ impl Lab {
         Ok(())
     }
 
-    /// `trellisctl apply -f` of `manifest` against the lab's etcd (from
-    /// the etcd namespace); returns what trellisctl printed.
+    /// BGP resources of `manifest` into the lab's datastore, as a user
+    /// would: `trellisctl apply -f` against etcd, `kubectl apply -f`
+    /// against the API server in Kubernetes mode. Returns what it printed.
     pub fn apply(&self, manifest: &str) -> anyhow::Result<String> {
+        if self.st.kubernetes {
+            return self.kubectl_stdin(&["apply", "-f", "-"], manifest);
+        }
         self.trellisctl_manifest("apply", manifest)
     }
 
-    /// `trellisctl delete -f` of `manifest`.
+    /// The resources named in `manifest` out of the datastore (`trellisctl
+    /// delete -f`, or `kubectl delete -f` in Kubernetes mode).
     pub fn delete(&self, manifest: &str) -> anyhow::Result<String> {
+        if self.st.kubernetes {
+            return self.kubectl_stdin(&["delete", "-f", "-"], manifest);
+        }
+        self.trellisctl_manifest("delete", manifest)
+    }
+
+    /// `trellisctl apply -f` of `manifest`, in either datastore.
+    pub fn trellisctl_apply(&self, manifest: &str) -> anyhow::Result<String> {
+        self.trellisctl_manifest("apply", manifest)
+    }
+
+    /// `trellisctl delete -f` of `manifest`, in either datastore.
+    pub fn trellisctl_delete(&self, manifest: &str) -> anyhow::Result<String> {
         self.trellisctl_manifest("delete", manifest)
     }
 
     fn trellisctl_manifest(&self, verb: &str, manifest: &str) -> anyhow::Result<String> {
         let file = self.dir.join(format!("manifest-{verb}.yaml"));
         std::fs::write(&file, manifest)?;
+        let file = file.to_string_lossy().into_owned();
+        self.trellisctl(&[verb, "-f", &file])
+    }
+
+    /// `trellisctl ARGS` from the control-plane namespace, pointed at the
+    /// lab's datastore (through `TRELLIS_DATASTORE`, `KUBECONFIG`,
+    /// `TRELLIS_ETCD_*`): etcd, or the API server in Kubernetes mode.
+    /// Fails with its stderr when it fails.
+    pub fn trellisctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new(self.bin.join("trellisctl"));
-        cmd.arg(verb)
-            .arg("-f")
-            .arg(&file)
-            .arg("--etcd-endpoints")
-            .arg(crate::etcd::ETCD_ENDPOINT)
-            .arg("--prefix")
-            .arg(crate::etcd::PREFIX);
+        cmd.args(args)
+            .env("TRELLIS_ETCD_ENDPOINTS", crate::etcd::ETCD_ENDPOINT)
+            .env("TRELLIS_ETCD_PREFIX", crate::etcd::PREFIX);
+        if self.st.kubernetes {
+            cmd.env("TRELLIS_DATASTORE", "kubernetes")
+                .env("KUBECONFIG", self.kubeconfig());
+        } else {
+            cmd.env("TRELLIS_DATASTORE", "etcd");
+        }
         Ok(exec::check(
             cmd,
             Some(&netns::path(&self.etcd_ns())),

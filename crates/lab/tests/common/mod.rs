@@ -191,6 +191,54 @@ pub fn kubernetes(test: &str) -> bool {
     }
 }
 
+/// One control plane at a time in a test binary: three API servers,
+/// controller managers and their agents at once starve a 2-core machine
+/// past the tests' deadlines.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where a parameterised test's cluster keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datastore {
+    /// etcd (subnet leases, resources as keys).
+    Etcd,
+    /// The lab's real Kubernetes control plane (podCIDRs, Node
+    /// annotations, custom resources applied with kubectl).
+    Kubernetes,
+}
+
+/// Held while a parameterised test runs (the control-plane lock in
+/// Kubernetes mode).
+pub struct Running(Option<std::sync::MutexGuard<'static, ()>>);
+
+impl Datastore {
+    /// `Some` when `test` may run with this datastore (see [`privileged`]
+    /// and [`kubernetes`]).
+    pub fn runs(self, test: &str) -> Option<Running> {
+        match self {
+            Self::Etcd => privileged(test).then_some(Running(None)),
+            Self::Kubernetes => kubernetes(test).then(|| Running(Some(one_at_a_time()))),
+        }
+    }
+
+    /// Lab options of a cluster with `backend` in this datastore.
+    pub fn cluster(self, backend: &str) -> LabOptions {
+        let conf = trellis_lab::cluster_config(backend).expect("backend");
+        match self {
+            Self::Etcd => LabOptions {
+                cluster: Some(conf),
+                ..Default::default()
+            },
+            Self::Kubernetes => LabOptions {
+                kubernetes: Some(conf),
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// A Kubernetes-mode lab of `nodes` with `backend`.
 pub fn kube_lab(backend: &str, nodes: usize) -> Lab {
     Lab::create(LabOptions {
