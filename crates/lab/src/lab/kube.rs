@@ -157,13 +157,20 @@ impl Lab {
         }
     }
 
-    /// Creates the Pod object `default/pod` bound to `node` (retrying
+    /// The name of the Pod object of lab pod `pod` on `node` (namespace
+    /// `default`, label `app: POD`): lab pods are named per node, Pods per
+    /// namespace.
+    pub fn pod_object(node: &str, pod: &str) -> String {
+        format!("{pod}-{node}")
+    }
+
+    /// Creates the Pod object of lab pod `pod`, bound to `node` (retrying
     /// while the namespace's ServiceAccount does not exist yet); returns
     /// its UID.
     pub(super) fn create_pod_object(&self, node: &str, pod: &str) -> anyhow::Result<String> {
         let p = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": "default", "labels": {"app": pod}},
+            "metadata": {"name": Self::pod_object(node, pod), "namespace": "default", "labels": {"app": pod}},
             "spec": {"nodeName": node, "automountServiceAccountToken": false,
                      "containers": [{"name": "c", "image": "lab.invalid/pause"}]},
         });

@@ -51,8 +51,9 @@ impl Lab {
             (
                 "CNI_ARGS".into(),
                 format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};\
-                     K8S_POD_INFRA_CONTAINER_ID={ns}{uid}"
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};\
+                     K8S_POD_INFRA_CONTAINER_ID={ns}{uid}",
+                    Self::pod_object(node, pod)
                 ),
             ),
         ]
@@ -122,7 +123,7 @@ impl Lab {
         }
         self.save()?;
         if self.st.kubernetes {
-            self.mark_pod_ready(pod, &ip)?;
+            self.mark_pod_ready(&Self::pod_object(node, pod), &ip)?;
         }
         Ok(PodAttach {
             address,
@@ -150,7 +151,7 @@ impl Lab {
         }
         ip(&["netns", "del", &self.pod_ns(node, pod)])?;
         if self.st.kubernetes {
-            self.delete_pod_object(pod)?;
+            self.delete_pod_object(&Self::pod_object(node, pod))?;
         }
         self.st.pods.retain(|p| !(p.node == node && p.name == pod));
         self.save()?;
