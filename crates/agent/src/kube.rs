@@ -244,7 +244,7 @@ pub async fn keep_published(client: Client, joined: Joined, health: Arc<Health>)
     let wanted = annotations(&joined.record);
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let mut stream = watcher::watcher(nodes.clone(), config)
-        .default_backoff()
+        .backoff(trellis_kube::backoff::WatchBackoff::default())
         .boxed();
     while let Some(item) = stream.next().await {
         let n = match item {

@@ -4,6 +4,7 @@
 //! `kubernetes` ClusterIP), the Node <-> node record mapping, and a
 //! [`trellis_store::Source`] over watches for the agent's loop.
 
+pub mod backoff;
 pub mod node;
 pub mod source;
 

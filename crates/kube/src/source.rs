@@ -196,7 +196,9 @@ impl KubeSource {
         };
         let me = self.clone();
         tokio::spawn(async move {
-            let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+            let mut stream = watcher::watcher(api, config)
+                .backoff(crate::backoff::WatchBackoff::default())
+                .boxed();
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(ev) => {

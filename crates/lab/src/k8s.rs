@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub const K8S_VERSION: &str = "v1.36.2";
 /// The API server's address on the fabric (the control-plane namespace).
 pub const API_IP: &str = crate::etcd::ETCD_IP;
+/// kubectl's flag for an API server started local-only.
+pub const LOCAL_SERVER: &str = "--server=https://127.0.0.1:6443";
 /// Its port.
 pub const API_PORT: u16 = 6443;
 /// The Service network.
@@ -216,12 +218,17 @@ impl ControlPlane {
     }
 
     /// Starts kube-apiserver in `ns` on the lab's etcd and waits (30 s at
-    /// most) until `/readyz` answers.
-    pub fn start_apiserver(&self, ns: &str) -> anyhow::Result<Child> {
+    /// most) until `/readyz` answers. `local_only`: it listens on
+    /// 127.0.0.1 only, so the nodes (and their agents) cannot reach it
+    /// while kubectl in `ns` can, with [`LOCAL_SERVER`].
+    pub fn start_apiserver(&self, ns: &str, local_only: bool) -> anyhow::Result<Child> {
         let d = self.dir.display();
         let args: Vec<String> = [
             "--etcd-servers=http://127.0.0.1:2379".to_string(),
-            "--bind-address=0.0.0.0".into(),
+            format!(
+                "--bind-address={}",
+                if local_only { "127.0.0.1" } else { "0.0.0.0" }
+            ),
             format!("--secure-port={API_PORT}"),
             format!("--advertise-address={API_IP}"),
             "--endpoint-reconciler-type=none".into(),
@@ -246,10 +253,12 @@ impl ControlPlane {
                     self.dir.join("kube-apiserver.log").display()
                 );
             }
-            if self
-                .kubectl(ns, &["get", "--raw", "/readyz"], Duration::from_secs(5))
-                .is_ok()
-            {
+            let probe: &[&str] = if local_only {
+                &[LOCAL_SERVER, "get", "--raw", "/readyz"]
+            } else {
+                &["get", "--raw", "/readyz"]
+            };
+            if self.kubectl(ns, probe, Duration::from_secs(5)).is_ok() {
                 return Ok(child);
             }
             if Instant::now() > deadline {

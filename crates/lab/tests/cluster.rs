@@ -219,10 +219,26 @@ fn decommission_releases_at_once() {
 
 #[test]
 fn agent_restart_loses_no_packet() {
-    if !privileged("agent_restart_loses_no_packet") {
+    restart_under_ping(Datastore::Etcd, "agent_restart_loses_no_packet");
+}
+
+#[test]
+fn agent_restart_loses_no_packet_in_kubernetes_mode() {
+    restart_under_ping(
+        Datastore::Kubernetes,
+        "agent_restart_loses_no_packet_in_kubernetes_mode",
+    );
+}
+
+fn restart_under_ping(ds: Datastore, test: &str) {
+    let Some(_running) = ds.runs(test) else {
         return;
-    }
-    let mut lab = cluster_lab("vxlan", 2, 1);
+    };
+    let mut lab = Lab::create(LabOptions {
+        nodes: 2,
+        ..ds.cluster("vxlan")
+    })
+    .expect("cluster lab");
     let p = pods(&mut lab, "routed");
     full_mesh(&lab, &p);
     let mut stream = lab

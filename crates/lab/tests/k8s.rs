@@ -237,3 +237,175 @@ fn the_manifests_pass_the_api_server_and_bad_resources_are_refused_naming_the_fi
         assert!(err.to_string().contains(field), "{field}: {err:#}");
     }
 }
+
+/// `GET /readyz` of `node`'s agent: (ready, body).
+fn ready(lab: &Lab, node: &str) -> (bool, String) {
+    let (code, body) = agent_http(lab, node, "/readyz");
+    (code.contains("200"), body)
+}
+
+fn alive(lab: &Lab, node: &str) -> bool {
+    let pid = lab.node(node).expect("node").agent_pid.expect("agent pid");
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
+}
+
+#[test]
+fn an_api_server_outage_keeps_traffic_and_changes_made_meanwhile_apply_after() {
+    if !kubernetes("an_api_server_outage_keeps_traffic_and_changes_made_meanwhile_apply_after") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 3);
+    let a = lab.add_pod("n1", "a", "").expect("a");
+    let b = lab.add_pod("n2", "b", "").expect("b");
+    let (a_ns, b_ns) = (lab.pod_ns("n1", "a"), lab.pod_ns("n2", "b"));
+    let n3 = lab.node("n3").expect("n3").subnet.clone();
+    wait_for("a -> b", Duration::from_secs(10), || {
+        lab.ping(&a_ns, &b.ip, 1).is_some()
+    });
+    wait_for("n1 routes n3", Duration::from_secs(10), || {
+        routes(&lab, "n1").contains(&n3)
+    });
+    // pings both ways for the whole outage: 35 s at 10 per second
+    let mut ab = lab
+        .ping_stream(&a_ns, &b.ip, 350, Duration::from_millis(100))
+        .expect("ping a -> b");
+    let mut ba = lab
+        .ping_stream(&b_ns, &a.ip, 350, Duration::from_millis(100))
+        .expect("ping b -> a");
+    ab.wait_first_reply(Duration::from_secs(5))
+        .expect("a -> b flows");
+    ba.wait_first_reply(Duration::from_secs(5))
+        .expect("b -> a flows");
+    let down = Instant::now();
+    lab.stop_apiserver().expect("stop the API server");
+    // the agents say so: status and readiness name the API server
+    for n in ["n1", "n2"] {
+        wait_for(
+            &format!("{n} reports the outage"),
+            Duration::from_secs(15),
+            || {
+                status(&lab, n)["errors"].as_array().is_some_and(|e| {
+                    e.iter()
+                        .any(|e| e.as_str().is_some_and(|e| e.contains("192.0.2.2:6443")))
+                })
+            },
+        );
+    }
+    // meanwhile n3 is removed through an API server the agents cannot
+    // reach (not by writing etcd behind the API's back)
+    lab.start_apiserver_local_only().expect("local API server");
+    lab.kubectl_local(&["delete", "node", "n3", "--wait=false"])
+        .expect("delete n3");
+    lab.stop_apiserver().expect("stop the local API server");
+    assert!(
+        routes(&lab, "n1").contains(&n3),
+        "nobody could have told n1"
+    );
+    while down.elapsed() < Duration::from_secs(30) {
+        assert!(alive(&lab, "n1") && alive(&lab, "n2"), "an agent died");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    lab.start_apiserver().expect("start the API server");
+    let back = Instant::now();
+    wait_for(
+        "n3's route gone from n1 and n2 after the API server returned",
+        Duration::from_secs(15),
+        || !routes(&lab, "n1").contains(&n3) && !routes(&lab, "n2").contains(&n3),
+    );
+    eprintln!(
+        "n3 unrouted {} ms after the API server returned",
+        back.elapsed().as_millis()
+    );
+    for n in ["n1", "n2"] {
+        wait_for(
+            &format!("{n} outage cleared"),
+            Duration::from_secs(15),
+            || {
+                status(&lab, n)["errors"]
+                    .as_array()
+                    .is_none_or(|e| e.is_empty())
+            },
+        );
+    }
+    let (sent, got) = ab.finish(Duration::from_secs(40)).expect("a -> b");
+    assert_eq!(
+        (sent, got),
+        (350, 350),
+        "a -> b lost packets during the outage"
+    );
+    let (sent, got) = ba.finish(Duration::from_secs(10)).expect("b -> a");
+    assert_eq!(
+        (sent, got),
+        (350, 350),
+        "b -> a lost packets during the outage"
+    );
+    // the agents work on without a restart: a new pod is served and reached
+    let c = lab.add_pod("n2", "c", "").expect("pod after the outage");
+    wait_for("a -> c", Duration::from_secs(10), || {
+        lab.ping(&a_ns, &c.ip, 1).is_some()
+    });
+}
+
+#[test]
+fn an_unreachable_api_server_at_start_is_waited_for() {
+    if !kubernetes("an_unreachable_api_server_at_start_is_waited_for") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("host-gw", 2);
+    lab.stop_agent("n2").expect("stop n2's agent");
+    lab.stop_apiserver().expect("stop the API server");
+    let err = lab.start_agent("n2").expect_err("n2 cannot join yet");
+    eprintln!("n2: {err:#}");
+    // it waits, says why, retries, and does not die
+    let (ok, body) = ready(&lab, "n2");
+    assert!(!ok && body.contains("192.0.2.2:6443"), "{body}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(alive(&lab, "n2"), "the agent gave up");
+    let log = std::fs::read_to_string(lab.agent_log("n2")).unwrap_or_default();
+    assert!(log.contains("retrying with backoff"), "{log}");
+    lab.start_apiserver().expect("start the API server");
+    wait_for(
+        "n2 joins once the API server answers",
+        Duration::from_secs(15),
+        || ready(&lab, "n2").0,
+    );
+    let a = lab.add_pod("n1", "a", "bridge").expect("a");
+    lab.add_pod("n2", "b", "bridge").expect("b");
+    wait_for("b -> a", Duration::from_secs(10), || {
+        lab.ping(&lab.pod_ns("n2", "b"), &a.ip, 1).is_some()
+    });
+}
+
+#[test]
+fn a_node_without_pod_cidr_waits_and_says_why() {
+    if !kubernetes("a_node_without_pod_cidr_waits_and_says_why") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("host-gw", 1);
+    lab.stop_controller_manager()
+        .expect("stop the controller manager");
+    let err = lab.add_node().expect_err("n2 has no podCIDR");
+    eprintln!("n2: {err:#}");
+    let (ok, body) = ready(&lab, "n2");
+    assert!(!ok, "{body}");
+    assert!(
+        body.contains("spec.podCIDRs") && body.contains("--allocate-node-cidrs"),
+        "names what is missing and the likely cause: {body}"
+    );
+    assert!(alive(&lab, "n2"));
+    lab.start_controller_manager()
+        .expect("start the controller manager");
+    wait_for(
+        "n2 ready once it has a podCIDR",
+        Duration::from_secs(20),
+        || ready(&lab, "n2").0,
+    );
+    let cidr = lab
+        .wait_pod_cidr("n2", Duration::from_secs(1))
+        .expect("podCIDR");
+    assert_eq!(status(&lab, "n2")["subnet"], cidr.as_str());
+}

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 /// processes in the node namespaces with the DaemonSet's ServiceAccount).
 const MANIFESTS: [&str; 3] = ["00-namespace.yaml", "10-crds.yaml", "20-rbac.yaml"];
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(20);
+/// The cluster network config the control plane was built with.
+const NET_CONF_FILE: &str = "k8s/net-conf.json";
 
 /// The repository's `deploy/kubernetes/` folder.
 pub fn deploy_dir() -> PathBuf {
@@ -58,20 +60,13 @@ impl Lab {
     /// namespace, CRDs and RBAC, the ConfigMap with `net_conf`, and the
     /// agents' service-account kubeconfig.
     pub(super) fn build_control_plane(&mut self, net_conf: &str) -> anyhow::Result<()> {
-        let conf = trellis_model::netconf::ClusterConfig::parse(net_conf)
+        trellis_model::netconf::ClusterConfig::parse(net_conf)
             .context("the lab's cluster network config")?;
         let cp = ControlPlane::new(&self.dir)?;
         cp.make_pki()?;
+        std::fs::write(self.dir.join(NET_CONF_FILE), net_conf)?;
         self.start_apiserver()?;
-        let child = cp.start_controller_manager(
-            &self.etcd_ns(),
-            &conf.network.to_string(),
-            conf.subnet_len,
-        )?;
-        self.st.extra_pids.push(child.id());
-        self.children
-            .insert("kube-controller-manager".into(), child);
-        self.save()?;
+        self.start_controller_manager()?;
         for m in MANIFESTS {
             let path = deploy_dir().join(m);
             let text = std::fs::read_to_string(&path)
@@ -100,17 +95,68 @@ impl Lab {
 
     /// Starts the API server (again) and waits until it is ready.
     pub fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        self.apiserver(false)
+    }
+
+    /// Starts the API server listening on 127.0.0.1 of the control-plane
+    /// namespace only: the agents cannot reach it, [`Lab::kubectl_local`]
+    /// can — changes made "while the API server was down" as far as the
+    /// agents can tell. Stop it with [`Lab::stop_apiserver`].
+    pub fn start_apiserver_local_only(&mut self) -> anyhow::Result<()> {
+        self.apiserver(true)
+    }
+
+    fn apiserver(&mut self, local_only: bool) -> anyhow::Result<()> {
+        if self.children.contains_key("kube-apiserver") {
+            bail!("the API server is running already");
+        }
         let cp = ControlPlane::new(&self.dir)?;
-        let child = cp.start_apiserver(&self.etcd_ns())?;
+        let child = cp.start_apiserver(&self.etcd_ns(), local_only)?;
         self.st.extra_pids.push(child.id());
         self.children.insert("kube-apiserver".into(), child);
         self.save()
     }
 
+    /// `kubectl ARGS` against the local-only API server.
+    pub fn kubectl_local(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec![crate::k8s::LOCAL_SERVER];
+        all.extend_from_slice(args);
+        self.kubectl(&all)
+    }
+
     /// Stops the API server (SIGTERM, SIGKILL after 5 s).
     pub fn stop_apiserver(&mut self) -> anyhow::Result<()> {
-        let Some(child) = self.children.remove("kube-apiserver") else {
-            bail!("the API server is not running");
+        self.stop_extra("kube-apiserver")
+    }
+
+    /// Stops the controller manager: new Nodes get no podCIDR.
+    pub fn stop_controller_manager(&mut self) -> anyhow::Result<()> {
+        self.stop_extra("kube-controller-manager")
+    }
+
+    /// Starts the controller manager (again), handing out podCIDRs of the
+    /// lab's cluster network.
+    pub fn start_controller_manager(&mut self) -> anyhow::Result<()> {
+        if self.children.contains_key("kube-controller-manager") {
+            bail!("the controller manager is running already");
+        }
+        let text = std::fs::read_to_string(self.dir.join(NET_CONF_FILE))
+            .context("the lab's cluster network config")?;
+        let conf = trellis_model::netconf::ClusterConfig::parse(&text)?;
+        let child = ControlPlane::new(&self.dir)?.start_controller_manager(
+            &self.etcd_ns(),
+            &conf.network.to_string(),
+            conf.subnet_len,
+        )?;
+        self.st.extra_pids.push(child.id());
+        self.children
+            .insert("kube-controller-manager".into(), child);
+        self.save()
+    }
+
+    fn stop_extra(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(child) = self.children.remove(name) else {
+            bail!("{name} is not running");
         };
         let pid = child.id();
         super::stop_pid(pid, Some(child));
