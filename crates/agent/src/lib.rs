@@ -15,6 +15,7 @@ pub mod kube;
 pub mod lease;
 pub mod masq;
 pub mod metrics;
+pub mod pods;
 pub mod reaper;
 pub mod routes;
 pub mod server;

@@ -123,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         mtu: 0,
         public_ip: cfg.public_ip.map(|i| i.to_string()),
     };
+    let mut local_pods = None;
     let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
         (Some(etcd), _) => {
             let prefix = etcd.prefix.clone();
@@ -141,6 +142,9 @@ fn main() -> anyhow::Result<()> {
             let kj = runtime.block_on(trellis_agent::kube::join(&cfg, &k, dp.as_ref(), &health))?;
             let _rt = runtime.enter();
             let source = trellis_agent::kube::source(&kj, health.clone());
+            let pods = trellis_agent::pods::LocalPods::default();
+            pods.watch(kj.client.clone(), &cfg.node_name);
+            local_pods = Some(pods);
             runtime.spawn(trellis_agent::kube::keep_published(
                 kj.client.clone(),
                 kj.joined.clone(),
@@ -177,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             dp,
             service: service.clone(),
             health: health.clone(),
+            pods: local_pods,
         },
     )?;
     let listener = server::bind(&socket)?;

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trellis_dataplane::{mac_string, Dataplane};
-use trellis_model::status::{FdbRow, NeighbourRow, NodeStatus, PeerNode, RouteRow};
+use trellis_model::status::{FdbRow, NeighbourRow, NodeStatus, PeerNode, PodRow, RouteRow};
 use trellis_routing::VXLAN_DEV;
 
 /// How long a status client may take to read the document.
@@ -44,6 +44,8 @@ pub struct StatusSource {
     pub service: Arc<CniService>,
     /// Readiness.
     pub health: Arc<Health>,
+    /// Kubernetes mode: this node's Pods from the API server.
+    pub pods: Option<crate::pods::LocalPods>,
 }
 
 impl StatusSource {
@@ -116,6 +118,24 @@ impl StatusSource {
             errors.push(format!("datastore: {e}"));
         }
         let not_ready = self.health.not_ready();
+        let listed = self.pods.as_ref().filter(|p| p.synced());
+        let mut attached: Vec<PodRow> = self
+            .service
+            .allocations()
+            .into_iter()
+            .map(|(ip, o)| {
+                let meta = o.pod.as_ref().and_then(|k| listed?.get(k));
+                PodRow {
+                    ip: ip.to_string(),
+                    in_api: listed.map(|_| meta.is_some()),
+                    labels: meta.map(|m| m.labels).unwrap_or_default(),
+                    pod: o.pod,
+                    container_id: o.container_id,
+                    ifname: o.ifname,
+                }
+            })
+            .collect();
+        attached.sort_by(|a, b| a.pod.cmp(&b.pod).then_with(|| a.ip.cmp(&b.ip)));
         NodeStatus {
             node: self.facts.node.clone(),
             subnet: self.facts.subnet.clone(),
@@ -124,7 +144,9 @@ impl StatusSource {
             public_ip: self.facts.public_ip.clone(),
             ready: not_ready.is_empty(),
             not_ready,
-            pods: self.service.allocations().len(),
+            pods: attached.len(),
+            attached,
+            api_pods: listed.map(|p| p.len()),
             peers,
             routes,
             neighbours,

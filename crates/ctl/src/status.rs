@@ -145,6 +145,38 @@ pub fn render(st: &NodeStatus) -> String {
         .map(|f| vec![f.mac.clone(), f.dst.clone(), f.dev.clone()])
         .collect();
     table("fdb", &["mac", "dst", "dev"], &fdb, &mut out);
+    let pods: Vec<Vec<String>> = st
+        .attached
+        .iter()
+        .map(|p| {
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            vec![
+                p.ip.clone(),
+                opt(&p.pod),
+                p.container_id.chars().take(24).collect(),
+                match p.in_api {
+                    None => "-".into(),
+                    Some(true) => "yes".into(),
+                    Some(false) => "no (not listed on this node)".into(),
+                },
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                },
+            ]
+        })
+        .collect();
+    let title = match st.api_pods {
+        Some(n) => format!("pods (the API server lists {n} on this node)"),
+        None => "pods".into(),
+    };
+    table(
+        &title,
+        &["ip", "pod", "container", "inApi", "labels"],
+        &pods,
+        &mut out,
+    );
     for (title, lines) in [
         ("not ready", &st.not_ready),
         ("problems", &st.problems),
@@ -175,10 +207,16 @@ mod tests {
             "fdb": [{"mac": "0e:74:c0:00:02:0c", "dst": "192.0.2.12", "dev": "trellis.1"}],
             "problems": ["node n3 is not on this node's segment"],
             "errors": ["read routes: EIO"],
+            "attached": [{"ip": "10.244.1.2", "pod": "default/web", "containerID": "abc", "ifname": "eth0",
+                          "inApi": true, "labels": {"app": "web"}}],
+            "apiPods": 1,
         }))
         .expect("typed");
         let t = render(&st);
         for needle in [
+            "the API server lists 1 on this node",
+            "default/web",
+            "app=web",
             "backend vxlan",
             "ready no",
             "peers (1)",

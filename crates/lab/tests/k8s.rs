@@ -409,3 +409,65 @@ fn a_node_without_pod_cidr_waits_and_says_why() {
         .expect("podCIDR");
     assert_eq!(status(&lab, "n2")["subnet"], cidr.as_str());
 }
+
+fn attached(lab: &Lab, node: &str, pod: &str) -> Value {
+    status(lab, node)["attached"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["pod"] == pod).cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn the_agent_watches_its_own_nodes_pods() {
+    if !kubernetes("the_agent_watches_its_own_nodes_pods") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("host-gw", 2);
+    let a = lab.add_pod("n1", "a", "").expect("a");
+    lab.add_pod("n2", "b", "").expect("b");
+    // n1 knows its pod from the API: labels, and only this node's pods
+    let pod = format!("default/{}", Lab::pod_object("n1", "a"));
+    wait_for("n1 lists its pod", Duration::from_secs(5), || {
+        attached(&lab, "n1", &pod)["inApi"] == true
+    });
+    let row = attached(&lab, "n1", &pod);
+    assert_eq!(row["ip"], a.ip.as_str(), "{row}");
+    assert_eq!(row["labels"]["app"], "a", "{row}");
+    assert_eq!(status(&lab, "n1")["apiPods"], 1, "n2's pod is not watched");
+    // a label change reaches it
+    lab.kubectl(&["label", "pod", &Lab::pod_object("n1", "a"), "tier=web"])
+        .expect("label");
+    wait_for("the new label", Duration::from_secs(2), || {
+        attached(&lab, "n1", &pod)["labels"]["tier"] == "web"
+    });
+    // the Pod deleted in the API while still attached: said so
+    lab.kubectl(&[
+        "delete",
+        "pod",
+        &Lab::pod_object("n1", "a"),
+        "--grace-period=0",
+        "--force",
+    ])
+    .expect("delete pod");
+    wait_for(
+        "the deleted Pod shown as not listed",
+        Duration::from_secs(2),
+        || attached(&lab, "n1", &pod)["inApi"] == false,
+    );
+    assert_eq!(status(&lab, "n1")["apiPods"], 0);
+    let table = exec::check(
+        {
+            let mut c = std::process::Command::new(lab.bin_dir().join("trellisctl"));
+            c.args(["status", "--socket"]).arg(lab.status_socket("n1"));
+            c
+        },
+        None,
+        Duration::from_secs(10),
+    )
+    .expect("trellisctl status");
+    assert!(
+        table.contains(&pod) && table.contains("not listed on this node"),
+        "{table}"
+    );
+}

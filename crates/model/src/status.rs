@@ -27,6 +27,14 @@ pub struct NodeStatus {
     pub not_ready: Vec<String>,
     /// Pods with an address on this node.
     pub pods: usize,
+    /// Those pods: address, owner and, in Kubernetes mode, what the API
+    /// server says of them.
+    #[serde(default)]
+    pub attached: Vec<PodRow>,
+    /// Kubernetes mode: the Pods the API server lists on this node
+    /// (`None` until its watch has listed).
+    #[serde(default)]
+    pub api_pods: Option<usize>,
     /// Other nodes, as the datastore lists them.
     #[serde(default)]
     pub peers: Vec<PeerNode>,
@@ -49,6 +57,26 @@ pub struct NodeStatus {
     /// The BGP speaker, with the bgp backend.
     #[serde(default)]
     pub bgp: Option<BgpStatus>,
+}
+
+/// An attached pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodRow {
+    /// Its address.
+    pub ip: String,
+    /// `namespace/name`, when the runtime said (K8S_POD_*).
+    pub pod: Option<String>,
+    /// CNI_CONTAINERID.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+    /// Kubernetes mode: whether the API server lists this Pod on this
+    /// node (`false`: deleted there, or never bound here).
+    pub in_api: Option<bool>,
+    /// Its labels, from the API server.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Another node.
