@@ -91,10 +91,12 @@ pub async fn join(
     k: &KubernetesSection,
     dp: &dyn Dataplane,
     health: &Health,
+    metrics: &crate::metrics::Metrics,
 ) -> anyhow::Result<KubeJoined> {
     let (client, server) = trellis_kube::client(&trellis_kube::ClientOptions {
         kubeconfig: k.kubeconfig.clone(),
         server: k.server.clone(),
+        on_request: Some(metrics.api_request_hook()),
     })
     .await?;
     let (ns, name) = split_ref(&k.config_map);

@@ -139,7 +139,13 @@ fn main() -> anyhow::Result<()> {
             )
         }
         (None, Some(k)) => {
-            let kj = runtime.block_on(trellis_agent::kube::join(&cfg, &k, dp.as_ref(), &health))?;
+            let kj = runtime.block_on(trellis_agent::kube::join(
+                &cfg,
+                &k,
+                dp.as_ref(),
+                &health,
+                &metrics,
+            ))?;
             let _rt = runtime.enter();
             let source = trellis_agent::kube::source(&kj, health.clone());
             let pods = trellis_agent::pods::LocalPods::default();

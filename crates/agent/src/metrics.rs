@@ -53,6 +53,13 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// Labels of an API server request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    /// list, watch, get, create, update, patch, delete.
+    pub verb: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// BGP FSM states, so every state has a series (zero included).
@@ -81,6 +88,7 @@ pub struct Metrics {
     watch_restarts: Counter,
     datastore_errors: Counter,
     lease_renewals: Family<ResultLabels, Counter>,
+    api_requests: Family<VerbLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -178,8 +186,15 @@ impl Metrics {
             "Subnet lease keep-alives, by result",
             lease_renewals.clone(),
         );
+        let api_requests = Family::<VerbLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests this agent sent to the Kubernetes API server, by verb",
+            api_requests.clone(),
+        );
         Self {
             registry,
+            api_requests,
             cni_requests,
             cni_duration,
             reconciler_runs,
@@ -194,6 +209,16 @@ impl Metrics {
             datastore_errors,
             lease_renewals,
         }
+    }
+
+    /// Counts the requests of a Kubernetes client built with this hook.
+    pub fn api_request_hook(&self) -> trellis_kube::requests::RequestHook {
+        let family = self.api_requests.clone();
+        trellis_kube::requests::RequestHook(std::sync::Arc::new(move |verb| {
+            family
+                .get_or_create(&VerbLabels { verb: verb.into() })
+                .inc();
+        }))
     }
 
     /// One CNI request: `code` is `None` on success.

@@ -247,6 +247,7 @@ impl StoreArgs {
                 apply::Target::Kubernetes(trellis_kube::ClientOptions {
                     kubeconfig: Some(kubeconfig),
                     server: self.server,
+                    on_request: None,
                 })
             }
         })

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod node;
+pub mod requests;
 pub mod source;
 
 pub use source::{KubeSource, Reporter};
@@ -13,6 +14,7 @@ pub use source::{KubeSource, Reporter};
 use anyhow::Context;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -32,6 +34,8 @@ pub struct ClientOptions {
     /// The API server's address (`https://IP:PORT`); overrides the
     /// kubeconfig's. Required in-cluster.
     pub server: Option<String>,
+    /// Told the verb of every request sent.
+    pub on_request: Option<requests::RequestHook>,
 }
 
 /// A client as `opts` say. Socket writes time out after 10 s, connects
@@ -82,6 +86,22 @@ pub async fn client(opts: &ClientOptions) -> anyhow::Result<(Client, String)> {
     cfg.connect_timeout = Some(Duration::from_secs(5));
     cfg.write_timeout = Some(Duration::from_secs(10));
     let server = cfg.cluster_url.to_string();
-    let client = Client::try_from(cfg).context("build the Kubernetes client")?;
+    let builder =
+        kube::client::ClientBuilder::try_from(cfg).context("build the Kubernetes client")?;
+    let client = match opts.on_request.clone() {
+        None => builder.build(),
+        Some(hook) => builder
+            .with_layer(&tower::util::MapRequestLayer::new(
+                move |req: http::Request<kube::client::Body>| {
+                    (hook.0)(requests::verb(
+                        req.method(),
+                        req.uri().path(),
+                        req.uri().query(),
+                    ));
+                    req
+                },
+            ))
+            .build(),
+    };
     Ok((client, server))
 }

@@ -21,7 +21,7 @@ fn counts(dp: &LinuxDataplane) -> (usize, usize, usize) {
     (routes, neigh, fdb)
 }
 
-fn wait_counts(want: usize, limit: Duration) -> anyhow::Result<Instant> {
+pub fn wait_counts(want: usize, limit: Duration) -> anyhow::Result<Instant> {
     let dp = LinuxDataplane::new();
     let deadline = Instant::now() + limit;
     loop {
@@ -58,7 +58,7 @@ fn sim(i: usize, skip: &str) -> NodeRecord {
     }
 }
 
-fn rss_mb(pid: u32) -> f64 {
+pub fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -10,6 +10,7 @@
 mod bgp;
 mod cni;
 mod converge;
+mod k8s;
 mod throughput;
 
 use anyhow::{bail, Context};
@@ -31,7 +32,8 @@ fn main() -> anyhow::Result<()> {
         Some("converge") => converge::run(flag(&args, "--nodes", 200)?),
         Some("bgp-converge") => bgp::converge(flag(&args, "--nodes", 50)?),
         Some("bgp-ingest") => bgp::ingest(flag(&args, "--prefixes", 100_000)?, flag(&args, "--rounds", 3)?),
+        Some("k8s-converge") => k8s::run(flag(&args, "--nodes", 1000)?),
         Some("throughput") => throughput::run(flag(&args, "--runs", 9)?, flag(&args, "--seconds", 2)?),
-        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R]"),
+        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R]"),
     }
 }
