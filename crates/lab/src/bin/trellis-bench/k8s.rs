@@ -190,6 +190,9 @@ pub fn run(count: usize) -> anyhow::Result<()> {
         })
     })?;
     let rss = rss_mb(pid);
+    // the requests of start-up and 5 s of steady state (every watch has
+    // been opened by then; no request is repeated while nothing changes)
+    std::thread::sleep(Duration::from_secs(5));
     let requests = api_requests(&ns)?;
     eprintln!("agent API requests by verb: {requests:?}");
     lab.destroy()?;
