@@ -106,6 +106,7 @@ pub fn run() -> anyhow::Result<()> {
     ] {
         failures += crate::cluster_demo::run(backend, segments)?;
     }
+    failures += crate::kube_demo::run()?;
     println!("\ndemo took {:.1} s", started.elapsed().as_secs_f64());
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");

@@ -4,6 +4,7 @@ mod apply;
 mod bgp;
 mod cluster_demo;
 mod demo;
+mod kube_demo;
 mod status;
 
 use anyhow::Context;
