@@ -133,6 +133,16 @@ pub struct AgentConfig {
     /// `/healthz`, `/readyz` and `/metrics` (HTTP); loopback by default.
     #[serde(default = "default_http")]
     pub http_address: std::net::SocketAddr,
+    /// Where sysctls are written: `/proc/sys`, or in an unprivileged
+    /// container (whose `/proc/sys` is read-only) the host's
+    /// `/proc/sys/net` mounted at `DIR/net` — the DaemonSet mounts it at
+    /// `/host/proc/sys/net`.
+    #[serde(default = "default_sysctl_dir")]
+    pub sysctl_dir: PathBuf,
+}
+
+fn default_sysctl_dir() -> PathBuf {
+    PathBuf::from("/proc/sys")
 }
 
 /// Allowed pod MTUs (IPv4's minimum to the largest a link can carry).
@@ -300,6 +310,7 @@ mod tests {
         let c = AgentConfig::parse(r#"{"nodeName":"n1","subnet":"10.244.1.0/24"}"#).expect("cfg");
         assert_eq!(c.mtu, None);
         assert_eq!(c.default_mode, None);
+        assert_eq!(c.sysctl_dir, PathBuf::from("/proc/sys"));
         assert!(c
             .ipam_dir(c.subnet.expect("subnet"))
             .ends_with("ipam/10.244.1.0_24"));

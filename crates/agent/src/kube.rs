@@ -196,9 +196,9 @@ fn show_node(prefix: String) -> impl Fn(&Node) -> Shown + Send + 'static {
     }
 }
 
-/// Starts the watches the backend needs and returns the source the
-/// controllers read.
-pub fn source(kj: &KubeJoined, health: Arc<Health>) -> KubeSource {
+/// Starts the watches the backend needs (and the table of this node's
+/// Pods) and returns the source the controllers read.
+pub fn source(kj: &KubeJoined, health: Arc<Health>) -> (KubeSource, crate::pods::LocalPods) {
     let src = KubeSource::new(&kj.server);
     let report: Reporter = Arc::new(move |e| health.set_datastore_error(e));
     let nodes: Api<Node> = Api::all(kj.client.clone());
@@ -226,8 +226,14 @@ pub fn source(kj: &KubeJoined, health: Arc<Health>) -> KubeSource {
             );
         }
     }
+    let pods = crate::pods::LocalPods::watch(
+        &src,
+        kj.client.clone(),
+        &kj.joined.local.name,
+        report.clone(),
+    );
     tokio::spawn(src.probe(kj.client.clone(), report));
-    src
+    (src, pods)
 }
 
 /// Once the first sync has put the routes in place, sets the Node's

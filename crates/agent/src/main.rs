@@ -77,9 +77,15 @@ fn main() -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.thread_block()?;
 
-    let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane::new());
-    dp.sysctl_set("net/ipv4/ip_forward", "1")
-        .context("enable IPv4 forwarding in the node's namespace")?;
+    let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane::with_sysctl_dir(&cfg.sysctl_dir));
+    dp.sysctl_set("net/ipv4/ip_forward", "1").with_context(|| {
+        format!(
+            "enable IPv4 forwarding in the node's namespace (under sysctlDir {}; in a \
+             container /proc/sys is read-only: mount the host's /proc/sys/net at \
+             SYSCTLDIR/net, as the DaemonSet does at /host/proc/sys/net)",
+            cfg.sysctl_dir.display()
+        )
+    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -147,9 +153,7 @@ fn main() -> anyhow::Result<()> {
                 &metrics,
             ))?;
             let _rt = runtime.enter();
-            let source = trellis_agent::kube::source(&kj, health.clone());
-            let pods = trellis_agent::pods::LocalPods::default();
-            pods.watch(kj.client.clone(), &cfg.node_name);
+            let (source, pods) = trellis_agent::kube::source(&kj, health.clone());
             local_pods = Some(pods);
             runtime.spawn(trellis_agent::kube::keep_published(
                 kj.client.clone(),

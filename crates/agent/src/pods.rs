@@ -1,19 +1,29 @@
-//! The pods of this node as the API server knows them (Kubernetes mode):
-//! a watch of Pods with the field selector `spec.nodeName=<node>` — only
-//! this node's pods, as a kubelet watches them — kept by namespace/name
-//! with what the features that act per pod read (labels for policy,
-//! annotations such as bandwidth limits, the UID to tell a re-created pod
-//! from the old one). The status document joins it with the attachments.
+//! The pods of this node as the API server knows them (Kubernetes mode): a
+//! table of the agent's [`KubeSource`], fed by a watch of Pods with the
+//! field selector `spec.nodeName=<node>` — only this node's pods, as a
+//! kubelet watches them — keyed by namespace/name with what the features
+//! that act per pod read (labels for policy, annotations such as bandwidth
+//! limits, the UID to tell a re-created pod from the old one). Its watch
+//! failures are reported with the others (status, `/readyz` stays as it
+//! is: routing does not depend on it); the status document joins it with
+//! the attachments and says when it may be stale.
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::{watcher, WatchStreamExt};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use kube::runtime::watcher;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use trellis_kube::source::Shown;
+use trellis_kube::{KubeSource, Reporter};
+
+/// Where the table lives in the key space: outside `/trellis/v1/`, so no
+/// controller's listing includes it.
+pub const PREFIX: &str = "/trellis/pods/";
+/// The table's name (in errors and [`KubeSource::current`]).
+pub const KIND: &str = "pods of this node";
 
 /// What the agent keeps of one Pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PodMeta {
     /// Its UID.
     pub uid: String,
@@ -49,31 +59,36 @@ pub fn pod_meta(p: &Pod) -> PodMeta {
     }
 }
 
-#[derive(Default)]
-struct State {
-    synced: bool,
-    pods: HashMap<String, PodMeta>,
-    relist: Option<HashMap<String, PodMeta>>,
+/// How a Pod shows in the table.
+pub fn show_pod(p: &Pod) -> Shown {
+    Some((
+        format!("{PREFIX}{}", pod_key(p)),
+        serde_json::to_vec(&pod_meta(p)).ok()?,
+    ))
 }
 
 /// This node's pods. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct LocalPods(Arc<Mutex<State>>);
+#[derive(Clone)]
+pub struct LocalPods(KubeSource);
 
 impl LocalPods {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    /// Starts the watch of `node`'s Pods as a table of `src`.
+    pub fn watch(src: &KubeSource, client: kube::Client, node: &str, report: Reporter) -> Self {
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        src.watch_table(KIND, Api::<Pod>::all(client), config, show_pod, report);
+        Self(src.clone())
     }
 
-    /// Pod `key` (`namespace/name`); `None` when the API has no such pod
-    /// on this node (or the watch has not listed yet: see [`Self::synced`]).
+    /// Pod `key` (`namespace/name`); `None` when the API lists no such
+    /// pod on this node.
     pub fn get(&self, key: &str) -> Option<PodMeta> {
-        self.lock().pods.get(key).cloned()
+        let v = self.0.value(&format!("{PREFIX}{key}"))?;
+        serde_json::from_slice(&v).ok()
     }
 
     /// How many pods the API server lists on this node.
     pub fn len(&self) -> usize {
-        self.lock().pods.len()
+        self.0.count(KIND)
     }
 
     /// True when it lists none.
@@ -81,62 +96,9 @@ impl LocalPods {
         self.len() == 0
     }
 
-    /// Whether the watch has listed once.
-    pub fn synced(&self) -> bool {
-        self.lock().synced
-    }
-
-    /// Applies one watch event.
-    pub fn on_event(&self, ev: watcher::Event<Pod>) {
-        let mut st = self.lock();
-        match ev {
-            watcher::Event::Apply(p) => {
-                st.pods.insert(pod_key(&p), pod_meta(&p));
-            }
-            watcher::Event::Delete(p) => {
-                st.pods.remove(&pod_key(&p));
-            }
-            watcher::Event::Init => st.relist = Some(HashMap::new()),
-            watcher::Event::InitApply(p) => {
-                if let Some(buf) = st.relist.as_mut() {
-                    buf.insert(pod_key(&p), pod_meta(&p));
-                }
-            }
-            watcher::Event::InitDone => {
-                // pods deleted while the watch was down go with the relist
-                st.pods = st.relist.take().unwrap_or_default();
-                st.synced = true;
-            }
-        }
-    }
-
-    /// Watches the Pods bound to `node` until the process ends.
-    pub fn watch(&self, client: kube::Client, node: &str) {
-        let api: Api<Pod> = Api::all(client);
-        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        let me = self.clone();
-        let node = node.to_string();
-        tokio::spawn(async move {
-            let mut stream = watcher::watcher(api, config)
-                .backoff(trellis_kube::backoff::WatchBackoff::default())
-                .boxed();
-            let mut last_error = None;
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(ev) => {
-                        last_error = None;
-                        me.on_event(ev);
-                    }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        if last_error.as_ref() != Some(&msg) {
-                            tracing::warn!(node = %node, error = %msg, "watch of this node's pods failed; retrying");
-                            last_error = Some(msg);
-                        }
-                    }
-                }
-            }
-        });
+    /// Whether the table is current: listed once and its watch working.
+    pub fn current(&self) -> bool {
+        self.0.current(KIND)
     }
 }
 
@@ -145,41 +107,33 @@ mod tests {
     use super::*;
     use kube::api::ObjectMeta;
 
-    fn pod(name: &str, app: &str) -> Pod {
-        Pod {
+    #[test]
+    fn a_pod_shows_under_its_namespace_and_name_with_labels_and_ips() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns1", "uid": "u1",
+                         "labels": {"app": "web"}, "annotations": {"kubernetes.io/egress-bandwidth": "1M"}},
+            "status": {"podIPs": [{"ip": "10.244.1.5"}]},
+        }))
+        .expect("pod");
+        let (key, value) = show_pod(&p).expect("shown");
+        assert_eq!(key, "/trellis/pods/ns1/web");
+        let m: PodMeta = serde_json::from_slice(&value).expect("meta");
+        assert_eq!(m.uid, "u1");
+        assert_eq!(m.labels["app"], "web");
+        assert_eq!(m.annotations["kubernetes.io/egress-bandwidth"], "1M");
+        assert_eq!(m.ips, ["10.244.1.5"]);
+        // no namespace: the API's default
+        let bare = Pod {
             metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("ns1".into()),
-                uid: Some(format!("uid-{name}")),
-                labels: Some([("app".to_string(), app.to_string())].into()),
+                name: Some("x".into()),
                 ..Default::default()
             },
             ..Default::default()
-        }
-    }
-
-    #[test]
-    fn events_and_relists_keep_exactly_the_listed_pods() {
-        let p = LocalPods::default();
-        p.on_event(watcher::Event::Init);
-        p.on_event(watcher::Event::InitApply(pod("a", "web")));
+        };
+        assert_eq!(pod_key(&bare), "default/x");
         assert!(
-            !p.synced() && p.get("ns1/a").is_none(),
-            "not before InitDone"
+            !PREFIX.starts_with(crate::kube::PREFIX),
+            "no controller lists it"
         );
-        p.on_event(watcher::Event::InitDone);
-        assert_eq!(p.get("ns1/a").expect("a").labels["app"], "web");
-        p.on_event(watcher::Event::Apply(pod("a", "db")));
-        p.on_event(watcher::Event::Apply(pod("b", "web")));
-        assert_eq!(p.get("ns1/a").expect("a").labels["app"], "db");
-        assert_eq!(p.len(), 2);
-        // b deleted while the watch was down: the relist drops it
-        p.on_event(watcher::Event::Init);
-        p.on_event(watcher::Event::InitApply(pod("a", "db")));
-        assert_eq!(p.len(), 2, "the old state serves until the relist is done");
-        p.on_event(watcher::Event::InitDone);
-        assert!(p.get("ns1/b").is_none());
-        p.on_event(watcher::Event::Delete(pod("a", "db")));
-        assert!(p.is_empty());
     }
 }

@@ -118,7 +118,8 @@ impl StatusSource {
             errors.push(format!("datastore: {e}"));
         }
         let not_ready = self.health.not_ready();
-        let listed = self.pods.as_ref().filter(|p| p.synced());
+        // what the API server listed; while its watch fails it may be stale
+        let listed = self.pods.as_ref().filter(|p| p.current());
         let mut attached: Vec<PodRow> = self
             .service
             .allocations()

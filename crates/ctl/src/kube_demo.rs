@@ -9,14 +9,10 @@
 //! can-i`); a mismatch prints FAIL and counts.
 
 use std::time::{Duration, Instant};
-use trellis_lab::{exec, Lab, LabOptions};
+use trellis_lab::{Lab, LabOptions};
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn routes(lab: &Lab, node: &str) -> String {
-    exec::ip(&["-n", &lab.ns(node), "route", "show", "proto", "84"]).unwrap_or_default()
 }
 
 /// Runs the Kubernetes-mode demo; returns the number of failed checks.
@@ -48,7 +44,12 @@ pub fn run() -> anyhow::Result<usize> {
         "{:<5} {:<14} {:<16} {:<9} {:<20} agent serves",
         "node", "internalIP", "podCIDR", "backend", "NetworkUnavailable"
     );
-    for n in nodes["items"].as_array().into_iter().flatten() {
+    let items = nodes["items"].as_array().cloned().unwrap_or_default();
+    if items.len() != 3 {
+        failures += 1;
+        println!("FAIL: the API server lists {} nodes, not 3", items.len());
+    }
+    for n in &items {
         let name = n["metadata"]["name"].as_str().unwrap_or_default();
         let cidr = n["spec"]["podCIDR"].as_str().unwrap_or_default();
         let ann = &n["metadata"]["annotations"];
@@ -58,12 +59,19 @@ pub fn run() -> anyhow::Result<usize> {
             .and_then(|c| c["status"].as_str())
             .unwrap_or("-");
         let serves = crate::status::fetch(&lab.status_socket(name))?.subnet;
-        let ok = serves == cidr && cond == "False";
+        let internal = n["status"]["addresses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+            .and_then(|a| a["address"].as_str())
+            .unwrap_or("-");
+        let ok = serves == cidr
+            && cond == "False"
+            && ann["trellis.dev/public-ip"].as_str() == Some(internal);
         failures += usize::from(!ok);
         println!(
             "{:<5} {:<14} {:<16} {:<9} {:<20} {serves}{}",
             name,
-            ann["trellis.dev/public-ip"].as_str().unwrap_or("-"),
+            internal,
             cidr,
             ann["trellis.dev/backend-type"].as_str().unwrap_or("-"),
             cond,
@@ -77,6 +85,7 @@ pub fn run() -> anyhow::Result<usize> {
         ("patch", "nodes/status", "yes"),
         ("watch", "nodes", "yes"),
         ("patch", "nodes", "no"),
+        ("watch", "pods", "yes"),
         ("delete", "pods", "no"),
         ("list", "secrets", "no"),
     ] {
@@ -100,7 +109,6 @@ pub fn run() -> anyhow::Result<usize> {
             Ok(a) => format!("? ({a})"),
             Err(e) => format!("? ({e})"),
         };
-        let got = got.trim().to_string();
         failures += usize::from(got != want);
         rights.push(format!(
             "{verb} {what}: {got}{}",
@@ -147,15 +155,18 @@ pub fn run() -> anyhow::Result<usize> {
                 ip,
                 rtt.map(ms).unwrap_or_else(|| "FAIL".into())
             );
-            let _ = to;
         }
     }
     // a Node deleted: every other node drops its route
     let n3 = lab.node("n3")?.subnet.clone();
+    anyhow::ensure!(
+        !n3.is_empty() && lab.routes("n1")?.contains(&n3),
+        "n1 has no route to n3's subnet {n3:?} to begin with"
+    );
     let t = Instant::now();
     lab.kubectl(&["delete", "node", "n3", "--wait=false"])?;
     let gone = loop {
-        if !routes(&lab, "n1").contains(&n3) && !routes(&lab, "n2").contains(&n3) {
+        if !lab.routes("n1")?.contains(&n3) && !lab.routes("n2")?.contains(&n3) {
             break Some(t.elapsed());
         }
         if t.elapsed() > Duration::from_secs(5) {

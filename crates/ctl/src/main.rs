@@ -235,18 +235,28 @@ impl StoreArgs {
                 prefix: self.prefix,
             },
             LabDatastore::Kubernetes => {
+                // KUBECONFIG may list several files: the first that exists;
+                // none at all: ~/.kube/config, else the pod's service account
                 let kubeconfig = match self.kubeconfig {
-                    Some(k) => k,
+                    Some(k) => {
+                        let listed = k.to_string_lossy().into_owned();
+                        let first = std::env::split_paths(&listed).find(|p| p.exists());
+                        Some(first.with_context(|| {
+                            format!("--kubeconfig/KUBECONFIG {listed}: no such file")
+                        })?)
+                    }
                     None => std::env::var_os("HOME")
                         .map(|h| std::path::Path::new(&h).join(".kube/config"))
-                        .filter(|p| p.exists())
-                        .context(
-                            "--datastore kubernetes: no kubeconfig (pass --kubeconfig, set \
-                             KUBECONFIG, or have ~/.kube/config)",
-                        )?,
+                        .filter(|p| p.exists()),
                 };
+                anyhow::ensure!(
+                    kubeconfig.is_some()
+                        || std::path::Path::new(trellis_kube::SERVICE_ACCOUNT_DIR).exists(),
+                    "--datastore kubernetes: no kubeconfig (pass --kubeconfig, set KUBECONFIG, \
+                     or have ~/.kube/config) and no service account mounted"
+                );
                 apply::Target::Kubernetes(trellis_kube::ClientOptions {
-                    kubeconfig: Some(kubeconfig),
+                    kubeconfig,
                     server: self.server,
                     on_request: None,
                 })

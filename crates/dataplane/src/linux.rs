@@ -23,13 +23,32 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 
 /// The kernel, seen from the namespace the agent runs in.
-#[derive(Debug, Default)]
-pub struct LinuxDataplane;
+#[derive(Debug)]
+pub struct LinuxDataplane {
+    /// Where `/proc/sys` is writable (a container mounts the host's
+    /// `/proc/sys/net` elsewhere: its own `/proc/sys` is read-only).
+    sysctl_dir: std::path::PathBuf,
+}
+
+impl Default for LinuxDataplane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl LinuxDataplane {
     /// A dataplane for the calling process's namespace.
     pub fn new() -> Self {
-        Self
+        Self {
+            sysctl_dir: sysctl::PROC_SYS.into(),
+        }
+    }
+
+    /// One that writes sysctls under `dir` instead of `/proc/sys`.
+    pub fn with_sysctl_dir(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            sysctl_dir: dir.into(),
+        }
     }
 }
 
@@ -309,7 +328,7 @@ impl Dataplane for LinuxDataplane {
     }
 
     fn sysctl_set(&self, key: &str, value: &str) -> Result<()> {
-        sysctl::set(key, value)
+        sysctl::set(&self.sysctl_dir, key, value)
     }
 
     fn pod_configure(&self, netns: BorrowedFd<'_>, iface: &PodIface) -> Result<()> {

@@ -1,23 +1,29 @@
-//! sysctl writes under /proc/sys. `/proc/sys/net` shows the namespace of
-//! the process that opens it, so the agent sets its node's values.
+//! sysctl writes under /proc/sys (or where a container mounts the host's
+//! `/proc/sys/net`: the DaemonSet's `/host/proc/sys`). `/proc/sys/net`
+//! shows the namespace of the thread that opens it, wherever it is
+//! mounted, so the agent sets its node's values.
 
 use crate::{DataplaneError, NlError};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// Path of `key`: `net/ipv4/conf/eth0.5/proxy_arp` is taken as is (so
-/// interface names may hold dots); `net.ipv4.ip_forward` has its dots turned
-/// into slashes.
-pub fn path(key: &str) -> PathBuf {
+/// The usual place.
+pub const PROC_SYS: &str = "/proc/sys";
+
+/// Path of `key` under `dir`: `net/ipv4/conf/eth0.5/proxy_arp` is taken as
+/// is (so interface names may hold dots); `net.ipv4.ip_forward` has its
+/// dots turned into slashes.
+pub fn path(dir: &Path, key: &str) -> PathBuf {
     if key.contains('/') {
-        PathBuf::from("/proc/sys").join(key)
+        dir.join(key)
     } else {
-        PathBuf::from("/proc/sys").join(key.replace('.', "/"))
+        dir.join(key.replace('.', "/"))
     }
 }
 
-/// `sysctl -w KEY=VALUE`; skips the write when the value is already set.
-pub fn set(key: &str, value: &str) -> Result<(), DataplaneError> {
-    let p = path(key);
+/// `sysctl -w KEY=VALUE` under `dir`; skips the write when the value is
+/// already set.
+pub fn set(dir: &Path, key: &str, value: &str) -> Result<(), DataplaneError> {
+    let p = path(dir, key);
     if std::fs::read_to_string(&p).is_ok_and(|cur| cur.trim() == value) {
         return Ok(());
     }

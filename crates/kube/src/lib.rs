@@ -93,10 +93,15 @@ pub async fn client(opts: &ClientOptions) -> anyhow::Result<(Client, String)> {
         Some(hook) => builder
             .with_layer(&tower::util::MapRequestLayer::new(
                 move |req: http::Request<kube::client::Body>| {
+                    let apply = req
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/apply-patch"));
                     (hook.0)(requests::verb(
                         req.method(),
                         req.uri().path(),
                         req.uri().query(),
+                        apply,
                     ));
                     req
                 },

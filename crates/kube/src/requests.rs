@@ -1,5 +1,5 @@
 //! Counting the API requests a client makes, by verb (`list`, `watch`,
-//! `get`, `create`, `update`, `patch`, `delete`), as the API server's own
+//! `get`, `create`, `update`, `patch`, `apply`, `delete`), as the API server's own
 //! `apiserver_request_total` names them: the agent exports the counts as
 //! `trellis_api_requests_total{verb}`, and `bench/k8s-converge` reads them
 //! to show what a thousand nodes cost the API server.
@@ -19,8 +19,9 @@ impl std::fmt::Debug for RequestHook {
 /// The verb of a request: `GET` is `watch` with `watch=true`/`watch=1`,
 /// `list` on a collection (`/api/v1/nodes`,
 /// `/apis/G/V/namespaces/NS/things`), `get` on one object or its
-/// subresource.
-pub fn verb(method: &http::Method, path: &str, query: Option<&str>) -> &'static str {
+/// subresource; a PATCH with `apply` (content type
+/// `application/apply-patch+yaml`) is `apply`.
+pub fn verb(method: &http::Method, path: &str, query: Option<&str>, apply: bool) -> &'static str {
     match *method {
         http::Method::GET => {
             let watch = query.is_some_and(|q| {
@@ -45,6 +46,8 @@ pub fn verb(method: &http::Method, path: &str, query: Option<&str>) -> &'static 
             // namespaces/NS/RESOURCE... is a namespaced path, except the
             // Namespace object itself (namespaces/NS)
             let segs = match segs.as_slice() {
+                // the Namespace's own subresources
+                ["namespaces", _, "status" | "finalize"] => return "get",
                 ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
                 s => s,
             };
@@ -56,6 +59,8 @@ pub fn verb(method: &http::Method, path: &str, query: Option<&str>) -> &'static 
         }
         http::Method::POST => "create",
         http::Method::PUT => "update",
+        // server-side apply is a PATCH the API server counts as APPLY
+        http::Method::PATCH if apply => "apply",
         http::Method::PATCH => "patch",
         http::Method::DELETE => "delete",
         _ => "other",
@@ -94,6 +99,7 @@ mod tests {
             (Method::GET, "/api/v1/namespaces/x/configmaps", None, "list"),
             (Method::GET, "/api/v1/namespaces", None, "list"),
             (Method::GET, "/api/v1/namespaces/x", None, "get"),
+            (Method::GET, "/api/v1/namespaces/x/status", None, "get"),
             (
                 Method::GET,
                 "/apis/trellis.dev/v1/bgppeers",
@@ -112,7 +118,16 @@ mod tests {
             (Method::POST, "/api/v1/nodes", None, "create"),
             (Method::DELETE, "/api/v1/nodes/n1", None, "delete"),
         ] {
-            assert_eq!(verb(&m, path, q), want, "{m} {path}?{q:?}");
+            assert_eq!(verb(&m, path, q, false), want, "{m} {path}?{q:?}");
         }
+        assert_eq!(
+            verb(
+                &Method::PATCH,
+                "/apis/trellis.dev/v1/bgppeers/tor",
+                None,
+                true
+            ),
+            "apply"
+        );
     }
 }

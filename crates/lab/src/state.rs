@@ -11,7 +11,8 @@ pub struct NodeState {
     pub name: String,
     /// Underlay address.
     pub ip: String,
-    /// Pod subnet.
+    /// Pod subnet: leased (etcd mode), the podCIDR (Kubernetes mode; empty
+    /// while the node has none: ask `Lab::wait_pod_cidr`), or configured.
     pub subnet: String,
     /// PID of its trellisd, when running.
     pub agent_pid: Option<u32>,

@@ -17,10 +17,6 @@ fn node_json(lab: &Lab, node: &str) -> Value {
     .expect("node json")
 }
 
-fn routes(lab: &Lab, node: &str) -> String {
-    exec::ip(&["-n", &lab.ns(node), "route", "show", "proto", "84"]).expect("ip route")
-}
-
 fn backend_in_kubernetes_mode(backend: &str) {
     let _one = one_at_a_time();
     let mut lab = kube_lab(backend, 3);

@@ -64,6 +64,12 @@ fn apply_get_delete(ds: Datastore, test: &str) {
         .expect("yaml");
     assert!(yaml.contains("peerIP: 192.0.2.1"), "{yaml}");
     lab.trellisctl_apply(&yaml).expect("apply the yaml back");
+    assert_eq!(
+        lab.trellisctl(&["get", "bgppeers", "-o", "yaml"])
+            .expect("yaml"),
+        yaml,
+        "the same after a round trip"
+    );
     let json = lab
         .trellisctl(&["get", "nodes", "-o", "json"])
         .expect("json");
@@ -73,6 +79,12 @@ fn apply_get_delete(ds: Datastore, test: &str) {
         "224.0.0.1"
     );
     lab.trellisctl_apply(&json).expect("apply the json back");
+    assert_eq!(
+        lab.trellisctl(&["get", "nodes", "-o", "json"])
+            .expect("json"),
+        json,
+        "the same after a round trip"
+    );
     if ds == Datastore::Kubernetes {
         // what trellisctl wrote is what kubectl sees
         let k = lab
@@ -128,11 +140,43 @@ fn trellisctl_names_an_unreachable_api_server() {
         return;
     };
     let lab = lab(Datastore::Kubernetes);
-    // nothing listens on port 1 of the control-plane address
+    // nothing listens on port 1 of the control-plane address: what
+    // trellisctl itself printed names it (not just our command line)
     let t = std::time::Instant::now();
     let e = lab
         .trellisctl(&["get", "bgppeers", "--server", "https://192.0.2.2:1"])
         .expect_err("unreachable");
-    assert!(e.to_string().contains("192.0.2.2:1"), "{e:#}");
+    let said = stderr(&e);
+    assert!(
+        said.contains("192.0.2.2:1") && said.contains("list bgppeers"),
+        "{e:#}"
+    );
     assert!(t.elapsed() < std::time::Duration::from_secs(19), "{e:#}");
+    // a refusal by the API server (RBAC: the agents' ServiceAccount may
+    // only read these resources) is reported as the server said it
+    let agent = lab.dir().join("k8s/agent.kubeconfig");
+    let file = lab.dir().join("peers.yaml");
+    std::fs::write(&file, MANIFEST).expect("write manifest");
+    let e = lab
+        .trellisctl(&[
+            "apply",
+            "-f",
+            &file.to_string_lossy(),
+            "--kubeconfig",
+            &agent.to_string_lossy(),
+        ])
+        .expect_err("forbidden");
+    let said = stderr(&e);
+    assert!(
+        said.contains("forbidden") && said.contains("(403)"),
+        "{said}"
+    );
+}
+
+/// What the failed command wrote to stderr.
+fn stderr(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<trellis_lab::exec::ExecError>() {
+        Some(trellis_lab::exec::ExecError::Failed { stderr, .. }) => stderr.clone(),
+        _ => panic!("not a failed command: {e:#}"),
+    }
 }

@@ -175,6 +175,43 @@ impl Lab {
         Ok(peer)
     }
 
+    /// The routes trellis owns (`proto 84`) in `node`'s namespace, as `ip
+    /// route show` prints them.
+    pub fn routes(&self, node: &str) -> anyhow::Result<String> {
+        Ok(exec::ip(&[
+            "-n",
+            &self.ns(node),
+            "route",
+            "show",
+            "proto",
+            "84",
+        ])?)
+    }
+
+    /// `GET path` from `node`'s agent HTTP endpoint (127.0.0.1:9750 inside
+    /// the node's namespace); returns (status line, body).
+    pub fn agent_http(&self, node: &str, path: &str) -> anyhow::Result<(String, String)> {
+        use std::io::{Read, Write};
+        let ns = netns::path(&self.ns(node));
+        let text = netns::within(&ns, || -> std::io::Result<String> {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9750));
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_write_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("{node} {path}: not an HTTP response: {text:?}"))?;
+        Ok((
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        ))
+    }
+
     /// Starts `ping -c COUNT -i INTERVAL` from `ns` to `target`.
     pub fn ping_stream(
         &self,

@@ -1,6 +1,8 @@
 //! Helpers shared by the privileged lab tests.
 #![allow(dead_code)]
 
+pub mod bgp;
+
 use serde_json::Value;
 use std::time::Duration;
 use trellis_lab::{exec, Lab, LabOptions};
@@ -140,28 +142,15 @@ pub fn birdc(bird: &Bird, args: &[&str]) -> String {
     bird.cmd(args).expect("birdc")
 }
 
-/// `GET path` from `node`'s agent HTTP endpoint (127.0.0.1:9750 inside the
-/// node's namespace); returns (status line, body).
+/// `GET path` from `node`'s agent HTTP endpoint; returns (status line,
+/// body).
 pub fn agent_http(lab: &Lab, node: &str, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let ns = trellis_lab::netns::path(&lab.ns(node));
-    let text = trellis_lab::netns::within(&ns, || -> std::io::Result<String> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9750));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("enter node namespace")
-    .expect("http get");
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    (
-        head.lines().next().unwrap_or_default().to_string(),
-        body.to_string(),
-    )
+    lab.agent_http(node, path).expect("agent http")
+}
+
+/// The routes trellis owns on `node`.
+pub fn routes(lab: &Lab, node: &str) -> String {
+    lab.routes(node).expect("ip route")
 }
 
 /// The value of the series `name` (exact label set) in `metrics`.

@@ -15,9 +15,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use trellis_lab::{exec, netns, Lab, LabOptions};
 
-/// 2,048 /24s: room for a thousand nodes and more, clear of the lab's
-/// Service range.
-const NETWORK: &str = r#"{"Network":"10.128.0.0/13","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+/// The lab's pod network in /26s: 1,024 node subnets.
+const NETWORK: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":26,"Backend":{"Type":"vxlan"}}"#;
+/// Most simulated nodes (one subnet is the real node's, one the extra's).
+const MAX_NODES: usize = 1022;
+/// One API call may take this long.
+const CALL: Duration = Duration::from_secs(15);
 /// Requests to the API server in flight at once while filling it.
 const IN_FLIGHT: usize = 32;
 
@@ -28,7 +31,15 @@ fn sim_name(i: usize) -> String {
 /// What an agent on simulated node `i` would publish.
 fn sim_annotations(i: usize) -> BTreeMap<String, String> {
     use trellis_kube::node::{BACKEND_TYPE, PUBLIC_IP, VTEP_MAC};
-    let ip = format!("198.18.{}.{}", i / 250, 1 + i % 250);
+    // underlay addresses of the documentation ranges the lab may use
+    // (never sent to: they only fill FDB entries); more nodes than
+    // addresses share them, which the vxlan backend does not mind
+    let k = i % 490;
+    let ip = if k < 245 {
+        format!("198.51.100.{}", 10 + k)
+    } else {
+        format!("203.0.113.{}", 10 + (k - 245))
+    };
     let mac = format!("0e:74:c6:12:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
     [
         (PUBLIC_IP.to_string(), ip),
@@ -38,25 +49,38 @@ fn sim_annotations(i: usize) -> BTreeMap<String, String> {
     .into()
 }
 
+/// `call`, or an error naming `what` after [`CALL`].
+async fn within<T>(
+    what: String,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(CALL, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what}: no answer within {CALL:?}"))?
+        .with_context(|| what)
+}
+
 async fn create(nodes: &Api<Node>, i: usize) -> anyhow::Result<()> {
     let n: Node = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": sim_name(i), "labels": {"trellis.dev/bench": "sim"}},
     }))?;
-    nodes
-        .create(&PostParams::default(), &n)
-        .await
-        .with_context(|| format!("create {}", sim_name(i)))?;
-    Ok(())
+    within(
+        format!("create {}", sim_name(i)),
+        nodes.create(&PostParams::default(), &n),
+    )
+    .await
+    .map(drop)
 }
 
 async fn publish(nodes: &Api<Node>, i: usize) -> anyhow::Result<()> {
     let patch = serde_json::json!({"metadata": {"annotations": sim_annotations(i)}});
-    nodes
-        .patch_status(&sim_name(i), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("publish {}", sim_name(i)))?;
-    Ok(())
+    within(
+        format!("publish {}", sim_name(i)),
+        nodes.patch_status(&sim_name(i), &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await
+    .map(drop)
 }
 
 /// Waits until every simulated node has its podCIDR from the controller
@@ -64,9 +88,11 @@ async fn publish(nodes: &Api<Node>, i: usize) -> anyhow::Result<()> {
 async fn wait_pod_cidrs(nodes: &Api<Node>, want: usize, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let l = nodes
-            .list(&ListParams::default().labels("trellis.dev/bench=sim"))
-            .await?;
+        let l = within(
+            "list the simulated nodes".into(),
+            nodes.list(&ListParams::default().labels("trellis.dev/bench=sim")),
+        )
+        .await?;
         let have = l
             .items
             .iter()
@@ -82,19 +108,9 @@ async fn wait_pod_cidrs(nodes: &Api<Node>, want: usize, limit: Duration) -> anyh
     }
 }
 
-/// `trellis_api_requests_total{verb="VERB"}` of the agent in namespace `ns`.
-fn api_requests(ns: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    use std::io::{Read, Write};
-    let text = netns::within(&netns::path(ns), || -> std::io::Result<String> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9750));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })??;
+/// `trellis_api_requests_total{verb="VERB"}` of `node`'s agent.
+fn api_requests(lab: &Lab, node: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    let (_, text) = lab.agent_http(node, "/metrics")?;
     Ok(text
         .lines()
         .filter_map(|l| {
@@ -107,8 +123,8 @@ fn api_requests(ns: &str) -> anyhow::Result<BTreeMap<String, u64>> {
 
 /// Runs the benchmark and prints the result line.
 pub fn run(count: usize) -> anyhow::Result<()> {
-    if !(1..=2000).contains(&count) {
-        bail!("--nodes: 1 to 2000 (the bench network holds 2,048 /24s)");
+    if !(1..=MAX_NODES).contains(&count) {
+        bail!("--nodes: 1 to {MAX_NODES} (the lab's 10.244.0.0/16 holds 1,024 /26 node subnets)");
     }
     trellis_lab::k8s::bin_dir()?;
     let mut lab = Lab::create(LabOptions {
@@ -174,7 +190,11 @@ pub fn run(count: usize) -> anyhow::Result<()> {
             create(&nodes, count).await?;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let n = nodes.get(&sim_name(count)).await?;
+                let n = within(
+                    format!("get {}", sim_name(count)),
+                    nodes.get(&sim_name(count)),
+                )
+                .await?;
                 if n.spec.and_then(|s| s.pod_cidr).is_some() {
                     break;
                 }
@@ -183,8 +203,9 @@ pub fn run(count: usize) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            publish(&nodes, count).await?;
+            // from the PATCH request on: the watch event may beat its reply
             let t = Instant::now();
+            publish(&nodes, count).await?;
             wait_counts(count + 1, Duration::from_secs(30))?;
             Ok(t.elapsed())
         })
@@ -193,7 +214,7 @@ pub fn run(count: usize) -> anyhow::Result<()> {
     // the requests of start-up and 5 s of steady state (every watch has
     // been opened by then; no request is repeated while nothing changes)
     std::thread::sleep(Duration::from_secs(5));
-    let requests = api_requests(&ns)?;
+    let requests = api_requests(&lab, "n1")?;
     eprintln!("agent API requests by verb: {requests:?}");
     lab.destroy()?;
     println!(
