@@ -1,4 +1,5 @@
-//! How watches retry: from 200 ms doubling, with ±25 % jitter, never more
+//! How watches retry after a failure (a 410 Expired only asks for a relist
+//! and is not waited for: `source.rs`): from 200 ms doubling, with ±25 % jitter, never more
 //! than 5 s; back to the start after a minute without failure. kube's
 //! default caps at 30 s, which would leave an agent up to half a minute
 //! behind an API server that came back; 5 s keeps the catch-up short

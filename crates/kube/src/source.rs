@@ -11,8 +11,8 @@
 
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event as WEvent};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use std::collections::HashMap;
 use std::future::Future;
@@ -221,6 +221,7 @@ impl KubeSource {
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> Shown + Send + 'static,
     {
+        let what_owned = what.to_string();
         let k = {
             let mut st = self.lock();
             st.kinds.push(Kind {
@@ -232,12 +233,18 @@ impl KubeSource {
         };
         let me = self.clone();
         tokio::spawn(async move {
-            let mut stream = watcher::watcher(api, config)
-                .backoff(crate::backoff::WatchBackoff::default())
-                .boxed();
+            // the backoff is ours, not kube's StreamBackoff: that one also
+            // waits after a 410 Expired (an API server that restarted
+            // forgot our resourceVersion), which only asks for a relist
+            let mut backoff = crate::backoff::WatchBackoff::default();
+            let mut stream = watcher::watcher(api, config).boxed();
+            // a second 410 in a row waits like any failure: no hot loop
+            let mut relisting = false;
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(ev) => {
+                        backoff.reset();
+                        relisting = false;
                         let cleared = {
                             let mut st = me.lock();
                             st.kinds[k].error.take().is_some().then(|| st.error())
@@ -247,7 +254,15 @@ impl KubeSource {
                         }
                         me.on_event(k, ev, &show);
                     }
-                    Err(e) => me.on_error(k, &e.to_string(), answered(&e), &report),
+                    Err(e) if expired(&e) && !relisting => {
+                        relisting = true;
+                        tracing::debug!(kind = %what_owned, error = %e, "watch expired; listing again");
+                    }
+                    Err(e) => {
+                        me.on_error(k, &e.to_string(), answered(&e), &report);
+                        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                        tokio::time::sleep(wait).await;
+                    }
                 }
             }
         });
@@ -388,6 +403,12 @@ impl KubeSource {
             )),
         }
     }
+}
+
+/// A watch whose resourceVersion the API server no longer has (410
+/// Expired/Gone, e.g. after it restarted): the watcher lists again.
+fn expired(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(s) if s.code == 410)
 }
 
 /// Whether the API server itself answered with this failure (a status
