@@ -158,3 +158,16 @@ async fn a_listing_before_the_first_sync_fails_naming_the_watch() {
         "{s}"
     );
 }
+
+#[test]
+fn a_410_only_asks_for_a_relist_and_api_answers_are_told_apart() {
+    let status = |code: u16| {
+        watcher::Error::WatchError(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        }))
+    };
+    assert!(expired(&status(410)));
+    assert!(!expired(&status(500)));
+    assert!(answered(&status(403)));
+}
