@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trellis_dataplane::Dataplane;
 use trellis_kube::node::{annotations, internal_ip, node_record, pod_cidr};
-use trellis_kube::source::{custom_resource, show_spec, Shown};
+use trellis_kube::source::{custom_resource, show_spec, Role, Shown};
 use trellis_kube::{KubeSource, Reporter};
 use trellis_model::netconf::{BackendType, ClusterConfig};
 use trellis_model::node::subnet_key;
@@ -78,6 +78,23 @@ where
             }
         }
     }
+}
+
+/// PATCH `nodes/NODE/status` as trellis's field manager.
+async fn patch_status(
+    nodes: &Api<Node>,
+    node: &str,
+    patch: Patch<&serde_json::Value>,
+) -> Result<(), String> {
+    let pp = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    nodes
+        .patch_status(node, &pp, &patch)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn split_ref(s: &str) -> (&str, &str) {
@@ -144,19 +161,8 @@ pub async fn join(
         agent.node_name
     );
     let patch = serde_json::json!({"metadata": {"annotations": annotations(&joined.record)}});
-    until_ok(health, &what, || async {
-        nodes
-            .patch_status(
-                &agent.node_name,
-                &PatchParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+    until_ok(health, &what, || {
+        patch_status(&nodes, &agent.node_name, Patch::Merge(&patch))
     })
     .await;
     Ok(KubeJoined {
@@ -204,21 +210,19 @@ pub fn source(kj: &KubeJoined, health: Arc<Health>) -> (KubeSource, crate::pods:
     let nodes: Api<Node> = Api::all(kj.client.clone());
     src.watch_kind(
         "nodes",
+        Role::Listed,
         nodes,
         watcher::Config::default(),
         show_node(PREFIX.to_string()),
         report.clone(),
     );
     if kj.joined.cfg.backend.kind == BackendType::Bgp {
-        for (kind, plural, dir) in [
-            ("BGPConfiguration", "bgpconfigurations", "configurations"),
-            ("BGPPeer", "bgppeers", "peers"),
-            ("Node", "nodes", "nodes"),
-        ] {
+        for (kind, plural, dir) in trellis_kube::source::BGP_RESOURCES {
             let api: Api<DynamicObject> =
                 Api::all_with(kj.client.clone(), &custom_resource(kind, plural));
             src.watch_kind(
                 &format!("{plural}.{}", trellis_kube::GROUP),
+                Role::Listed,
                 api,
                 watcher::Config::default(),
                 show_spec(format!("{PREFIX}bgp/{dir}/")),
@@ -294,19 +298,8 @@ pub async fn keep_published(client: Client, joined: Joined, health: Arc<Health>)
             patch["metadata"] = serde_json::json!({"annotations": wanted});
         }
         let what = format!("publishing node {node} (PATCH nodes/status)");
-        until_ok(&health, &what, || async {
-            nodes
-                .patch_status(
-                    &node,
-                    &PatchParams {
-                        field_manager: Some(MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &Patch::Strategic(&patch),
-                )
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+        until_ok(&health, &what, || {
+            patch_status(&nodes, &node, Patch::Strategic(&patch))
         })
         .await;
         tracing::info!(node = %node, annotations = !published, "published the node; NetworkUnavailable=False");

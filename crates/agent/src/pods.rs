@@ -13,7 +13,7 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use trellis_kube::source::Shown;
+use trellis_kube::source::{Role, Shown};
 use trellis_kube::{KubeSource, Reporter};
 
 /// Where the table lives in the key space: outside `/trellis/v1/`, so no
@@ -75,7 +75,14 @@ impl LocalPods {
     /// Starts the watch of `node`'s Pods as a table of `src`.
     pub fn watch(src: &KubeSource, client: kube::Client, node: &str, report: Reporter) -> Self {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        src.watch_table(KIND, Api::<Pod>::all(client), config, show_pod, report);
+        src.watch_kind(
+            KIND,
+            Role::Table,
+            Api::<Pod>::all(client),
+            config,
+            show_pod,
+            report,
+        );
         Self(src.clone())
     }
 

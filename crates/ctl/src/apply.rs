@@ -61,11 +61,10 @@ impl Kind {
     }
 
     fn api(self) -> kube::api::ApiResource {
-        let (kind, plural) = match self {
-            Self::Bgpconfigurations => ("BGPConfiguration", "bgpconfigurations"),
-            Self::Bgppeers => ("BGPPeer", "bgppeers"),
-            Self::Nodes => ("Node", "nodes"),
-        };
+        let (kind, plural, _) = trellis_kube::source::BGP_RESOURCES
+            .into_iter()
+            .find(|(_, _, dir)| *dir == self.dir())
+            .unwrap_or(trellis_kube::source::BGP_RESOURCES[0]);
         trellis_kube::source::custom_resource(kind, plural)
     }
 }

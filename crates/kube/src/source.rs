@@ -153,6 +153,16 @@ fn kv(key: &str, value: &[u8], revision: i64) -> KeyValue {
     }
 }
 
+/// What a watched kind is to the controllers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Part of the key space the controllers list and watch.
+    Listed,
+    /// A table other parts read; the controllers' listings do not wait
+    /// for it.
+    Table,
+}
+
 /// The adapter. Cheap to clone.
 #[derive(Clone)]
 pub struct KubeSource {
@@ -176,11 +186,15 @@ impl KubeSource {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches `api` with `config`; each object is shown as `show` says;
-    /// listings wait until it has listed once. Runs until the process ends.
+    /// Watches `api` with `config`; each object is shown as `show` says.
+    /// A [`Role::Listed`] kind holds up listings until it has listed once;
+    /// a [`Role::Table`] is read with [`Self::value`] and
+    /// [`Self::current`] (under a prefix no controller lists) and does not.
+    /// Runs until the process ends.
     pub fn watch_kind<K, F>(
         &self,
         what: &str,
+        role: Role,
         api: Api<K>,
         config: watcher::Config,
         show: F,
@@ -189,38 +203,7 @@ impl KubeSource {
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> Shown + Send + 'static,
     {
-        self.spawn_watch(what, false, api, config, show, report);
-    }
-
-    /// Like [`Self::watch_kind`], for a table read with [`Self::value`]
-    /// and [`Self::current`] (under a prefix no controller lists): the
-    /// controllers' listings do not wait for it.
-    pub fn watch_table<K, F>(
-        &self,
-        what: &str,
-        api: Api<K>,
-        config: watcher::Config,
-        show: F,
-        report: Reporter,
-    ) where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-        F: Fn(&K) -> Shown + Send + 'static,
-    {
-        self.spawn_watch(what, true, api, config, show, report);
-    }
-
-    fn spawn_watch<K, F>(
-        &self,
-        what: &str,
-        table: bool,
-        api: Api<K>,
-        config: watcher::Config,
-        show: F,
-        report: Reporter,
-    ) where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-        F: Fn(&K) -> Shown + Send + 'static,
-    {
+        let table = role == Role::Table;
         let what_owned = what.to_string();
         let k = {
             let mut st = self.lock();
@@ -422,6 +405,14 @@ fn answered(e: &watcher::Error) -> bool {
         _ => false,
     }
 }
+
+/// The BGP custom resources: (kind, plural, directory under `bgp/` in the
+/// key space).
+pub const BGP_RESOURCES: [(&str, &str, &str); 3] = [
+    ("BGPConfiguration", "bgpconfigurations", "configurations"),
+    ("BGPPeer", "bgppeers", "peers"),
+    ("Node", "nodes", "nodes"),
+];
 
 /// A custom resource of the project's API group, shown under
 /// `bgp/<dir>/<name>` with its `spec` as value.

@@ -92,84 +92,34 @@ pub struct LabTls {
     pub server: (std::path::PathBuf, std::path::PathBuf),
 }
 
-/// `openssl ARGS` in `dir` (the lab CAs).
-pub(crate) fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("openssl");
-    c.current_dir(dir).args(args);
-    crate::exec::check(c, None, Duration::from_secs(20))
-        .map(drop)
-        .context("openssl")
-}
-
 /// Makes a CA, a server certificate valid for `ips`, and a client
 /// certificate, all EC P-256, under `dir`.
 pub fn make_tls(dir: &Path, ips: &[String]) -> anyhow::Result<LabTls> {
-    std::fs::create_dir_all(dir)?;
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend_from_slice(&key);
-    ca.extend_from_slice(&[
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=trellis-lab-ca",
-    ]);
-    openssl(dir, &ca)?;
+    crate::pki::ca(dir, "ca.pem", "trellis-lab-ca")?;
     let san: Vec<String> = ips
         .iter()
         .map(|i| format!("IP:{i}"))
         .chain(["IP:127.0.0.1".to_string()])
         .collect();
-    std::fs::write(
-        dir.join("server.ext"),
-        format!(
+    crate::pki::issue(
+        dir,
+        "server",
+        "etcd",
+        "ca.pem",
+        &format!(
             "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
             san.join(",")
         ),
+        "server.pem",
     )?;
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-    for (name, cn) in [("server", "etcd"), ("client", "trellisd")] {
-        let mut req = vec!["req"];
-        req.extend_from_slice(&key);
-        let (k, csr, subj) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("/CN={cn}"),
-        );
-        req.extend_from_slice(&["-keyout", &k, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req)?;
-        let (pem, ext) = (format!("{name}.pem"), format!("{name}.ext"));
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        )?;
-    }
+    crate::pki::issue(
+        dir,
+        "client",
+        "trellisd",
+        "ca.pem",
+        "extendedKeyUsage=clientAuth\n",
+        "client.pem",
+    )?;
     Ok(LabTls {
         ca: dir.join("ca.pem"),
         cert: dir.join("client.pem"),

@@ -8,9 +8,9 @@
 //! `install` script (`../shared/k8s/install`), else the lab refuses with
 //! how to get them.
 
-use crate::etcd::openssl;
 use crate::exec;
 use crate::netns;
+use crate::pki::openssl;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -118,64 +118,17 @@ impl ControlPlane {
     /// kubeconfig.
     pub fn make_pki(&self) -> anyhow::Result<()> {
         let d = &self.dir;
-        std::fs::create_dir_all(d)?;
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend_from_slice(&ec);
-        ca.extend_from_slice(&[
-            "-keyout",
-            "ca.key",
-            "-out",
+        crate::pki::ca(d, "ca.crt", "trellis-lab-k8s-ca")?;
+        crate::pki::issue(
+            d,
+            "apiserver",
+            "kube-apiserver",
             "ca.crt",
-            "-days",
-            "7",
-            "-subj",
-            "/CN=trellis-lab-k8s-ca",
-        ]);
-        openssl(d, &ca)?;
-        std::fs::write(
-            d.join("apiserver.ext"),
-            format!(
+            &format!(
                 "subjectAltName=IP:{API_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,\
                  DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
             ),
-        )?;
-        let mut req = vec!["req"];
-        req.extend_from_slice(&ec);
-        req.extend_from_slice(&[
-            "-keyout",
-            "apiserver.key",
-            "-out",
-            "apiserver.csr",
-            "-subj",
-            "/CN=kube-apiserver",
-        ]);
-        openssl(d, &req)?;
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "apiserver.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "apiserver.crt",
-                "-days",
-                "7",
-                "-extfile",
-                "apiserver.ext",
-            ],
+            "apiserver.crt",
         )?;
         openssl(
             d,

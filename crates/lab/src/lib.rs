@@ -14,6 +14,7 @@ pub mod gc;
 pub mod k8s;
 mod lab;
 pub mod netns;
+mod pki;
 pub mod state;
 
 pub use lab::{deploy_dir, Lab, LabOptions, PingStream, PodAttach, INTERNET_IP};
