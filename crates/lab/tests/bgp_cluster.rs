@@ -166,19 +166,26 @@ fn bird_between_segments(ds: Datastore, test: &str) {
     for (node, _, _) in &p {
         no_encapsulation(&lab, node);
     }
-    // the outside prefix reached us and was refused
-    let peers = bgp_peers(&lab, "n1");
-    let received = peers[0]["received"].as_u64().unwrap_or(0);
-    let accepted = peers[0]["accepted"].as_u64().unwrap_or(0);
-    assert!(received > accepted, "{peers:?}");
-    assert!(!r.contains("10.99.0.0"), "{r}");
-    let agent_log = std::fs::read_to_string(lab.agent_log("n1")).unwrap_or_default();
-    assert!(
-        agent_log
-            .lines()
-            .any(|l| l.contains("route refused") && l.contains("10.99.0.0/24")),
-        "no refusal logged"
+    // the outside prefix reached us and was refused (BIRD sends its
+    // updates in its own time: the pod subnets can be there before the
+    // outside prefix is)
+    wait_for(
+        "n1 receives more from BIRD than it accepts",
+        Duration::from_secs(15),
+        || {
+            let peers = bgp_peers(&lab, "n1");
+            let received = peers[0]["received"].as_u64().unwrap_or(0);
+            let accepted = peers[0]["accepted"].as_u64().unwrap_or(0);
+            received > accepted
+        },
     );
+    assert!(!r.contains("10.99.0.0"), "{r}");
+    wait_for("n1 logs the refusal", Duration::from_secs(5), || {
+        std::fs::read_to_string(lab.agent_log("n1"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("route refused") && l.contains("10.99.0.0/24"))
+    });
 }
 
 #[test]
