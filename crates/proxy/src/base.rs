@@ -1,0 +1,91 @@
+//! The table's fixed part: shared maps, hooks, the refusal and the
+//! masquerade. Depends only on the node's facts.
+
+use crate::model::NodeFacts;
+use crate::render::Shared;
+use crate::{AFFINITY_MASK, MASQ_MARK};
+use std::fmt::Write;
+
+/// The fixed chains: name -> (hook line or `""`, rules).
+pub fn chains(node: &NodeFacts) -> Vec<(&'static str, String, Vec<String>)> {
+    let _ = node;
+    let hook =
+        |t: &str, h: &str, prio: &str| format!("type {t} hook {h} priority {prio}; policy accept;");
+    let record = format!(
+        "meta mark & {AFFINITY_MASK:#x} != 0 meta mark & {AFFINITY_MASK:#x} vmap @affinity"
+    );
+    vec![
+        // refusals (priorities: dstnat = -100, srcnat = 100, filter = 0;
+        // by number: nft 1.0.6 takes names only in some hooks): TCP gets a reset, the rest ICMP port unreachable
+        (
+            "refuse",
+            String::new(),
+            vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
+        ),
+        // the one lookup per new connection
+        (
+            "dispatch",
+            String::new(),
+            vec![
+                "ip daddr . meta l4proto . th dport vmap @services".into(),
+                "ip daddr @node_ips meta l4proto . th dport vmap @nodeports".into(),
+            ],
+        ),
+        ("nat_prerouting", hook("nat", "prerouting", "-100"), vec!["jump dispatch".into()]),
+        ("nat_output", hook("nat", "output", "-100"), vec!["jump dispatch".into()]),
+        (
+            "nat_postrouting",
+            hook("nat", "postrouting", "100"),
+            vec![
+                format!("ct status dnat ip saddr . ip daddr @hairpin meta mark set meta mark | {MASQ_MARK:#x}"),
+                format!("meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} meta mark set meta mark ^ {MASQ_MARK:#x} masquerade fully-random"),
+            ],
+        ),
+        // load balancer source ranges, checked before DNAT
+        (
+            "firewall_check",
+            String::new(),
+            vec!["ip daddr . meta l4proto . th dport vmap @firewall".into()],
+        ),
+        ("filter_prerouting_pre", hook("filter", "prerouting", "-110"), vec!["ct state new jump firewall_check".into()]),
+        ("filter_output_pre", hook("filter", "output", "-110"), vec!["ct state new jump firewall_check".into()]),
+        // client affinity: record the endpoint a new client got
+        ("affinity_prerouting", hook("filter", "prerouting", "-99"), vec![record.clone()]),
+        ("affinity_output", hook("filter", "output", "-99"), vec![record]),
+        // what is not served (after DNAT: only the unserved keep their address)
+        (
+            "unserved",
+            String::new(),
+            vec![
+                "ip daddr . meta l4proto . th dport vmap @no_endpoints".into(),
+                "ip daddr @node_ips meta l4proto . th dport vmap @no_endpoint_nodeports".into(),
+                "ip daddr @cluster_ips goto refuse".into(),
+            ],
+        ),
+        ("filter_forward", hook("filter", "forward", "-10"), vec!["ct state new jump unserved".into()]),
+        ("filter_input", hook("filter", "input", "-10"), vec!["ct state new jump unserved".into()]),
+        ("filter_output", hook("filter", "output", "-10"), vec!["ct state new jump unserved".into()]),
+    ]
+}
+
+/// The declarations of the shared sets and maps, `node_ips` filled.
+pub fn sets(node: &NodeFacts) -> String {
+    let mut out = String::new();
+    for s in Shared::ALL {
+        let kind = if s.is_map() { "map" } else { "set" };
+        let _ = writeln!(out, "\t{kind} {} {{ {} }}", s.name(), s.decl());
+    }
+    let ips: Vec<String> = node
+        .addresses
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .map(ToString::to_string)
+        .collect();
+    let elements = if ips.is_empty() {
+        String::new()
+    } else {
+        format!(" elements = {{ {} }};", ips.join(", "))
+    };
+    let _ = writeln!(out, "\tset node_ips {{ type ipv4_addr;{elements} }}");
+    out
+}

@@ -1,0 +1,433 @@
+//! One Service -> its nftables objects (a [`Fragment`]): its own chains
+//! and maps, and its entries in the table's shared maps. Rendering is per
+//! Service so that a change costs what the changed Service costs, whatever
+//! the number of Services (kube-proxy re-lists everything per sync).
+//!
+//! Per Service port `ID` = `namespace/name/protocol/port`:
+//! - `svc-ID`: every usable endpoint (`eps-ID`: `numgen random mod N`
+//!   -> address . port, one lookup); masquerades sources outside the
+//!   cluster network;
+//! - `local-ID`: this node's endpoints (`leps-ID`), for traffic policy
+//!   Local; `drop` when it has none;
+//! - `ext-ID`: what node ports, external and load balancer IPs go to:
+//!   masquerade then `svc-ID` (policy Cluster), or pods and the node
+//!   itself to `svc-ID` and the rest to `local-ID` with its source kept
+//!   (policy Local);
+//! - with `sessionAffinity: ClientIP`: `aff-ID` (client -> endpoint, with
+//!   the timeout), consulted before `numgen`; the endpoint a new client
+//!   got is written by `rec-ID` after DNAT (a packet mark carries the
+//!   chain's affinity id there).
+
+use crate::endpoints::{for_port, PortEndpoints};
+use crate::model::{NodeFacts, Service, ServiceType, Slice};
+use crate::{AFFINITY_MASK, MASQ_MARK};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+/// The table's shared maps and sets a Service has entries in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Shared {
+    /// `services`: address . protocol . port -> verdict (cluster IPs,
+    /// external IPs, load balancer IPs).
+    Services,
+    /// `nodeports`: protocol . port -> verdict, on the node's addresses.
+    NodePorts,
+    /// `no_endpoints`: address . protocol . port -> reject / drop.
+    NoEndpoints,
+    /// `no_endpoint_nodeports`: protocol . port -> reject.
+    NoEndpointNodePorts,
+    /// `firewall`: load balancer address . protocol . port -> source check.
+    Firewall,
+    /// `affinity`: affinity id (packet mark) -> the recording chain.
+    Affinity,
+    /// `cluster_ips`: every ClusterIP (unserved ports are refused).
+    ClusterIps,
+    /// `hairpin`: endpoint . endpoint (a pod reaching itself is masqueraded).
+    Hairpin,
+}
+
+impl Shared {
+    /// Every shared object, in declaration order.
+    pub const ALL: [Shared; 8] = [
+        Shared::Services,
+        Shared::NodePorts,
+        Shared::NoEndpoints,
+        Shared::NoEndpointNodePorts,
+        Shared::Firewall,
+        Shared::Affinity,
+        Shared::ClusterIps,
+        Shared::Hairpin,
+    ];
+
+    /// Its name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shared::Services => "services",
+            Shared::NodePorts => "nodeports",
+            Shared::NoEndpoints => "no_endpoints",
+            Shared::NoEndpointNodePorts => "no_endpoint_nodeports",
+            Shared::Firewall => "firewall",
+            Shared::Affinity => "affinity",
+            Shared::ClusterIps => "cluster_ips",
+            Shared::Hairpin => "hairpin",
+        }
+    }
+
+    /// Its declaration (`type ...; flags ...;`).
+    pub fn decl(self) -> &'static str {
+        match self {
+            Shared::Services | Shared::NoEndpoints | Shared::Firewall => {
+                "type ipv4_addr . inet_proto . inet_service : verdict;"
+            }
+            Shared::NodePorts | Shared::NoEndpointNodePorts => {
+                "type inet_proto . inet_service : verdict;"
+            }
+            Shared::Affinity => "type mark : verdict;",
+            Shared::ClusterIps => "type ipv4_addr;",
+            Shared::Hairpin => "type ipv4_addr . ipv4_addr;",
+        }
+    }
+
+    /// Whether it is a map (elements have values).
+    pub fn is_map(self) -> bool {
+        !matches!(self, Shared::ClusterIps | Shared::Hairpin)
+    }
+}
+
+/// A named set or map of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SetDef {
+    /// `type ...; flags ...;` (or `typeof ...`).
+    pub decl: String,
+    /// key -> value (`""` in a set).
+    pub elements: BTreeMap<String, String>,
+}
+
+/// How one Service port is served (for `trellisctl get services`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortSummary {
+    /// `namespace/name/protocol/port`.
+    pub id: String,
+    /// The endpoints new connections go to (policy Cluster).
+    pub endpoints: Vec<SocketAddr>,
+    /// This node's endpoints (policy Local).
+    pub local: Vec<SocketAddr>,
+    /// What a client gets when there is nobody to serve it.
+    pub verdict: String,
+}
+
+/// Everything one Service puts into the table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fragment {
+    /// Its chains: name -> rules.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Its sets and maps.
+    pub sets: BTreeMap<String, SetDef>,
+    /// Its entries in the shared maps: (map, key, value).
+    pub shared: Vec<(Shared, String, String)>,
+    /// Why it is not served at all (nothing else is rendered then).
+    pub problems: Vec<String>,
+    /// What of it is not served (the rest is).
+    pub notes: Vec<String>,
+    /// Per port, what it was programmed with.
+    pub ports: Vec<PortSummary>,
+    /// Names of chains that hold an affinity id.
+    pub affinity_chains: Vec<String>,
+    /// Local endpoints over all ports (the health check's count).
+    pub local_endpoints: usize,
+}
+
+/// Affinity ids (the high 16 bits of the packet mark) of chains: stable
+/// while a chain exists, reused after it goes.
+#[derive(Debug, Default, Clone)]
+pub struct Ids {
+    by_chain: HashMap<String, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Ids {
+    /// The id of `chain`, allocated on first use; `None` when all 65,535
+    /// are taken.
+    pub fn get(&mut self, chain: &str) -> Option<u32> {
+        if let Some(id) = self.by_chain.get(chain) {
+            return Some(*id);
+        }
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None if self.next < 0xffff => {
+                self.next += 1;
+                self.next
+            }
+            None => return None,
+        };
+        self.by_chain.insert(chain.to_string(), id);
+        Some(id)
+    }
+
+    /// `chain` no longer needs its id.
+    pub fn release(&mut self, chain: &str) {
+        if let Some(id) = self.by_chain.remove(chain) {
+            self.free.push(id);
+        }
+    }
+}
+
+fn v4(ips: &[IpAddr]) -> (Vec<IpAddr>, bool) {
+    let four: Vec<IpAddr> = ips.iter().copied().filter(IpAddr::is_ipv4).collect();
+    let skipped = four.len() != ips.len();
+    (four, skipped)
+}
+
+/// Renders `svc` with its `slices` for `node`.
+pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids) -> Fragment {
+    let mut f = Fragment::default();
+    if !svc.problems.is_empty() {
+        f.problems = svc.problems.clone();
+        return f;
+    }
+    if svc.kind == ServiceType::ExternalName {
+        return f;
+    }
+    let (cluster_ips, s1) = v4(&svc.cluster_ips);
+    let (external_ips, s2) = v4(&svc.external_ips);
+    let (lb_ips, s3) = v4(&svc.lb_ips);
+    if s1 || s2 || s3 {
+        f.notes
+            .push("IPv6 addresses are not served yet (the IPv4 ones are)".into());
+    }
+    // node ports outside the range this node serves: not served at all
+    for (i, p) in svc.ports.iter().enumerate() {
+        if let Some(np) = p.node_port {
+            let (lo, hi) = node.node_port_range;
+            if !(lo..=hi).contains(&np) {
+                f.problems.push(format!(
+                    "spec.ports[{i}].nodePort: {np} is outside the node port range {lo}-{hi} this node serves"
+                ));
+            }
+        }
+    }
+    if !f.problems.is_empty() {
+        return f;
+    }
+    let cidr = node.cluster_cidr;
+    let external = |p: &crate::model::ServicePort| {
+        p.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty()
+    };
+    // the load balancer source check, one per Service
+    let fw = format!("{}/{}", svc.namespace, svc.name);
+    let ranges: Vec<String> = svc
+        .lb_source_ranges
+        .iter()
+        .filter(|r| matches!(r, ipnet::IpNet::V4(_)))
+        .map(ToString::to_string)
+        .collect();
+    let firewall = !lb_ips.is_empty() && !svc.lb_source_ranges.is_empty();
+    if firewall {
+        f.sets.insert(
+            format!("fw-{fw}"),
+            SetDef {
+                decl: "type ipv4_addr; flags interval;".into(),
+                elements: ranges.iter().map(|r| (r.clone(), String::new())).collect(),
+            },
+        );
+        f.chains.insert(
+            format!("fwc-{fw}"),
+            vec![
+                format!("ip saddr @fw-{fw} return"),
+                // the node itself may always reach its load balancer IPs
+                "fib saddr type local return".into(),
+                "drop".into(),
+            ],
+        );
+    }
+    for sp in &svc.ports {
+        let p = sp.protocol.as_str();
+        let id = format!("{}/{}/{}/{}", svc.namespace, svc.name, p, sp.port);
+        let PortEndpoints { cluster, local } = for_port(sp, slices, &node.name, true);
+        f.local_endpoints += local.len();
+        let ext = external(sp);
+        let need_local = svc.internal_local || (svc.external_local && ext);
+        let served = !cluster.is_empty();
+        if served {
+            endpoint_chain(
+                &mut f,
+                ids,
+                "svc",
+                "eps",
+                "aff",
+                "rec",
+                &id,
+                &cluster,
+                sp,
+                svc,
+                Some(cidr),
+            );
+            if need_local {
+                if local.is_empty() {
+                    f.chains.insert(format!("local-{id}"), vec!["drop".into()]);
+                } else {
+                    endpoint_chain(
+                        &mut f, ids, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
+                    );
+                }
+            }
+            if ext {
+                let rules = if svc.external_local {
+                    vec![
+                        format!("ip saddr {cidr} goto svc-{id}"),
+                        format!("fib saddr type local meta mark set meta mark | {MASQ_MARK:#x}"),
+                        format!("fib saddr type local goto svc-{id}"),
+                        format!("goto local-{id}"),
+                    ]
+                } else {
+                    vec![
+                        format!("meta mark set meta mark | {MASQ_MARK:#x}"),
+                        format!("goto svc-{id}"),
+                    ]
+                };
+                f.chains.insert(format!("ext-{id}"), rules);
+            }
+        }
+        let key = |ip: &IpAddr| format!("{ip} . {p} . {}", sp.port);
+        let verdict = if !served {
+            "reject"
+        } else if svc.internal_local && local.is_empty() {
+            "drop"
+        } else {
+            "serve"
+        };
+        for ip in &cluster_ips {
+            f.shared
+                .push((Shared::ClusterIps, ip.to_string(), String::new()));
+            match verdict {
+                "reject" => f
+                    .shared
+                    .push((Shared::NoEndpoints, key(ip), "goto refuse".into())),
+                "drop" => f.shared.push((Shared::NoEndpoints, key(ip), "drop".into())),
+                _ => {
+                    let target = if svc.internal_local { "local" } else { "svc" };
+                    f.shared
+                        .push((Shared::Services, key(ip), format!("goto {target}-{id}")));
+                }
+            }
+        }
+        for ip in external_ips.iter().chain(&lb_ips) {
+            if served {
+                f.shared
+                    .push((Shared::Services, key(ip), format!("goto ext-{id}")));
+            } else {
+                f.shared
+                    .push((Shared::NoEndpoints, key(ip), "goto refuse".into()));
+            }
+        }
+        if firewall {
+            for ip in &lb_ips {
+                f.shared
+                    .push((Shared::Firewall, key(ip), format!("goto fwc-{fw}")));
+            }
+        }
+        if let Some(np) = sp.node_port {
+            let k = format!("{p} . {np}");
+            if served {
+                f.shared
+                    .push((Shared::NodePorts, k, format!("goto ext-{id}")));
+            } else {
+                f.shared
+                    .push((Shared::NoEndpointNodePorts, k, "goto refuse".into()));
+            }
+        }
+        f.ports.push(PortSummary {
+            id,
+            endpoints: cluster,
+            local,
+            verdict: verdict.into(),
+        });
+    }
+    f
+}
+
+/// `chain-ID` DNATing to `eps` through map `map-ID`, with the client
+/// affinity of `svc` (maps `aff-ID`, recorded by `rec-ID`).
+#[allow(clippy::too_many_arguments)]
+fn endpoint_chain(
+    f: &mut Fragment,
+    ids: &mut Ids,
+    chain: &str,
+    map: &str,
+    aff: &str,
+    rec: &str,
+    id: &str,
+    eps: &[SocketAddr],
+    sp: &crate::model::ServicePort,
+    svc: &Service,
+    masquerade_outside: Option<ipnet::IpNet>,
+) {
+    let p = sp.protocol.as_str();
+    let name = format!("{chain}-{id}");
+    let mut rules = Vec::new();
+    if let Some(cidr) = masquerade_outside {
+        rules.push(format!(
+            "ip saddr != {cidr} meta mark set meta mark | {MASQ_MARK:#x}"
+        ));
+    }
+    if let Some(timeout) = svc.affinity_timeout {
+        match ids.get(&name) {
+            Some(n) => {
+                let mark = n << 16;
+                rules.push(format!(
+                    "meta mark set meta mark & {:#x} | {mark:#010x}",
+                    !AFFINITY_MASK
+                ));
+                rules.push(format!(
+                    "meta l4proto {p} dnat ip to ip saddr map @{aff}-{id}"
+                ));
+                f.sets.insert(
+                    format!("{aff}-{id}"),
+                    SetDef {
+                        decl: format!(
+                            "type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout; timeout {timeout}s;"
+                        ),
+                        elements: BTreeMap::new(),
+                    },
+                );
+                f.chains.insert(
+                    format!("{rec}-{id}"),
+                    vec![
+                        format!("update @{aff}-{id} {{ ip saddr : ip daddr . th dport }}"),
+                        format!("meta mark set meta mark & {:#x}", !AFFINITY_MASK),
+                    ],
+                );
+                f.shared.push((
+                    Shared::Affinity,
+                    format!("{mark:#010x}"),
+                    format!("goto {rec}-{id}"),
+                ));
+                f.affinity_chains.push(name.clone());
+            }
+            None => f.notes.push(format!(
+                "{name}: no affinity id left (65,535 in use): served without affinity"
+            )),
+        }
+    }
+    rules.push(format!(
+        "meta l4proto {p} dnat ip to numgen random mod {} map @{map}-{id}",
+        eps.len()
+    ));
+    f.sets.insert(
+        format!("{map}-{id}"),
+        SetDef {
+            decl: format!("typeof numgen random mod 1 : ip daddr . {p} dport;"),
+            elements: eps
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (i.to_string(), format!("{} . {}", e.ip(), e.port())))
+                .collect(),
+        },
+    );
+    for e in eps {
+        f.shared
+            .push((Shared::Hairpin, format!("{0} . {0}", e.ip()), String::new()));
+    }
+    f.chains.insert(name, rules);
+}

@@ -1,0 +1,296 @@
+//! nft script text: the whole table, and the changes between two
+//! renderings of the Services that changed.
+
+use crate::render::{Fragment, SetDef, Shared};
+use crate::TABLE;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+/// Most elements per `add element` / `delete element` command.
+const CHUNK: usize = 2000;
+
+/// Accumulates one transaction, in an order nft accepts: declarations,
+/// element deletes, flushes, deletes, re-declarations, element adds,
+/// rules.
+#[derive(Default)]
+pub struct Script {
+    declare: String,
+    del_elements: BTreeMap<String, Vec<String>>,
+    flush: BTreeSet<String>,
+    flush_maps: BTreeSet<String>,
+    delete_chains: BTreeSet<String>,
+    delete_sets: BTreeSet<String>,
+    redeclare: String,
+    add_elements: BTreeMap<String, Vec<String>>,
+    rules: String,
+    /// Number of commands (0: nothing to do).
+    pub ops: usize,
+}
+
+fn element(key: &str, value: &str) -> String {
+    if value.is_empty() {
+        key.to_string()
+    } else {
+        format!("{key} : {value}")
+    }
+}
+
+fn set_decl(name: &str, def: &SetDef) -> String {
+    let kind = if def.decl.contains(':') { "map" } else { "set" };
+    format!("add {kind} inet {TABLE} {name} {{ {} }}\n", def.decl)
+}
+
+impl Script {
+    /// A new chain `name` (empty; rules come with [`Self::rules`]).
+    pub fn add_chain(&mut self, name: &str) {
+        let _ = writeln!(self.declare, "add chain inet {TABLE} {name}");
+        self.ops += 1;
+    }
+    /// A new set or map.
+    pub fn add_set(&mut self, name: &str, def: &SetDef) {
+        self.declare.push_str(&set_decl(name, def));
+        self.ops += 1;
+    }
+    /// A set or map whose declaration changed: deleted, then declared again.
+    pub fn replace_set(&mut self, name: &str, def: &SetDef) {
+        self.delete_sets.insert(name.to_string());
+        self.redeclare.push_str(&set_decl(name, def));
+        self.ops += 1;
+    }
+    /// Element `key` leaves set `set`.
+    pub fn del_element(&mut self, set: &str, key: &str) {
+        self.del_elements
+            .entry(set.to_string())
+            .or_default()
+            .push(key.to_string());
+        self.ops += 1;
+    }
+    /// Element `key` (: `value`) enters set `set`.
+    pub fn add_element(&mut self, set: &str, key: &str, value: &str) {
+        self.add_elements
+            .entry(set.to_string())
+            .or_default()
+            .push(element(key, value));
+        self.ops += 1;
+    }
+    /// Chain `name` loses its rules.
+    pub fn flush_chain(&mut self, name: &str) {
+        self.flush.insert(name.to_string());
+        self.ops += 1;
+    }
+    /// Map `name` loses its elements (a dynamic map: affinity).
+    pub fn flush_map(&mut self, name: &str) {
+        self.flush_maps.insert(name.to_string());
+        self.ops += 1;
+    }
+    /// Chain `name` goes (flushed first).
+    pub fn delete_chain(&mut self, name: &str) {
+        self.flush.insert(name.to_string());
+        self.delete_chains.insert(name.to_string());
+        self.ops += 1;
+    }
+    /// Set or map `name` goes.
+    pub fn delete_set(&mut self, name: &str) {
+        self.delete_sets.insert(name.to_string());
+        self.ops += 1;
+    }
+    /// Chain `name` gets `rules` (after any flush).
+    pub fn rules(&mut self, name: &str, rules: &[String]) {
+        for r in rules {
+            let _ = writeln!(self.rules, "add rule inet {TABLE} {name} {r}");
+        }
+        self.ops += 1;
+    }
+
+    /// The transaction's text.
+    pub fn text(&self) -> String {
+        let mut out = self.declare.clone();
+        let chunks = |out: &mut String, verb: &str, sets: &BTreeMap<String, Vec<String>>| {
+            for (set, els) in sets {
+                for c in els.chunks(CHUNK) {
+                    let _ = writeln!(
+                        out,
+                        "{verb} element inet {TABLE} {set} {{ {} }}",
+                        c.join(", ")
+                    );
+                }
+            }
+        };
+        chunks(&mut out, "delete", &self.del_elements);
+        for c in &self.flush {
+            let _ = writeln!(out, "flush chain inet {TABLE} {c}");
+        }
+        for m in &self.flush_maps {
+            if !self.delete_sets.contains(m) {
+                let _ = writeln!(out, "flush map inet {TABLE} {m}");
+            }
+        }
+        for c in &self.delete_chains {
+            let _ = writeln!(out, "delete chain inet {TABLE} {c}");
+        }
+        for s in &self.delete_sets {
+            // set or map: `delete set` works for both only by kind; name both
+            let _ = writeln!(out, "delete {} inet {TABLE} {s}", kind_of(s));
+        }
+        out.push_str(&self.redeclare);
+        chunks(&mut out, "add", &self.add_elements);
+        out.push_str(&self.rules);
+        out
+    }
+}
+
+/// Whether the proxy's object `name` is a map or a set (by its prefix).
+pub fn kind_of(name: &str) -> &'static str {
+    if name.starts_with("fw-") {
+        "set"
+    } else {
+        "map"
+    }
+}
+
+/// Chains of `f` whose rules mention set `set`.
+fn users<'a>(f: &'a Fragment, set: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    let needle = format!("@{set}");
+    f.chains.iter().filter_map(move |(name, rules)| {
+        rules
+            .iter()
+            .any(|r| r.split_whitespace().any(|w| w == needle))
+            .then_some(name)
+    })
+}
+
+/// Adds to `s` what turns `old` into `new` (one Service's own objects;
+/// the shared maps are the caller's). Returns the endpoint maps that lost
+/// endpoints (their stale UDP flows must go).
+pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, String)> {
+    let mut lost = Vec::new();
+    let mut changed_chains: BTreeSet<&String> = BTreeSet::new();
+    for (name, def) in &new.sets {
+        match old.sets.get(name) {
+            None => {
+                s.add_set(name, def);
+                for (k, v) in &def.elements {
+                    s.add_element(name, k, v);
+                }
+            }
+            Some(o) if o.decl != def.decl => {
+                s.replace_set(name, def);
+                for (k, v) in &def.elements {
+                    s.add_element(name, k, v);
+                }
+                // rules that use it are re-added after its re-declaration
+                changed_chains.extend(users(new, name));
+            }
+            Some(o) => {
+                for (k, v) in &o.elements {
+                    match def.elements.get(k) {
+                        Some(nv) if nv == v => {}
+                        other => {
+                            s.del_element(name, k);
+                            if let Some(nv) = other {
+                                s.add_element(name, k, nv);
+                            }
+                        }
+                    }
+                }
+                for (k, v) in &def.elements {
+                    if !o.elements.contains_key(k) {
+                        s.add_element(name, k, v);
+                    }
+                }
+                // values (endpoints) no longer in the set at all
+                let kept: BTreeSet<&String> = def.elements.values().collect();
+                lost.extend(
+                    o.elements
+                        .values()
+                        .filter(|v| !kept.contains(v))
+                        .map(|v| (name.clone(), v.clone())),
+                );
+            }
+        }
+    }
+    for (name, def) in &old.sets {
+        if !new.sets.contains_key(name) {
+            lost.extend(def.elements.values().map(|v| (name.clone(), v.clone())));
+        }
+    }
+    for (name, rules) in &new.chains {
+        match old.chains.get(name) {
+            None => {
+                s.add_chain(name);
+                s.rules(name, rules);
+            }
+            Some(o) if o != rules || changed_chains.contains(name) => {
+                s.flush_chain(name);
+                s.rules(name, rules);
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old.chains.keys() {
+        if !new.chains.contains_key(name) {
+            s.delete_chain(name);
+        }
+    }
+    for name in old.sets.keys() {
+        if !new.sets.contains_key(name) {
+            s.delete_set(name);
+        }
+    }
+    // an endpoint that went: clients kept on it by affinity start over
+    let mut stale = Vec::new();
+    for (map, value) in &lost {
+        for (from, to) in [("eps-", "aff-"), ("leps-", "laff-")] {
+            if let Some(rest) = map.strip_prefix(from) {
+                let aff = format!("{to}{rest}");
+                if new.sets.contains_key(&aff) && old.sets.contains_key(&aff) {
+                    s.flush_map(&aff);
+                }
+            }
+        }
+        stale.push((map.clone(), value.clone()));
+    }
+    stale
+}
+
+/// The declarations of `f`'s objects inside a `table { }` block (chains
+/// empty) and its rules as a second block's chain bodies.
+pub fn full(
+    f: &Fragment,
+    decl: &mut String,
+    bodies: &mut String,
+    elements: &mut BTreeMap<String, Vec<String>>,
+) {
+    for (name, def) in &f.sets {
+        let kind = if def.decl.contains(':') { "map" } else { "set" };
+        let _ = writeln!(decl, "\t{kind} {name} {{ {} }}", def.decl);
+        if !def.elements.is_empty() {
+            elements
+                .entry(name.clone())
+                .or_default()
+                .extend(def.elements.iter().map(|(k, v)| element(k, v)));
+        }
+    }
+    for (name, rules) in &f.chains {
+        let _ = writeln!(decl, "\tchain {name} {{ }}");
+        let _ = writeln!(bodies, "\tchain {name} {{");
+        for r in rules {
+            let _ = writeln!(bodies, "\t\t{r}");
+        }
+        bodies.push_str("\t}\n");
+    }
+}
+
+/// `add element` lines for `elements`.
+pub fn element_lines(out: &mut String, elements: &BTreeMap<String, Vec<String>>) {
+    for (set, els) in elements {
+        for c in els.chunks(CHUNK) {
+            let _ = writeln!(out, "add element inet {TABLE} {set} {{ {} }}", c.join(", "));
+        }
+    }
+}
+
+/// `Shared` entries as element strings.
+pub fn shared_element(kind: Shared, key: &str, value: &str) -> (String, String) {
+    (kind.name().to_string(), element(key, value))
+}

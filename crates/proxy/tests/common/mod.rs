@@ -1,0 +1,193 @@
+//! Fixtures and the kernel check shared by the proxy's tests.
+#![allow(dead_code, missing_docs)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use trellis_proxy::{
+    Endpoint, NodeFacts, Protocol, Service, ServicePort, ServiceType, Slice, SlicePort,
+};
+
+pub fn node() -> NodeFacts {
+    NodeFacts {
+        name: "n1".into(),
+        addresses: vec!["192.0.2.11".parse().expect("ip")],
+        cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
+        node_port_range: trellis_proxy::NODE_PORT_RANGE,
+    }
+}
+
+pub fn port(name: &str, protocol: Protocol, port: u16, node_port: Option<u16>) -> ServicePort {
+    ServicePort {
+        name: name.into(),
+        protocol,
+        port,
+        node_port,
+    }
+}
+
+pub fn svc(ns: &str, name: &str, ip: &str, ports: Vec<ServicePort>) -> Service {
+    Service {
+        namespace: ns.into(),
+        name: name.into(),
+        kind: ServiceType::ClusterIP,
+        cluster_ips: vec![ip.parse().expect("ip")],
+        ports,
+        ..Default::default()
+    }
+}
+
+/// (address, node, ready, serving, terminating)
+pub type Ep<'a> = (&'a str, &'a str, bool, bool, bool);
+
+pub fn slice(ns: &str, service: &str, ports: &[(&str, Protocol, u16)], eps: &[Ep]) -> Slice {
+    Slice {
+        namespace: ns.into(),
+        name: format!("{service}-abc"),
+        service: service.into(),
+        ports: ports
+            .iter()
+            .map(|(n, p, port)| SlicePort {
+                name: (*n).into(),
+                protocol: *p,
+                port: *port,
+            })
+            .collect(),
+        endpoints: eps
+            .iter()
+            .map(|(a, n, r, s, t)| Endpoint {
+                address: a.parse().expect("ip"),
+                ready: *r,
+                serving: *s,
+                terminating: *t,
+                node: Some((*n).into()),
+            })
+            .collect(),
+    }
+}
+
+pub fn ready<'a>(addr: &'a str, node: &'a str) -> Ep<'a> {
+    (addr, node, true, true, false)
+}
+
+/// A check that cannot run: a note, or a failure when `CI` is set.
+pub fn cannot_run(why: &str) -> bool {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "cannot run under CI: {why}"
+    );
+    eprintln!("SKIP: {why}");
+    true
+}
+
+/// Applies `scripts` in order with `nft -f` in a network namespace of its
+/// own (gone when the command ends) and returns `nft -j list table` of the
+/// proxy's table, normalized (no handles, elements sorted). `Err` names
+/// the script the kernel refused. `None` when it cannot run here.
+pub fn apply_in_netns(scripts: &[String]) -> Option<Result<String, String>> {
+    if !nix_is_root() {
+        cannot_run("applying nft scripts needs root (a private network namespace)");
+        return None;
+    }
+    let dir = tempdir();
+    let mut cmd = String::from("set -e\n");
+    for (i, s) in scripts.iter().enumerate() {
+        let f = format!("{dir}/{i}.nft");
+        std::fs::write(&f, s).expect("write script");
+        cmd.push_str(&format!(
+            "nft -f {f} || {{ echo \"script {i} refused\" >&2; exit 3; }}\n"
+        ));
+    }
+    cmd.push_str(&format!(
+        "nft -j list table inet {}\n",
+        trellis_proxy::TABLE
+    ));
+    let out = Command::new("timeout")
+        .args(["60", "unshare", "--net", "sh", "-c", &cmd])
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        return Some(Err(String::from_utf8_lossy(&out.stderr).to_string()));
+    }
+    Some(Ok(normalize(&String::from_utf8_lossy(&out.stdout))))
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn tempdir() -> String {
+    let d = std::env::temp_dir().join(format!(
+        "trellis-proxy-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&d).expect("tempdir");
+    d.display().to_string()
+}
+
+/// `nft -j` output without handles, set elements sorted, objects sorted
+/// (rules keep their order within their chain).
+pub fn normalize(json: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).expect("nft json");
+    let mut objs: Vec<String> = Vec::new();
+    let mut position: std::collections::HashMap<String, usize> = Default::default();
+    for o in v["nftables"].as_array().into_iter().flatten() {
+        let mut o = o.clone();
+        if o.get("metainfo").is_some() {
+            continue;
+        }
+        for (_, inner) in o.as_object_mut().expect("object").iter_mut() {
+            if let Some(m) = inner.as_object_mut() {
+                m.remove("handle");
+                if let Some(serde_json::Value::Array(elems)) = m.get_mut("elem") {
+                    elems.sort_by_key(|e| e.to_string());
+                }
+            }
+        }
+        if let Some(r) = o.get_mut("rule") {
+            let chain = r["chain"].as_str().unwrap_or_default().to_string();
+            let n = position.entry(chain).or_default();
+            r["position"] = serde_json::json!(*n);
+            *n += 1;
+        }
+        objs.push(o.to_string());
+    }
+    objs.sort();
+    objs.join("\n")
+}
+
+/// Feeds `script` to `nft -c` (check only, in a private namespace).
+pub fn nft_check(script: &str) -> Option<Result<(), String>> {
+    if !nix_is_root() {
+        cannot_run("nft -c needs root");
+        return None;
+    }
+    let mut child = Command::new("timeout")
+        .args(["60", "unshare", "--net", "nft", "-c", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("nft");
+    Some(if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    })
+}
