@@ -72,7 +72,68 @@ pub struct KubernetesSection {
     /// `NAMESPACE/NAME` of the ConfigMap holding `net-conf.json`.
     #[serde(default = "default_config_map")]
     pub config_map: String,
+    /// The Service proxy (replacing kube-proxy).
+    #[serde(default)]
+    pub proxy: ProxySection,
 }
+
+/// The Service proxy's settings (`kubernetes.proxy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxySection {
+    /// Serve Services (off: routing only, e.g. beside kube-proxy).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `FIRST-LAST`: node ports this node serves (kube-apiserver's
+    /// `--service-node-port-range`).
+    #[serde(default = "default_node_port_range")]
+    pub node_port_range: String,
+    /// Shortest time between two syncs: a burst of changes is applied
+    /// together; a lone change right away.
+    #[serde(default = "default_min_sync")]
+    pub min_sync_interval_ms: u64,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            node_port_range: default_node_port_range(),
+            min_sync_interval_ms: default_min_sync(),
+        }
+    }
+}
+
+impl ProxySection {
+    /// The node port range, checked.
+    pub fn node_ports(&self) -> Result<(u16, u16), String> {
+        let bad = || {
+            format!(
+                "field \"kubernetes.proxy.nodePortRange\": {:?} is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
+                self.node_port_range
+            )
+        };
+        let (a, b) = self.node_port_range.split_once('-').ok_or_else(bad)?;
+        let a: u16 = a.trim().parse().map_err(|_| bad())?;
+        let b: u16 = b.trim().parse().map_err(|_| bad())?;
+        if a == 0 || a > b {
+            return Err(bad());
+        }
+        Ok((a, b))
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_node_port_range() -> String {
+    "30000-32767".into()
+}
+fn default_min_sync() -> u64 {
+    100
+}
+/// Allowed minimum sync intervals.
+pub const MIN_SYNC_RANGE: std::ops::RangeInclusive<u64> = 0..=60_000;
 
 fn default_bridge() -> String {
     "cni0".into()
@@ -241,6 +302,12 @@ impl AgentConfig {
                     ))
                 }
             }
+            k.proxy.node_ports()?;
+            in_range(
+                "kubernetes.proxy.minSyncIntervalMs",
+                k.proxy.min_sync_interval_ms,
+                MIN_SYNC_RANGE,
+            )?;
             if let Some(s) = &k.server {
                 if !s.starts_with("https://") && !s.starts_with("http://") {
                     return Err(format!(
@@ -393,5 +460,46 @@ mod tests {
         ] {
             AgentConfig::parse(&doc).expect_err(&doc);
         }
+    }
+
+    #[test]
+    fn proxy_settings_are_checked() {
+        let k = |proxy: &str| {
+            format!(
+                r#"{{"nodeName":"n1","kubernetes":{{"server":"https://192.0.2.2:6443","proxy":{proxy}}}}}"#
+            )
+        };
+        for (bad, needle) in [
+            (
+                r#"{"nodePortRange":"32767-30000"}"#,
+                "kubernetes.proxy.nodePortRange",
+            ),
+            (
+                r#"{"nodePortRange":"0-10"}"#,
+                "kubernetes.proxy.nodePortRange",
+            ),
+            (
+                r#"{"nodePortRange":"30000"}"#,
+                "kubernetes.proxy.nodePortRange",
+            ),
+            (
+                r#"{"nodePortRange":"1-65536"}"#,
+                "kubernetes.proxy.nodePortRange",
+            ),
+            (
+                r#"{"minSyncIntervalMs":60001}"#,
+                "kubernetes.proxy.minSyncIntervalMs",
+            ),
+            (r#"{"enabled":"yes"}"#, "invalid type"),
+            (r#"{"colour":1}"#, "unknown field"),
+        ] {
+            let doc = k(bad);
+            let e = AgentConfig::parse(&doc).expect_err(&doc);
+            assert!(e.contains(needle), "{doc}: {e}");
+        }
+        let cfg = AgentConfig::parse(&k(r#"{"nodePortRange":"20000-20100"}"#)).expect("ok");
+        let p = &cfg.kubernetes.expect("k8s").proxy;
+        assert!(p.enabled);
+        assert_eq!(p.node_ports(), Ok((20000, 20100)));
     }
 }

@@ -64,6 +64,9 @@ pub struct LoopSettings {
     pub health: Arc<Health>,
     /// Watch restarts and datastore errors.
     pub metrics: Arc<Metrics>,
+    /// Whether the first listing makes the node ready (the routing loop;
+    /// not the proxy, whose readiness is its own).
+    pub marks_synced: bool,
 }
 
 /// Tracks a datastore outage: logged when it starts, when its reason
@@ -146,7 +149,9 @@ pub async fn drive<D, C>(
         outage.ok(&s);
         ctl.on_listing(listing.items).await;
         if first {
-            s.health.set_synced();
+            if s.marks_synced {
+                s.health.set_synced();
+            }
             first = false;
         }
         let mut rx = match store.watch(&s.prefix, listing.revision).await {
@@ -229,6 +234,7 @@ mod tests {
             housekeeping_every: None,
             health: Arc::new(h),
             metrics: Arc::new(Metrics::new()),
+            marks_synced: true,
         };
         let mut o = Outage::new();
         let waits: Vec<Duration> = (0..7).map(|_| o.failed(&s, "list", "down")).collect();

@@ -76,7 +76,7 @@ pub async fn run<S: Source>(
 ) {
     let mut ctl = FlannelController {
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), joined.cfg.network),
-        ruleset: masq::ruleset(&joined.cfg),
+        ruleset: masq::ruleset(&joined.cfg, masq::proxy_enabled(&agent)),
         nodes: NodeTable::new(&prefix),
         joined,
         shared: shared.clone(),
@@ -88,6 +88,7 @@ pub async fn run<S: Source>(
         housekeeping_every: None,
         health: shared.health,
         metrics: shared.metrics,
+        marks_synced: true,
     };
     drive(&source, settings, &mut ctl, None).await;
 }

@@ -202,15 +202,20 @@ fn show_node(prefix: String) -> impl Fn(&Node) -> Shown + Send + 'static {
     }
 }
 
-/// Starts the watches the backend needs (and the table of this node's
-/// Pods) and returns the source the controllers read.
-pub fn source(kj: &KubeJoined, health: Arc<Health>) -> (KubeSource, crate::pods::LocalPods) {
+/// Starts the watches the backend needs (the table of this node's Pods,
+/// and Services and EndpointSlices when `proxy`) and returns the source
+/// the controllers read.
+pub fn source(
+    kj: &KubeJoined,
+    health: Arc<Health>,
+    proxy: bool,
+) -> (KubeSource, crate::pods::LocalPods) {
     let src = KubeSource::new(&kj.server);
     let report: Reporter = Arc::new(move |e| health.set_datastore_error(e));
     let nodes: Api<Node> = Api::all(kj.client.clone());
     src.watch_kind(
         "nodes",
-        Role::Listed,
+        Role::Listed(PREFIX),
         nodes,
         watcher::Config::default(),
         show_node(PREFIX.to_string()),
@@ -222,7 +227,7 @@ pub fn source(kj: &KubeJoined, health: Arc<Health>) -> (KubeSource, crate::pods:
                 Api::all_with(kj.client.clone(), &custom_resource(kind, plural));
             src.watch_kind(
                 &format!("{plural}.{}", trellis_kube::GROUP),
-                Role::Listed,
+                Role::Listed(&format!("{PREFIX}bgp/{dir}/")),
                 api,
                 watcher::Config::default(),
                 show_spec(format!("{PREFIX}bgp/{dir}/")),
@@ -236,6 +241,9 @@ pub fn source(kj: &KubeJoined, health: Arc<Health>) -> (KubeSource, crate::pods:
         &kj.joined.local.name,
         report.clone(),
     );
+    if proxy {
+        crate::proxy::watch(&src, kj.client.clone(), report.clone());
+    }
     tokio::spawn(src.probe(kj.client.clone(), report));
     (src, pods)
 }

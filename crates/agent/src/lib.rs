@@ -1,6 +1,6 @@
 //! trellisd, the node agent: the CNI server with its IPAM and attach logic.
-//! Later issues add the datastore, routing backends, BGP, services and
-//! policy; each stays a pure controller plus a reconciler over the
+//! The datastores, routing backends, BGP and the Service proxy (policy
+//! next) each stay a pure controller plus a reconciler over the
 //! `trellis-dataplane` crate.
 
 pub mod attach;
@@ -16,6 +16,8 @@ pub mod lease;
 pub mod masq;
 pub mod metrics;
 pub mod pods;
+pub mod proxy;
+pub mod proxy_health;
 pub mod reaper;
 pub mod routes;
 pub mod server;

@@ -130,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         public_ip: cfg.public_ip.map(|i| i.to_string()),
     };
     let mut local_pods = None;
+    let mut proxy_status = None;
     let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
         (Some(etcd), _) => {
             let prefix = etcd.prefix.clone();
@@ -153,8 +154,29 @@ fn main() -> anyhow::Result<()> {
                 &metrics,
             ))?;
             let _rt = runtime.enter();
-            let (source, pods) = trellis_agent::kube::source(&kj, health.clone());
+            let proxy_on = k.proxy.enabled;
+            let (source, pods) = trellis_agent::kube::source(&kj, health.clone(), proxy_on);
             local_pods = Some(pods);
+            if proxy_on {
+                let status = trellis_agent::proxy::SharedStatus::default();
+                proxy_status = Some(status.clone());
+                let node = trellis_proxy::NodeFacts {
+                    name: cfg.node_name.clone(),
+                    addresses: vec![std::net::IpAddr::V4(kj.joined.local.public_ip)],
+                    cluster_cidr: ipnet::IpNet::V4(kj.joined.cfg.network),
+                    node_port_range: k.proxy.node_ports().map_err(anyhow::Error::msg)?,
+                };
+                runtime.spawn(trellis_agent::proxy::run(
+                    source.clone(),
+                    node,
+                    std::time::Duration::from_millis(k.proxy.min_sync_interval_ms),
+                    std::time::Duration::from_secs(cfg.resync_seconds),
+                    dp.clone(),
+                    health.clone(),
+                    metrics.clone(),
+                    status,
+                ));
+            }
             runtime.spawn(trellis_agent::kube::keep_published(
                 kj.client.clone(),
                 kj.joined.clone(),
@@ -192,6 +214,7 @@ fn main() -> anyhow::Result<()> {
             service: service.clone(),
             health: health.clone(),
             pods: local_pods,
+            proxy: proxy_status,
         },
     )?;
     let listener = server::bind(&socket)?;

@@ -7,15 +7,23 @@
 //!   addresses);
 //! - no connection tracking where nothing needs it: pod-to-pod packets and
 //!   the VXLAN carrier between nodes skip conntrack (the `raw` hooks), which
-//!   is most of what a tracked forwarding path costs. (NetworkPolicy, when it
-//!   comes, must keep tracking the pods it selects.)
+//!   is most of what a tracked forwarding path costs — unless the node
+//!   proxies Services: a reply from an endpoint pod to a client pod must
+//!   meet its conntrack entry to be un-DNATed, so pod-to-pod is tracked
+//!   then (NetworkPolicy, when it comes, needs the same).
 
 use trellis_model::netconf::{BackendType, ClusterConfig};
 
-/// The `inet trellis` table for `cfg`. Applied as one `nft -f` transaction
-/// that creates, empties and refills the table, so it is idempotent and
-/// atomic.
-pub fn ruleset(cfg: &ClusterConfig) -> String {
+/// Whether this agent proxies Services (Kubernetes mode, proxy enabled).
+pub fn proxy_enabled(agent: &crate::config::AgentConfig) -> bool {
+    agent.kubernetes.as_ref().is_some_and(|k| k.proxy.enabled)
+}
+
+/// The `inet trellis` table for `cfg`; `proxy`: Services are proxied on
+/// this node (pod-to-pod stays tracked). Applied as one `nft -f`
+/// transaction that creates, empties and refills the table, so it is
+/// idempotent and atomic.
+pub fn ruleset(cfg: &ClusterConfig, proxy: bool) -> String {
     let cluster = cfg.network;
     let vxlan_port = (cfg.backend.kind == BackendType::Vxlan).then_some(cfg.backend.port);
     let masquerade = if cfg.nat_outgoing {
@@ -27,9 +35,9 @@ pub fn ruleset(cfg: &ClusterConfig) -> String {
         match vxlan_port {
         Some(p) => format!(
             "\tchain raw_{hook} {{\n\t\ttype filter hook {hook} priority raw; policy accept;\n\t\tudp dport {p} notrack\n{}\t}}\n",
-            if hook == "prerouting" { format!("\t\tip saddr {cluster} ip daddr {cluster} notrack\n") } else { String::new() }
+            if hook == "prerouting" && !proxy { format!("\t\tip saddr {cluster} ip daddr {cluster} notrack\n") } else { String::new() }
         ),
-        None if hook == "prerouting" => format!(
+        None if hook == "prerouting" && !proxy => format!(
             "\tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tip saddr {cluster} ip daddr {cluster} notrack\n\t}}\n"
         ),
         None => String::new(),
@@ -61,16 +69,28 @@ mod tests {
 
     #[test]
     fn golden() {
-        let r = ruleset(&cfg(""));
+        let r = ruleset(&cfg(""), false);
         assert!(r.contains("udp dport 8472 notrack"));
         assert!(r.contains("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 notrack"));
         for backend in ["host-gw", "bgp"] {
-            let other = ruleset(&cfg(&format!(r#","Backend":{{"Type":"{backend}"}}"#)));
+            let other = ruleset(
+                &cfg(&format!(r#","Backend":{{"Type":"{backend}"}}"#)),
+                false,
+            );
             assert!(!other.contains("udp dport"), "{backend}");
             // every backend masquerades by the same rule
             assert!(other.contains("masquerade fully-random"), "{backend}");
         }
-        let off = ruleset(&cfg(r#","NatOutgoing":false"#));
+        let off = ruleset(&cfg(r#","NatOutgoing":false"#), false);
+        // proxying Services: pod-to-pod replies must meet their DNAT entry
+        let proxied = ruleset(&cfg(""), true);
+        assert!(
+            !proxied.contains("ip daddr 10.244.0.0/16 notrack"),
+            "{proxied}"
+        );
+        assert!(proxied.contains("udp dport 8472 notrack"), "{proxied}");
+        let proxied_hostgw = ruleset(&cfg(r#","Backend":{"Type":"host-gw"}"#), true);
+        assert!(!proxied_hostgw.contains("notrack"), "{proxied_hostgw}");
         assert!(!off.contains("masquerade"), "{off}");
         assert!(off.contains("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return"));
         assert!(r.contains("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return"));
@@ -103,7 +123,7 @@ mod tests {
         };
         use std::io::Write;
         // the check needs only the table definition (no delete of a table that may not exist)
-        let r = ruleset(&cfg("")).replace("delete table inet trellis\n", "");
+        let r = ruleset(&cfg(""), false).replace("delete table inet trellis\n", "");
         child
             .stdin
             .take()

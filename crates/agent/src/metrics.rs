@@ -89,6 +89,16 @@ pub struct Metrics {
     datastore_errors: Counter,
     lease_renewals: Family<ResultLabels, Counter>,
     api_requests: Family<VerbLabels, Counter>,
+    proxy_syncs: Family<SyncLabels, Histogram>,
+    proxy_services: Gauge,
+    proxy_conntrack_deleted: Counter,
+}
+
+/// Labels of a proxy sync.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    /// `full` or `incremental`.
+    pub kind: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -192,6 +202,26 @@ impl Metrics {
             "Requests this agent sent to the Kubernetes API server, by verb",
             api_requests.clone(),
         );
+        let proxy_syncs = Family::<SyncLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "proxy_sync_duration_seconds",
+            "Service proxy syncs (one nft transaction each), by kind",
+            proxy_syncs.clone(),
+        );
+        let proxy_services = Gauge::default();
+        registry.register(
+            "proxy_services",
+            "Services the proxy knows",
+            proxy_services.clone(),
+        );
+        let proxy_conntrack_deleted = Counter::default();
+        registry.register(
+            "proxy_conntrack_deleted",
+            "UDP conntrack entries deleted because their endpoint went",
+            proxy_conntrack_deleted.clone(),
+        );
         Self {
             registry,
             api_requests,
@@ -208,6 +238,9 @@ impl Metrics {
             watch_restarts,
             datastore_errors,
             lease_renewals,
+            proxy_syncs,
+            proxy_services,
+            proxy_conntrack_deleted,
         }
     }
 
@@ -232,6 +265,22 @@ impl Metrics {
         self.cni_duration
             .get_or_create(&l)
             .observe(took.as_secs_f64());
+    }
+
+    /// One proxy sync of `kind` that took `took`, `services` known.
+    pub fn proxy_sync(
+        &self,
+        kind: &str,
+        took: Duration,
+        services: usize,
+        conntrack_deleted: usize,
+    ) {
+        self.proxy_syncs
+            .get_or_create(&SyncLabels { kind: kind.into() })
+            .observe(took.as_secs_f64());
+        self.proxy_services.set(services as i64);
+        self.proxy_conntrack_deleted
+            .inc_by(conntrack_deleted as u64);
     }
 
     /// One reconciler run that had `errors` failures.

@@ -77,7 +77,7 @@ impl LocalPods {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         src.watch_kind(
             KIND,
-            Role::Table,
+            Role::Table(PREFIX),
             Api::<Pod>::all(client),
             config,
             show_pod,

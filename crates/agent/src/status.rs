@@ -46,6 +46,8 @@ pub struct StatusSource {
     pub health: Arc<Health>,
     /// Kubernetes mode: this node's Pods from the API server.
     pub pods: Option<crate::pods::LocalPods>,
+    /// The Service proxy, when it runs.
+    pub proxy: Option<crate::proxy::SharedStatus>,
 }
 
 impl StatusSource {
@@ -155,6 +157,10 @@ impl StatusSource {
             problems: view.problems,
             errors,
             bgp: view.bgp,
+            proxy: self
+                .proxy
+                .as_ref()
+                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         }
     }
 }

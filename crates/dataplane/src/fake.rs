@@ -380,6 +380,15 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn nft_table_exists(&self, _table: &str) -> Result<bool> {
+        Ok(self.enter("nft_table_exists")?.nft.is_some())
+    }
+
+    fn conntrack_delete_udp(&self, endpoints: &[std::net::SocketAddr]) -> Result<usize> {
+        drop(self.enter("conntrack_delete_udp")?);
+        Ok(endpoints.len())
+    }
+
     fn underlay(&self, _ip: IpAddr) -> Result<Option<Underlay>> {
         Ok(self.enter("underlay")?.underlay.clone())
     }

@@ -5,6 +5,7 @@
 //! the kernel; [`FakeDataplane`] records calls and injects errors for tests
 //! of the logic above it.
 
+pub mod conntrack;
 mod fake;
 mod linux;
 pub mod netlink;
@@ -235,6 +236,14 @@ pub trait Dataplane: Send + Sync {
 
     /// `nft -f -` with `ruleset`: one atomic transaction.
     fn nft_apply(&self, ruleset: &str) -> Result<()>;
+
+    /// `nft -j list tables` names `inet TABLE`: a cheap check that nobody
+    /// deleted a table of ours.
+    fn nft_table_exists(&self, table: &str) -> Result<bool>;
+
+    /// `conntrack -D -p udp --reply-src IP --reply-port-src PORT` for each
+    /// of `endpoints`: UDP flows NATed to them go. Returns how many.
+    fn conntrack_delete_udp(&self, endpoints: &[std::net::SocketAddr]) -> Result<usize>;
 
     /// Whether the kernel can make links of `kind` (`ipip`, `vxlan`, ...):
     /// creates a throw-away link `trellis-probe` in this namespace and

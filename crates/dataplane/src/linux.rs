@@ -498,6 +498,15 @@ impl Dataplane for LinuxDataplane {
         crate::nft::apply(ruleset)
     }
 
+    fn nft_table_exists(&self, table: &str) -> Result<bool> {
+        crate::nft::table_exists(table)
+    }
+
+    fn conntrack_delete_udp(&self, endpoints: &[std::net::SocketAddr]) -> Result<usize> {
+        crate::conntrack::delete_udp_to(endpoints)
+            .map_err(|e| DataplaneError::new("conntrack -D -p udp --reply-src", e))
+    }
+
     fn link_kind_supported(&self, kind: crate::LinkKind) -> Result<bool> {
         const PROBE: &str = "trellis-probe";
         let (name, info) = match kind {

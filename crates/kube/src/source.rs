@@ -51,6 +51,9 @@ struct Kind {
     /// a table other parts read (this node's Pods): listings do not wait
     /// for it, its failures are reported all the same
     table: bool,
+    /// the key prefix its objects show under: a listing waits only for
+    /// the kinds it can contain
+    prefix: String,
 }
 
 struct Subscriber {
@@ -153,14 +156,15 @@ fn kv(key: &str, value: &[u8], revision: i64) -> KeyValue {
     }
 }
 
-/// What a watched kind is to the controllers.
+/// What a watched kind is to the controllers, and the key prefix its
+/// objects show under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Part of the key space the controllers list and watch.
-    Listed,
-    /// A table other parts read; the controllers' listings do not wait
-    /// for it.
-    Table,
+pub enum Role<'a> {
+    /// Part of the key space the controllers list and watch: listings of
+    /// keys under it wait for its first listing.
+    Listed(&'a str),
+    /// A table other parts read; no listing waits for it.
+    Table(&'a str),
 }
 
 /// The adapter. Cheap to clone.
@@ -186,15 +190,16 @@ impl KubeSource {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches `api` with `config`; each object is shown as `show` says.
-    /// A [`Role::Listed`] kind holds up listings until it has listed once;
+    /// Watches `api` with `config`; each object is shown as `show` says,
+    /// under the role's key prefix. A [`Role::Listed`] kind holds up the
+    /// listings that can contain its keys until it has listed once;
     /// a [`Role::Table`] is read with [`Self::value`] and
     /// [`Self::current`] (under a prefix no controller lists) and does not.
     /// Runs until the process ends.
     pub fn watch_kind<K, F>(
         &self,
         what: &str,
-        role: Role,
+        role: Role<'_>,
         api: Api<K>,
         config: watcher::Config,
         show: F,
@@ -203,13 +208,17 @@ impl KubeSource {
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> Shown + Send + 'static,
     {
-        let table = role == Role::Table;
+        let (table, prefix) = match role {
+            Role::Listed(p) => (false, p),
+            Role::Table(p) => (true, p),
+        };
         let what_owned = what.to_string();
         let k = {
             let mut st = self.lock();
             st.kinds.push(Kind {
                 name: what.to_string(),
                 table,
+                prefix: prefix.to_string(),
                 ..Default::default()
             });
             st.kinds.len() - 1
@@ -252,7 +261,14 @@ impl KubeSource {
     }
 
     fn on_event<K: kube::Resource, F: Fn(&K) -> Shown>(&self, k: usize, ev: WEvent<K>, show: &F) {
-        let name_of = |o: &K| o.meta().name.clone().unwrap_or_default();
+        // namespace/name: two namespaces may hold one name
+        let name_of = |o: &K| {
+            let m = o.meta();
+            match &m.namespace {
+                Some(ns) => format!("{ns}/{}", m.name.as_deref().unwrap_or_default()),
+                None => m.name.clone().unwrap_or_default(),
+            }
+        };
         let mut st = self.lock();
         let mut out = Vec::new();
         match ev {
@@ -372,9 +388,10 @@ impl KubeSource {
             .any(|k| k.name == what && k.synced && k.error.is_none())
     }
 
-    fn all_synced(&self) -> Result<(), String> {
+    fn all_synced(&self, prefix: &str) -> Result<(), String> {
         let st = self.lock();
-        match st.kinds.iter().find(|k| !k.synced && !k.table) {
+        let holds = |k: &Kind| k.prefix.starts_with(prefix) || prefix.starts_with(&k.prefix);
+        match st.kinds.iter().find(|k| !k.synced && !k.table && holds(k)) {
             None => Ok(()),
             Some(k) => Err(format!(
                 "the watch of {} has not listed yet{}",
@@ -444,7 +461,7 @@ impl Source for KubeSource {
         let deadline = tokio::time::Instant::now() + LIST_WAIT;
         loop {
             let notified = self.synced.notified();
-            match self.all_synced() {
+            match self.all_synced(prefix) {
                 Ok(()) => return Ok(self.lock().listing(prefix)),
                 Err(why) if tokio::time::Instant::now() >= deadline => {
                     return Err(StoreError::Unreachable {

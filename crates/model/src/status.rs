@@ -57,6 +57,53 @@ pub struct NodeStatus {
     /// The BGP speaker, with the bgp backend.
     #[serde(default)]
     pub bgp: Option<BgpStatus>,
+    /// The Service proxy, when it runs on this node.
+    #[serde(default)]
+    pub proxy: Option<ProxyStatus>,
+}
+
+/// The Service proxy as it programmed the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyStatus {
+    /// Whether Services and EndpointSlices have listed and been applied.
+    pub synced: bool,
+    /// Services as programmed.
+    pub services: Vec<ProxyService>,
+    /// Addresses and ports two Services claim (the first keeps them).
+    pub conflicts: Vec<String>,
+    /// How long the last sync took, in microseconds.
+    pub last_sync_us: u64,
+    /// Syncs so far.
+    pub syncs: u64,
+    /// The last sync's failure, while it lasts.
+    pub error: Option<String>,
+}
+
+/// One Service as the proxy programmed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyService {
+    /// `namespace/name`.
+    pub service: String,
+    /// Its ports.
+    pub ports: Vec<ProxyPort>,
+    /// What of it is not served, and why.
+    pub problems: Vec<String>,
+}
+
+/// One Service port as programmed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyPort {
+    /// `namespace/name/protocol/port`.
+    pub id: String,
+    /// Endpoints new connections go to.
+    pub endpoints: Vec<String>,
+    /// This node's endpoints (traffic policy Local).
+    pub local: Vec<String>,
+    /// `serve`, `reject` (no endpoints) or `drop` (policy Local, none here).
+    pub verdict: String,
 }
 
 /// An attached pod.

@@ -135,6 +135,9 @@ pub struct Fragment {
     pub affinity_chains: Vec<String>,
     /// Local endpoints over all ports (the health check's count).
     pub local_endpoints: usize,
+    /// The health-check node port to answer (`externalTrafficPolicy:
+    /// Local` with addresses reached from outside).
+    pub health_check: Option<u16>,
 }
 
 /// Affinity ids (the high 16 bits of the packet mark) of chains: stable
@@ -211,6 +214,9 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
         return f;
     }
     let cidr = node.cluster_cidr;
+    if svc.external_local && svc.has_external() {
+        f.health_check = svc.health_check_node_port;
+    }
     let external = |p: &crate::model::ServicePort| {
         p.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty()
     };

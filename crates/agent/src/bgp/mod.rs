@@ -362,7 +362,7 @@ pub async fn run<S: Source>(
         learned: BTreeMap::new(),
         events: ev_tx,
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), cluster),
-        ruleset: masq::ruleset(&joined.cfg),
+        ruleset: masq::ruleset(&joined.cfg, masq::proxy_enabled(&agent)),
         shared: shared.clone(),
         restarting,
         synced: !restarting,
@@ -377,6 +377,7 @@ pub async fn run<S: Source>(
         housekeeping_every: Some(Duration::from_millis(250)),
         health: shared.health,
         metrics: shared.metrics,
+        marks_synced: true,
     };
     drive(&source, settings, &mut ctl, Some(ev_rx)).await;
 }

@@ -28,6 +28,7 @@ fn one_kind(synced: bool) -> KubeSource {
     src.lock().kinds.push(Kind {
         name: "configmaps".into(),
         synced,
+        prefix: "/p/".into(),
         ..Default::default()
     });
     src
@@ -44,7 +45,11 @@ async fn relists_turn_into_deletes_and_key_moves_into_delete_put() {
     ev(WEvent::Init);
     ev(WEvent::InitApply(cm("a", "1")));
     ev(WEvent::InitApply(cm("b", "2")));
-    assert!(src.all_synced().is_err(), "not synced before InitDone");
+    assert!(src.all_synced("/p/").is_err(), "not synced before InitDone");
+    assert!(
+        src.all_synced("/q/").is_ok(),
+        "a listing of keys the kind cannot show does not wait for it"
+    );
     ev(WEvent::InitDone);
     let l = Source::list(&src, "/p/").await.expect("list");
     assert_eq!(keys(&l), ["/p/1", "/p/2"]);
@@ -170,4 +175,20 @@ fn a_410_only_asks_for_a_relist_and_api_answers_are_told_apart() {
     assert!(expired(&status(410)));
     assert!(!expired(&status(500)));
     assert!(answered(&status(403)));
+}
+
+#[tokio::test]
+async fn one_name_in_two_namespaces_is_two_objects() {
+    let src = one_kind(false);
+    let ev = |e: WEvent<ConfigMap>| src.on_event(0, e, &show);
+    let mut a = cm("same", "1");
+    a.metadata.namespace = Some("x".into());
+    let mut b = cm("same", "2");
+    b.metadata.namespace = Some("y".into());
+    ev(WEvent::Init);
+    ev(WEvent::InitApply(a));
+    ev(WEvent::InitApply(b));
+    ev(WEvent::InitDone);
+    let l = Source::list(&src, "/p/").await.expect("list");
+    assert_eq!(keys(&l), ["/p/1", "/p/2"]);
 }

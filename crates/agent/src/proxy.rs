@@ -1,0 +1,284 @@
+//! The Service proxy (Kubernetes mode): Services and EndpointSlices come
+//! from the API server as tables of the [`KubeSource`] (with kube-proxy's
+//! label selector), under `/trellis/services/`, in the driver's one loop;
+//! `trellis_proxy` renders them; this controller applies one nft
+//! transaction per sync — the whole `inet trellis-proxy` table after the
+//! first listing, afterwards only what changed — at most one sync per
+//! `minSyncIntervalMs` (a lone change goes at once, a burst together).
+//! Nothing is programmed before both watches have listed. UDP flows to
+//! endpoints that went are deleted from conntrack; the health-check node
+//! ports of `externalTrafficPolicy: Local` Services answer over HTTP.
+
+use crate::driver::{drive, Controller, LoopSettings};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use k8s_openapi::api::core::v1::Service as KService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::watcher;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use trellis_dataplane::Dataplane;
+use trellis_kube::source::{Role, Shown};
+use trellis_kube::{KubeSource, Reporter};
+use trellis_model::status::{ProxyService, ProxyStatus};
+use trellis_proxy::{NodeFacts, Proxy, Service, Slice};
+use trellis_store::{Event, KeyValue};
+
+/// Where the proxy's inputs live in the key space.
+pub const PREFIX: &str = "/trellis/services/";
+const SERVICES: &str = "/trellis/services/svc/";
+const SLICES: &str = "/trellis/services/eps/";
+
+/// Starts the watches of Services and EndpointSlices as kube-proxy has
+/// them (`!service.kubernetes.io/service-proxy-name`,
+/// `!service.kubernetes.io/headless`).
+pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
+    let selector = watcher::Config::default().labels(trellis_proxy::k8s::LABEL_SELECTOR);
+    src.watch_kind(
+        "services",
+        Role::Listed(SERVICES),
+        Api::<KService>::all(client.clone()),
+        selector.clone(),
+        |s: &KService| -> Shown {
+            let v = trellis_proxy::k8s::service(s);
+            Some((
+                format!("{SERVICES}{}", v.key()),
+                serde_json::to_vec(&v).ok()?,
+            ))
+        },
+        report.clone(),
+    );
+    src.watch_kind(
+        "endpointslices",
+        Role::Listed(SLICES),
+        Api::<EndpointSlice>::all(client),
+        selector,
+        |s: &EndpointSlice| -> Shown {
+            let v = trellis_proxy::k8s::slice(s)?;
+            Some((
+                format!("{SLICES}{}/{}", v.namespace, v.name),
+                serde_json::to_vec(&v).ok()?,
+            ))
+        },
+        report,
+    );
+}
+
+/// What the status document shows of the proxy. Cheap to clone.
+pub type SharedStatus = Arc<Mutex<ProxyStatus>>;
+
+struct ProxyController {
+    proxy: Proxy,
+    dp: Arc<dyn Dataplane>,
+    metrics: Arc<Metrics>,
+    status: SharedStatus,
+    health_ports: crate::proxy_health::HealthPorts,
+    min_interval: Duration,
+    last_sync: Option<Instant>,
+    listed: bool,
+    reported: std::collections::BTreeMap<String, String>,
+}
+
+impl ProxyController {
+    fn input(&mut self, key: &str, value: Option<&[u8]>) {
+        if let Some(k) = key.strip_prefix(SERVICES) {
+            let svc = value.and_then(|v| serde_json::from_slice::<Service>(v).ok());
+            self.proxy.set_service(k, svc);
+        } else if let Some(k) = key.strip_prefix(SLICES) {
+            let slice = value.and_then(|v| serde_json::from_slice::<Slice>(v).ok());
+            self.proxy.set_slice(k, slice);
+        }
+    }
+
+    /// Applies what changed, unless the last sync was less than the
+    /// minimum interval ago (housekeeping comes back for it).
+    fn maybe_sync(&mut self) {
+        let due = self
+            .last_sync
+            .is_none_or(|t| t.elapsed() >= self.min_interval);
+        if self.listed && self.proxy.pending() && due {
+            self.sync();
+        }
+    }
+
+    fn sync(&mut self) {
+        let t0 = Instant::now();
+        let plan = self.proxy.plan();
+        let kind = if plan.full { "full" } else { "incremental" };
+        let services = plan.services;
+        self.last_sync = Some(t0);
+        let result = if plan.script.is_empty() {
+            Ok(())
+        } else {
+            tokio::task::block_in_place(|| self.dp.nft_apply(&plan.script))
+        };
+        let stale = plan.stale_udp.clone();
+        match result {
+            Ok(()) => {
+                self.proxy.applied(plan);
+                let mut deleted = 0;
+                if !stale.is_empty() {
+                    match tokio::task::block_in_place(|| self.dp.conntrack_delete_udp(&stale)) {
+                        Ok(n) => deleted = n,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "proxy: deleting UDP conntrack entries of removed endpoints failed")
+                        }
+                    }
+                }
+                let took = t0.elapsed();
+                self.metrics
+                    .proxy_sync(kind, took, self.proxy.len(), deleted);
+                self.metrics.reconciled("proxy", 0);
+                tracing::debug!(
+                    kind,
+                    services,
+                    took_ms = took.as_millis() as u64,
+                    "proxy: synced"
+                );
+                self.publish(None, took);
+            }
+            Err(e) => {
+                self.proxy.failed(plan);
+                self.metrics.reconciled("proxy", 1);
+                tracing::warn!(error = %e, "proxy: nft refused the sync; the next one replaces the table");
+                self.publish(Some(e.to_string()), t0.elapsed());
+            }
+        }
+    }
+
+    /// Status, health-check ports and the log of problems.
+    fn publish(&mut self, error: Option<String>, took: Duration) {
+        let mut rows = Vec::new();
+        let mut health = Vec::new();
+        for (key, ports, problems, notes) in self.proxy.summaries() {
+            for p in problems.iter().chain(notes) {
+                if self.reported.get(&key) != Some(p) {
+                    tracing::warn!(service = %key, problem = %p, "proxy: service not fully served");
+                    self.reported.insert(key.clone(), p.clone());
+                }
+            }
+            if let Some(f) = self.proxy.programmed(&key) {
+                if let Some(hc) = f.health_check {
+                    health.push((hc, key.clone(), f.local_endpoints));
+                }
+            }
+            rows.push(ProxyService {
+                service: key,
+                ports: ports
+                    .iter()
+                    .map(|p| trellis_model::status::ProxyPort {
+                        id: p.id.clone(),
+                        endpoints: p.endpoints.iter().map(ToString::to_string).collect(),
+                        local: p.local.iter().map(ToString::to_string).collect(),
+                        verdict: p.verdict.clone(),
+                    })
+                    .collect(),
+                problems: problems.iter().chain(notes).cloned().collect(),
+            });
+        }
+        for c in self.proxy.conflicts() {
+            tracing::warn!(service = %c.service, what = %c.what, owner = %c.owner, "proxy: address and port taken by another Service");
+        }
+        self.health_ports.set(health);
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.synced = true;
+        st.services = rows;
+        st.conflicts = self
+            .proxy
+            .conflicts()
+            .into_iter()
+            .map(|c| format!("{}: {} is {}'s", c.service, c.what, c.owner))
+            .collect();
+        st.last_sync_us = took.as_micros() as u64;
+        st.syncs += 1;
+        st.error = error;
+    }
+}
+
+impl Controller for ProxyController {
+    type Input = ();
+
+    async fn on_listing(&mut self, items: Vec<KeyValue>) {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for kv in &items {
+            if kv.key.starts_with(SERVICES) {
+                services.extend(serde_json::from_slice::<Service>(&kv.value).ok());
+            } else if kv.key.starts_with(SLICES) {
+                slices.extend(serde_json::from_slice::<Slice>(&kv.value).ok());
+            }
+        }
+        self.proxy.replace(services, slices);
+        self.listed = true;
+        // a listing is applied at once (the first one: the whole table)
+        self.sync();
+    }
+
+    async fn on_events(&mut self, events: Vec<Event>) {
+        for e in &events {
+            match e {
+                Event::Put(kv) => self.input(&kv.key, Some(&kv.value)),
+                Event::Delete { key, .. } => self.input(key, None),
+            }
+        }
+        self.maybe_sync();
+    }
+
+    async fn on_inputs(&mut self, _: Vec<()>) {}
+
+    async fn on_resync(&mut self) {
+        // someone deleted the table (nft flush ruleset): put it back whole
+        match tokio::task::block_in_place(|| self.dp.nft_table_exists(trellis_proxy::TABLE)) {
+            Ok(false) if self.listed => {
+                tracing::warn!(
+                    table = trellis_proxy::TABLE,
+                    "proxy: the table is gone; programming it again"
+                );
+                self.proxy.force_full();
+            }
+            Err(e) => tracing::warn!(error = %e, "proxy: cannot check the table"),
+            _ => {}
+        }
+        self.maybe_sync();
+    }
+
+    async fn on_housekeeping(&mut self) {
+        self.maybe_sync();
+    }
+}
+
+/// Runs the proxy until the process ends.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    source: KubeSource,
+    node: NodeFacts,
+    min_interval: Duration,
+    resync: Duration,
+    dp: Arc<dyn Dataplane>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    status: SharedStatus,
+) {
+    let mut ctl = ProxyController {
+        proxy: Proxy::new(node),
+        dp,
+        metrics: metrics.clone(),
+        status,
+        health_ports: crate::proxy_health::HealthPorts::default(),
+        min_interval,
+        last_sync: None,
+        listed: false,
+        reported: Default::default(),
+    };
+    let settings = LoopSettings {
+        name: "proxy",
+        prefix: PREFIX.into(),
+        resync_every: resync,
+        housekeeping_every: Some(min_interval.max(Duration::from_millis(10))),
+        health,
+        metrics,
+        marks_synced: false,
+    };
+    drive(&source, settings, &mut ctl, None).await;
+}
