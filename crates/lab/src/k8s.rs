@@ -184,7 +184,12 @@ impl ControlPlane {
             ),
             format!("--secure-port={API_PORT}"),
             format!("--advertise-address={API_IP}"),
-            "--endpoint-reconciler-type=none".into(),
+            // the `kubernetes` Service's endpoint (192.0.2.2:6443), which
+            // the Service proxy serves; the local-only server stays out
+            format!(
+                "--endpoint-reconciler-type={}",
+                if local_only { "none" } else { "lease" }
+            ),
             format!("--tls-cert-file={d}/apiserver.crt"),
             format!("--tls-private-key-file={d}/apiserver.key"),
             format!("--client-ca-file={d}/ca.crt"),

@@ -6,9 +6,11 @@
 mod kube;
 mod pods;
 mod processes;
+mod services;
 mod traffic;
 
 pub use kube::deploy_dir;
+pub use services::{Backend, Outcome};
 pub use traffic::PingStream;
 
 use crate::exec::{self, ip};
