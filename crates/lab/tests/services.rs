@@ -274,3 +274,148 @@ fn cluster_ip_node_port_external_and_load_balancer_addresses() {
     assert!(body.contains("HTTPS server"), "{body}");
     drop(backends);
 }
+
+const STICKY: &str = "apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+
+const LOCAL: &str = "apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: solo}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]
+";
+
+const UDP: &str = "apiVersion: v1
+kind: Service
+metadata: {name: udp, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: dns, port: 53, targetPort: 8080, protocol: UDP}]
+";
+
+/// The pod address of `pod` on `node`.
+fn pod_ip(lab: &Lab, node: &str, pod: &str) -> String {
+    lab.state()
+        .pods
+        .iter()
+        .find(|p| p.node == node && p.name == pod)
+        .map(|p| p.ip.split('/').next().unwrap_or_default().to_string())
+        .expect("pod")
+}
+
+#[test]
+fn affinity_local_policy_and_endpoints_that_go() {
+    if !kubernetes("affinity_local_policy_and_endpoints_that_go") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 3);
+    let nodes = ["n1", "n2", "n3"];
+    let mut backends = Vec::new();
+    for n in nodes {
+        lab.add_pod(n, "web", "").expect("web pod");
+        backends.push(lab.serve(n, "web", 8080).expect("serve"));
+    }
+    lab.add_pod("n1", "cli", "").expect("client");
+    lab.add_pod("n2", "solo", "").expect("solo");
+    backends.push(lab.serve("n2", "solo", 8080).expect("serve solo"));
+    let cli = lab.pod_ns("n1", "cli");
+    // ClientIP affinity: 20 connections from one client, one endpoint;
+    // after the timeout the client may move
+    let sticky = service(&lab, STICKY, "sticky");
+    wait_endpoints(&lab, "default/sticky", 3);
+    let first = answering(&lab, &cli, sa(&sticky, 80), false, 20);
+    assert_eq!(first.len(), 1, "affinity broken: {first:?}");
+    let mut moved = false;
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(2300));
+        let now = answering(&lab, &cli, sa(&sticky, 80), false, 1);
+        if now != first {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "never moved off {first:?} after the 2 s timeout");
+    // externalTrafficPolicy Local: the backend (on n2 only) sees the
+    // client's own address; n1 and n3 do not serve; the health check
+    // answers 200 with 1 on n2, 503 with 0 elsewhere
+    service(&lab, LOCAL, "local");
+    wait_endpoints(&lab, "default/local", 1);
+    let hc: u16 = lab
+        .kubectl(&["get", "service", "local", "-o", "jsonpath={.spec.healthCheckNodePort}"])
+        .expect("hc port")
+        .trim()
+        .parse()
+        .expect("hc number");
+    let fabric = lab.fabric_ns();
+    let ip = |n: &str| lab.node(n).expect("node").ip.clone();
+    match lab.probe_tcp(&fabric, sa(&ip("n2"), 30090), T) {
+        Outcome::Answered { by, seen } => {
+            assert_eq!(by, "solo-n2");
+            assert_eq!(seen.ip().to_string(), "192.0.2.1", "client address kept");
+        }
+        o => panic!("ETP Local on n2: {o:?}"),
+    }
+    for n in ["n1", "n3"] {
+        assert_eq!(lab.probe_tcp(&fabric, sa(&ip(n), 30090), T), Outcome::TimedOut, "{n}");
+    }
+    wait_for("health check answers", Duration::from_secs(10), || {
+        lab.http_get(&fabric, sa(&ip("n2"), hc), "/healthz").is_ok()
+    });
+    let (code, body) = lab.http_get(&fabric, sa(&ip("n2"), hc), "/healthz").expect("hc n2");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+    assert_eq!(v["service"]["name"], "local", "{body}");
+    let (code, body) = lab.http_get(&fabric, sa(&ip("n1"), hc), "/healthz").expect("hc n1");
+    assert_eq!((code, v_local(&body)), (503, 0), "{body}");
+    // a pod on n1 still reaches the ETP Local Service through its node
+    // port address (pod traffic goes to all endpoints, as kube-proxy)
+    assert_eq!(lab.probe_tcp(&cli, sa(&ip("n1"), 30090), T).by(), Some("solo-n2"));
+    // an endpoint removed: new connections stop going to it at once, and
+    // a UDP flow to it (one source port, kept alive) moves on
+    let udp = service(&lab, UDP, "udp");
+    wait_endpoints(&lab, "default/udp", 3);
+    let port = 40053;
+    let hit = match lab.probe_udp(&cli, sa(&udp, 53), port, T) {
+        Outcome::Answered { by, .. } => by,
+        o => panic!("udp flow: {o:?}"),
+    };
+    let victim = hit.rsplit('-').next().expect("node").to_string();
+    assert_eq!(lab.probe_udp(&cli, sa(&udp, 53), port, T).by(), Some(hit.as_str()), "flow sticks to its entry");
+    let victim_ip = pod_ip(&lab, &victim, "web");
+    let t0 = Instant::now();
+    lab.del_pod(&victim, "web").expect("delete the pod");
+    wait_for("the endpoint leaves every agent", Duration::from_secs(15), || {
+        nodes.iter().all(|n| {
+            !proxy(&lab, n)["services"].to_string().contains(&format!("{victim_ip}:8080"))
+        })
+    });
+    let gone = t0.elapsed();
+    let after = answering(&lab, &cli, sa(&sticky, 80), false, 30);
+    assert!(!after.contains(&hit), "{hit} still answers: {after:?}");
+    // the same UDP flow (same source port) is answered by another endpoint
+    let moved = lab.probe_udp(&cli, sa(&udp, 53), port, T);
+    assert!(
+        moved.by().is_some_and(|b| b != hit),
+        "UDP flow still held by the removed endpoint {hit}: {moved:?} ({gone:?} after the delete)"
+    );
+    drop(backends);
+}
+
+fn v_local(body: &str) -> i64 {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["localEndpoints"].as_i64())
+        .unwrap_or(-1)
+}
