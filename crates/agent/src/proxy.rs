@@ -172,6 +172,7 @@ impl ProxyController {
                         endpoints: p.endpoints.iter().map(ToString::to_string).collect(),
                         local: p.local.iter().map(ToString::to_string).collect(),
                         verdict: p.verdict.clone(),
+                        addresses: p.addresses.clone(),
                     })
                     .collect(),
                 problems: problems.iter().chain(notes).cloned().collect(),

@@ -5,6 +5,7 @@ mod bgp;
 mod cluster_demo;
 mod demo;
 mod kube_demo;
+mod services;
 mod status;
 
 use anyhow::Context;
@@ -48,18 +49,27 @@ enum Cmd {
         store: StoreArgs,
     },
     /// List BGP resources of one kind from the datastore (`-o yaml` prints
-    /// a manifest `apply -f` takes back).
+    /// a manifest `apply -f` takes back), or `services`: the Services as
+    /// this node's agent programmed them (`-o wide`: with endpoints).
     Get {
-        /// bgpconfigurations, bgppeers or nodes.
+        /// bgpconfigurations, bgppeers, nodes or services.
         #[arg(value_enum)]
-        kind: apply::Kind,
+        kind: GetKind,
         /// Only this one.
         name: Option<String>,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: status::Output,
+        /// `services`: the agent's status socket.
+        #[arg(long, default_value = "/run/trellis/status.sock")]
+        socket: std::path::PathBuf,
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// How this node serves something, read from its kernel.
+    Trace {
+        #[command(subcommand)]
+        what: TraceCmd,
     },
     /// BGP on this node.
     Bgp {
@@ -70,6 +80,35 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+}
+
+/// What `get` lists.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum GetKind {
+    /// BGPConfiguration.
+    #[value(alias = "bgpconfiguration")]
+    Bgpconfigurations,
+    /// BGPPeer.
+    #[value(alias = "bgppeer")]
+    Bgppeers,
+    /// Node (BGP settings of a node).
+    #[value(alias = "node")]
+    Nodes,
+    /// Services as this node's agent programmed them.
+    #[value(alias = "service", alias = "svc")]
+    Services,
+}
+
+#[derive(Subcommand, Debug)]
+enum TraceCmd {
+    /// The nftables objects serving Service NAMESPACE/NAME, with counters.
+    Svc {
+        /// `namespace/name`.
+        name: String,
+        /// The agent's status socket.
+        #[arg(long, default_value = "/run/trellis/status.sock")]
+        socket: std::path::PathBuf,
     },
 }
 
@@ -272,15 +311,42 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { cmd } => cmd,
         Cmd::Apply { file, store } => return apply::apply(&file, &store.target()?),
         Cmd::Delete { file, store } => return apply::delete(&file, &store.target()?),
+        Cmd::Trace {
+            what: TraceCmd::Svc { name, socket },
+        } => {
+            let p = services::section(&status::fetch(&socket)?)?;
+            print!("{}", services::trace(&p, &name)?);
+            return Ok(());
+        }
+        Cmd::Get {
+            kind: GetKind::Services,
+            name,
+            output,
+            socket,
+            ..
+        } => {
+            let mut p = services::section(&status::fetch(&socket)?)?;
+            if let Some(n) = &name {
+                p.services.retain(|s| &s.service == n);
+            }
+            let wide = output == status::Output::Wide;
+            return status::print(output, &p, |p| services::render(p, wide));
+        }
         Cmd::Get {
             kind,
             name,
             output,
             store,
+            ..
         } => {
+            let kind = match kind {
+                GetKind::Bgpconfigurations => apply::Kind::Bgpconfigurations,
+                GetKind::Bgppeers => apply::Kind::Bgppeers,
+                GetKind::Nodes | GetKind::Services => apply::Kind::Nodes,
+            };
             let rs = apply::get(kind, name.as_deref(), &store.target()?)?;
             return match output {
-                status::Output::Table => {
+                status::Output::Table | status::Output::Wide => {
                     print!("{}", apply::render(kind, &rs));
                     Ok(())
                 }

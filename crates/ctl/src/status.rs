@@ -14,6 +14,8 @@ use trellis_model::status::NodeStatus;
 pub enum Output {
     /// Readable tables.
     Table,
+    /// Tables with every detail (`get services -o wide`: the endpoints).
+    Wide,
     /// The status document as JSON.
     Json,
     /// The status document as YAML.
@@ -27,7 +29,7 @@ pub fn print<T: Serialize>(
     table: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
     match out {
-        Output::Table => print!("{}", table(doc)),
+        Output::Table | Output::Wide => print!("{}", table(doc)),
         Output::Json => println!("{}", serde_json::to_string_pretty(doc)?),
         Output::Yaml => print!("{}", serde_yaml::to_string(doc)?),
     }

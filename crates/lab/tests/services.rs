@@ -272,6 +272,72 @@ fn cluster_ip_node_port_external_and_load_balancer_addresses() {
         });
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("HTTPS server"), "{body}");
+    // trellisctl on the node: the Services as programmed, and what serves
+    // one in the kernel with its counters
+    let ctl = lab.bin_dir().join("trellisctl").display().to_string();
+    let sock = lab.status_socket("n1").display().to_string();
+    let run = |args: &[&str]| -> String {
+        let mut a = vec![ctl.as_str()];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--socket", &sock]);
+        let t = lab
+            .exec(&lab.ns("n1"), &a, Duration::from_secs(10))
+            .expect("trellisctl");
+        assert!(
+            t.output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&t.output.stderr)
+        );
+        String::from_utf8_lossy(&t.output.stdout).to_string()
+    };
+    let wide = run(&["get", "services", "-o", "wide"]);
+    for needle in [
+        format!("{ip}:80/tcp"),
+        "*:30080/tcp".into(),
+        "198.51.100.60:80/tcp".into(),
+        format!("{cli1_ip}"),
+    ] {
+        if needle == cli1_ip.to_string() {
+            continue;
+        }
+        assert!(wide.contains(&needle), "{needle} missing in\n{wide}");
+    }
+    assert!(
+        wide.contains("default/empty") && wide.contains("reject"),
+        "{wide}"
+    );
+    let web_eps = pod_ip(&lab, "n2", "web");
+    assert!(wide.contains(&format!("{web_eps}:8080")), "{wide}");
+    let trace = run(&["trace", "svc", "default/web"]);
+    assert!(trace.contains("chain svc-default/web/tcp/80"), "{trace}");
+    assert!(
+        trace.contains(&format!("{ip} . tcp . 80 : goto svc-default/web/tcp/80")),
+        "{trace}"
+    );
+    let counted: u64 = trace
+        .lines()
+        .filter(|l| l.contains("counter packets"))
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum();
+    assert!(counted > 0, "no packets counted:\n{trace}");
+    let missing = lab
+        .exec(
+            &lab.ns("n1"),
+            &[
+                ctl.as_str(),
+                "trace",
+                "svc",
+                "default/nope",
+                "--socket",
+                &sock,
+            ],
+            T,
+        )
+        .expect("exec");
+    assert!(!missing.output.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.output.stderr).contains("default/nope is not programmed")
+    );
     drop(backends);
 }
 
@@ -352,7 +418,13 @@ fn affinity_local_policy_and_endpoints_that_go() {
     service(&lab, LOCAL, "local");
     wait_endpoints(&lab, "default/local", 1);
     let hc: u16 = lab
-        .kubectl(&["get", "service", "local", "-o", "jsonpath={.spec.healthCheckNodePort}"])
+        .kubectl(&[
+            "get",
+            "service",
+            "local",
+            "-o",
+            "jsonpath={.spec.healthCheckNodePort}",
+        ])
         .expect("hc port")
         .trim()
         .parse()
@@ -367,21 +439,32 @@ fn affinity_local_policy_and_endpoints_that_go() {
         o => panic!("ETP Local on n2: {o:?}"),
     }
     for n in ["n1", "n3"] {
-        assert_eq!(lab.probe_tcp(&fabric, sa(&ip(n), 30090), T), Outcome::TimedOut, "{n}");
+        assert_eq!(
+            lab.probe_tcp(&fabric, sa(&ip(n), 30090), T),
+            Outcome::TimedOut,
+            "{n}"
+        );
     }
     wait_for("health check answers", Duration::from_secs(10), || {
         lab.http_get(&fabric, sa(&ip("n2"), hc), "/healthz").is_ok()
     });
-    let (code, body) = lab.http_get(&fabric, sa(&ip("n2"), hc), "/healthz").expect("hc n2");
+    let (code, body) = lab
+        .http_get(&fabric, sa(&ip("n2"), hc), "/healthz")
+        .expect("hc n2");
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["localEndpoints"], 1, "{body}");
     assert_eq!(v["service"]["name"], "local", "{body}");
-    let (code, body) = lab.http_get(&fabric, sa(&ip("n1"), hc), "/healthz").expect("hc n1");
+    let (code, body) = lab
+        .http_get(&fabric, sa(&ip("n1"), hc), "/healthz")
+        .expect("hc n1");
     assert_eq!((code, v_local(&body)), (503, 0), "{body}");
     // a pod on n1 still reaches the ETP Local Service through its node
     // port address (pod traffic goes to all endpoints, as kube-proxy)
-    assert_eq!(lab.probe_tcp(&cli, sa(&ip("n1"), 30090), T).by(), Some("solo-n2"));
+    assert_eq!(
+        lab.probe_tcp(&cli, sa(&ip("n1"), 30090), T).by(),
+        Some("solo-n2")
+    );
     // an endpoint removed: new connections stop going to it at once, and
     // a UDP flow to it (one source port, kept alive) moves on
     let udp = service(&lab, UDP, "udp");
@@ -392,15 +475,25 @@ fn affinity_local_policy_and_endpoints_that_go() {
         o => panic!("udp flow: {o:?}"),
     };
     let victim = hit.rsplit('-').next().expect("node").to_string();
-    assert_eq!(lab.probe_udp(&cli, sa(&udp, 53), port, T).by(), Some(hit.as_str()), "flow sticks to its entry");
+    assert_eq!(
+        lab.probe_udp(&cli, sa(&udp, 53), port, T).by(),
+        Some(hit.as_str()),
+        "flow sticks to its entry"
+    );
     let victim_ip = pod_ip(&lab, &victim, "web");
     let t0 = Instant::now();
     lab.del_pod(&victim, "web").expect("delete the pod");
-    wait_for("the endpoint leaves every agent", Duration::from_secs(15), || {
-        nodes.iter().all(|n| {
-            !proxy(&lab, n)["services"].to_string().contains(&format!("{victim_ip}:8080"))
-        })
-    });
+    wait_for(
+        "the endpoint leaves every agent",
+        Duration::from_secs(15),
+        || {
+            nodes.iter().all(|n| {
+                !proxy(&lab, n)["services"]
+                    .to_string()
+                    .contains(&format!("{victim_ip}:8080"))
+            })
+        },
+    );
     let gone = t0.elapsed();
     let after = answering(&lab, &cli, sa(&sticky, 80), false, 30);
     assert!(!after.contains(&hit), "{hit} still answers: {after:?}");

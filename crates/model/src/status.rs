@@ -104,6 +104,8 @@ pub struct ProxyPort {
     pub local: Vec<String>,
     /// `serve`, `reject` (no endpoints) or `drop` (policy Local, none here).
     pub verdict: String,
+    /// Where it is served: `ADDRESS:PORT/PROTO`, `*:NODEPORT/PROTO`.
+    pub addresses: Vec<String>,
 }
 
 /// An attached pod.

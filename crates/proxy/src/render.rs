@@ -114,6 +114,8 @@ pub struct PortSummary {
     pub local: Vec<SocketAddr>,
     /// What a client gets when there is nobody to serve it.
     pub verdict: String,
+    /// Where it is served: `ADDRESS:PORT/PROTO` and `*:NODEPORT/PROTO`.
+    pub addresses: Vec<String>,
 }
 
 /// Everything one Service puts into the table.
@@ -240,6 +242,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
         f.chains.insert(
             format!("fwc-{fw}"),
             vec![
+                "counter".into(),
                 format!("ip saddr @fw-{fw} return"),
                 // the node itself may always reach its load balancer IPs
                 "fib saddr type local return".into(),
@@ -271,7 +274,8 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
             );
             if need_local {
                 if local.is_empty() {
-                    f.chains.insert(format!("local-{id}"), vec!["drop".into()]);
+                    f.chains
+                        .insert(format!("local-{id}"), vec!["counter drop".into()]);
                 } else {
                     endpoint_chain(
                         &mut f, ids, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
@@ -279,7 +283,8 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
                 }
             }
             if ext {
-                let rules = if svc.external_local {
+                let mut rules = vec!["counter".to_string()];
+                rules.extend(if svc.external_local {
                     vec![
                         format!("ip saddr {cidr} goto svc-{id}"),
                         format!("fib saddr type local meta mark set meta mark | {MASQ_MARK:#x}"),
@@ -291,7 +296,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
                         format!("meta mark set meta mark | {MASQ_MARK:#x}"),
                         format!("goto svc-{id}"),
                     ]
-                };
+                });
                 f.chains.insert(format!("ext-{id}"), rules);
             }
         }
@@ -343,11 +348,21 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
                     .push((Shared::NoEndpointNodePorts, k, "goto refuse".into()));
             }
         }
+        let mut addresses: Vec<String> = cluster_ips
+            .iter()
+            .chain(&external_ips)
+            .chain(&lb_ips)
+            .map(|ip| format!("{ip}:{}/{p}", sp.port))
+            .collect();
+        if let Some(np) = sp.node_port {
+            addresses.push(format!("*:{np}/{p}"));
+        }
         f.ports.push(PortSummary {
             id,
             endpoints: cluster,
             local,
             verdict: verdict.into(),
+            addresses,
         });
     }
     f
@@ -371,7 +386,8 @@ fn endpoint_chain(
 ) {
     let p = sp.protocol.as_str();
     let name = format!("{chain}-{id}");
-    let mut rules = Vec::new();
+    // new connections through this chain (`trellisctl trace svc`)
+    let mut rules = vec!["counter".to_string()];
     if let Some(cidr) = masquerade_outside {
         rules.push(format!(
             "ip saddr != {cidr} meta mark set meta mark | {MASQ_MARK:#x}"

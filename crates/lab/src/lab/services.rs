@@ -173,9 +173,23 @@ impl Lab {
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
             s.set_write_timeout(Some(Duration::from_secs(3)))?;
             write!(s, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
+            // a server that closes with our request partly unread sends a
+            // reset after its answer: keep what came before it
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                match s.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(String::from_utf8_lossy(&buf).to_string())
         })??;
         let code = text
             .split_whitespace()
