@@ -1,7 +1,8 @@
 //! The Kubernetes part of `trellisctl lab demo`: the real v1.36.2 API
 //! server and controller manager in the lab, three nodes registered as
 //! Nodes, agents running with the DaemonSet's ServiceAccount, Pod objects
-//! attached by the real plugin, pods talking across nodes, a Node deleted.
+//! attached by the real plugin, pods talking across nodes, Services through
+//! trellis's proxy (`svc_demo.rs`), a Node deleted.
 //!
 //! As in the other parts, every line states what was checked: podCIDRs
 //! against what each agent serves, Pod IPs against the attachments, the
@@ -157,6 +158,7 @@ pub fn run() -> anyhow::Result<usize> {
             );
         }
     }
+    failures += crate::svc_demo::run(&mut lab)?;
     // a Node deleted: every other node drops its route
     let n3 = lab.node("n3")?.subnet.clone();
     anyhow::ensure!(

@@ -7,6 +7,7 @@ mod demo;
 mod kube_demo;
 mod services;
 mod status;
+mod svc_demo;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
