@@ -76,7 +76,7 @@ pub async fn run<S: Source>(
 ) {
     let mut ctl = FlannelController {
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), joined.cfg.network),
-        ruleset: masq::ruleset(&joined.cfg, masq::proxy_enabled(&agent)),
+        ruleset: masq::ruleset(&joined.cfg, masq::pods_tracked(&agent)),
         nodes: NodeTable::new(&prefix),
         joined,
         shared: shared.clone(),

@@ -7,20 +7,24 @@
 //!   addresses);
 //! - no connection tracking where nothing needs it: pod-to-pod packets and
 //!   the VXLAN carrier between nodes skip conntrack (the `raw` hooks), which
-//!   is most of what a tracked forwarding path costs — unless the node
-//!   proxies Services: a reply from an endpoint pod to a client pod must
-//!   meet its conntrack entry to be un-DNATed, so pod-to-pod is tracked
-//!   then (NetworkPolicy, when it comes, needs the same).
+//!   is most of what a tracked forwarding path costs — unless Services are
+//!   proxied (Kubernetes mode, by trellis or by kube-proxy): a reply from
+//!   an endpoint pod to a client pod must meet its conntrack entry to be
+//!   un-DNATed, so pod-to-pod is tracked then (NetworkPolicy needs the
+//!   same).
 
 use trellis_model::netconf::{BackendType, ClusterConfig};
 
-/// Whether this agent proxies Services (Kubernetes mode, proxy enabled).
-pub fn proxy_enabled(agent: &crate::config::AgentConfig) -> bool {
-    agent.kubernetes.as_ref().is_some_and(|k| k.proxy.enabled)
+/// Whether pod-to-pod traffic must stay tracked: in Kubernetes mode,
+/// where Services are proxied on every node — by trellis, or by
+/// kube-proxy beside a routing-only trellis — a reply from an endpoint to
+/// a client pod must meet the DNAT entry of the client's node.
+pub fn pods_tracked(agent: &crate::config::AgentConfig) -> bool {
+    agent.kubernetes.is_some()
 }
 
-/// The `inet trellis` table for `cfg`; `proxy`: Services are proxied on
-/// this node (pod-to-pod stays tracked). Applied as one `nft -f`
+/// The `inet trellis` table for `cfg`; `proxy`: Services are proxied in
+/// this cluster (pod-to-pod stays tracked). Applied as one `nft -f`
 /// transaction that creates, empties and refills the table, so it is
 /// idempotent and atomic.
 pub fn ruleset(cfg: &ClusterConfig, proxy: bool) -> String {

@@ -209,6 +209,10 @@ enum LabCmd {
         /// lab runs, playing the kubelet itself.
         #[arg(long, value_enum, default_value_t = LabDatastore::Etcd)]
         datastore: LabDatastore,
+        /// Kubernetes mode: nodes (comma-separated) that run the real
+        /// kube-proxy (nftables mode) while their agent only routes.
+        #[arg(long, value_delimiter = ',')]
+        kube_proxy: Vec<String>,
     },
     /// Destroy a persistent lab.
     Down {
@@ -384,6 +388,7 @@ fn main() -> anyhow::Result<()> {
             segments,
             bgp,
             datastore,
+            kube_proxy,
         } => {
             let bgp = bgp
                 .map(|f| {
@@ -410,6 +415,7 @@ fn main() -> anyhow::Result<()> {
                         backend.as_deref().unwrap_or("vxlan"),
                     )?),
                 },
+                kube_proxy,
             })?;
             println!(
                 "lab {} is up: {} node(s); state in {}",

@@ -145,9 +145,18 @@ impl ControlPlane {
         openssl(d, &["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         let token = random_token()?;
         std::fs::write(d.join(ADMIN_TOKEN_FILE), &token)?;
+        // kube-proxy (the peer of the Service proxy) as system:kube-proxy:
+        // the built-in system:node-proxier binding gives it its rights
+        let proxy_token = random_token()?;
         std::fs::write(
             d.join("tokens.csv"),
-            format!("{token},lab-admin,lab-admin,\"system:masters\"\n"),
+            format!(
+                "{token},lab-admin,lab-admin,\"system:masters\"\n{proxy_token},system:kube-proxy,kube-proxy,\"\"\n"
+            ),
+        )?;
+        std::fs::write(
+            d.join("kube-proxy.kubeconfig"),
+            kubeconfig(&Self::server(), &self.ca(), &proxy_token),
         )?;
         std::fs::write(
             self.admin_kubeconfig(),
@@ -157,10 +166,20 @@ impl ControlPlane {
     }
 
     fn spawn(&self, ns: &str, name: &str, args: &[String]) -> anyhow::Result<Child> {
+        self.spawn_logged(ns, name, name, args)
+    }
+
+    fn spawn_logged(
+        &self,
+        ns: &str,
+        name: &str,
+        log: &str,
+        args: &[String],
+    ) -> anyhow::Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("{name}.log")))?;
+            .open(self.dir.join(format!("{log}.log")))?;
         let mut cmd = Command::new(self.bin.join(name));
         cmd.args(args)
             .stdin(Stdio::null())
@@ -289,6 +308,41 @@ impl ControlPlane {
             );
         }
         Ok(String::from_utf8_lossy(&t.output.stdout).into_owned())
+    }
+
+    /// Starts the real kube-proxy (nftables mode) in node namespace `ns`
+    /// as Node `node` (`address` its InternalIP): the Service proxy's peer.
+    /// Its log is `kube-proxy-NODE.log`, its metrics on 127.0.0.1:10249 of
+    /// that namespace. Conntrack limits are left alone (not writable
+    /// outside the initial namespace).
+    pub fn start_kube_proxy(
+        &self,
+        ns: &str,
+        node: &str,
+        cluster_cidr: &str,
+    ) -> anyhow::Result<Child> {
+        let cfg = self.dir.join(format!("kube-proxy-{node}.yaml"));
+        std::fs::write(
+            &cfg,
+            serde_json::json!({
+                "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                "kind": "KubeProxyConfiguration",
+                "mode": "nftables",
+                "clientConnection": {"kubeconfig": self.dir.join("kube-proxy.kubeconfig")},
+                "hostnameOverride": node,
+                "clusterCIDR": cluster_cidr,
+                "conntrack": {"maxPerCore": 0, "min": 0},
+                "metricsBindAddress": "127.0.0.1:10249",
+                "healthzBindAddress": "0.0.0.0:10256",
+            })
+            .to_string(),
+        )?;
+        self.spawn_logged(
+            ns,
+            "kube-proxy",
+            &format!("kube-proxy-{node}"),
+            &[format!("--config={}", cfg.display())],
+        )
     }
 
     /// A kubeconfig for the agents: the ServiceAccount `trellis` of the

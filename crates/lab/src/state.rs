@@ -57,6 +57,9 @@ pub struct LabState {
     /// Agents read the Kubernetes API of the lab's control plane.
     #[serde(default)]
     pub kubernetes: bool,
+    /// Nodes running the real kube-proxy (their agents only route).
+    #[serde(default)]
+    pub kube_proxy: Vec<String>,
     /// Pod MTU of agents without a datastore.
     #[serde(default)]
     pub mtu: u32,

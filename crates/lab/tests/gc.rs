@@ -27,6 +27,7 @@ fn gc_sweeps_labs_of_dead_owners_only() {
         extra_pids: vec![],
         cluster: false,
         kubernetes: false,
+        kube_proxy: vec![],
         mtu: 1500,
         segments: 1,
     }

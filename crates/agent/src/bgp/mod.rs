@@ -362,7 +362,7 @@ pub async fn run<S: Source>(
         learned: BTreeMap::new(),
         events: ev_tx,
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), cluster),
-        ruleset: masq::ruleset(&joined.cfg, masq::proxy_enabled(&agent)),
+        ruleset: masq::ruleset(&joined.cfg, masq::pods_tracked(&agent)),
         shared: shared.clone(),
         restarting,
         synced: !restarting,

@@ -154,6 +154,37 @@ impl Lab {
         self.save()
     }
 
+    /// Starts the real kube-proxy (nftables mode) on `node`, whose agent
+    /// only routes (`LabOptions::kube_proxy`).
+    pub fn start_kube_proxy(&mut self, node: &str) -> anyhow::Result<()> {
+        let key = format!("kube-proxy-{node}");
+        if self.children.contains_key(&key) {
+            bail!("kube-proxy runs on {node} already");
+        }
+        let text = std::fs::read_to_string(self.dir.join(NET_CONF_FILE))
+            .context("the lab's cluster network config")?;
+        let conf = trellis_model::netconf::ClusterConfig::parse(&text)?;
+        let child = ControlPlane::new(&self.dir)?.start_kube_proxy(
+            &self.ns(node),
+            node,
+            &conf.network.to_string(),
+        )?;
+        self.st.extra_pids.push(child.id());
+        self.children.insert(key, child);
+        self.save()
+    }
+
+    /// Stops the kube-proxy of `node` (its nftables table stays, as after
+    /// an upgrade).
+    pub fn stop_kube_proxy(&mut self, node: &str) -> anyhow::Result<()> {
+        self.stop_extra(&format!("kube-proxy-{node}"))
+    }
+
+    /// kube-proxy's log on `node`.
+    pub fn kube_proxy_log(&self, node: &str) -> std::path::PathBuf {
+        self.dir.join("k8s").join(format!("kube-proxy-{node}.log"))
+    }
+
     fn stop_extra(&mut self, name: &str) -> anyhow::Result<()> {
         let Some(child) = self.children.remove(name) else {
             bail!("{name} is not running");

@@ -47,6 +47,9 @@ pub struct LabOptions {
     /// a real control plane in the control-plane namespace, the agents
     /// read the Kubernetes API (podCIDRs from the controller manager).
     pub kubernetes: Option<String>,
+    /// Kubernetes mode: nodes whose agent only routes (its Service proxy
+    /// off) and that run the real kube-proxy (nftables mode) instead.
+    pub kube_proxy: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -60,6 +63,7 @@ impl Default for LabOptions {
             cluster: None,
             bgp: None,
             kubernetes: None,
+            kube_proxy: Vec::new(),
         }
     }
 }
@@ -143,6 +147,7 @@ impl Lab {
             extra_pids: vec![],
             cluster: false,
             kubernetes: false,
+            kube_proxy: vec![],
             mtu: opts.mtu,
             segments: 1,
         };
@@ -231,6 +236,7 @@ impl Lab {
                 bail!("a lab runs etcd mode or Kubernetes mode, not both");
             }
             self.st.kubernetes = true;
+            self.st.kube_proxy = opts.kube_proxy.clone();
             self.save()?;
             self.build_control_plane(conf)?;
         }
@@ -317,7 +323,10 @@ impl Lab {
                 "socket": self.socket(&name),
                 "statusSocket": self.status_socket(&name),
                 "dataDir": self.dir.join(format!("{name}-data")),
-                "kubernetes": {"kubeconfig": self.dir.join("k8s/agent.kubeconfig")},
+                "kubernetes": {
+                    "kubeconfig": self.dir.join("k8s/agent.kubeconfig"),
+                    "proxy": {"enabled": !self.st.kube_proxy.contains(&name)},
+                },
                 "resyncSeconds": 2,
             })
         } else if self.st.cluster {
@@ -350,6 +359,9 @@ impl Lab {
                 n.subnet = cidr;
             }
             self.save()?;
+            if self.st.kube_proxy.contains(&name) {
+                self.start_kube_proxy(&name)?;
+            }
         }
         Ok(name)
     }
