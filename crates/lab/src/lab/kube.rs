@@ -180,6 +180,13 @@ impl Lab {
         self.stop_extra(&format!("kube-proxy-{node}"))
     }
 
+    /// The PID of `node`'s kube-proxy, when it runs.
+    pub fn kube_proxy_pid(&self, node: &str) -> Option<u32> {
+        self.children
+            .get(&format!("kube-proxy-{node}"))
+            .map(|c| c.id())
+    }
+
     /// kube-proxy's log on `node`.
     pub fn kube_proxy_log(&self, node: &str) -> std::path::PathBuf {
         self.dir.join("k8s").join(format!("kube-proxy-{node}.log"))

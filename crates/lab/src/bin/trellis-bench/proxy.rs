@@ -1,0 +1,443 @@
+//! The Service proxy against kube-proxy v1.36 (nftables mode), both
+//! watching one real API server, each in its own lab node (n1: kube-proxy
+//! beside a routing-only agent; n2: trellis's proxy).
+//!
+//! - `proxy-sync`: N Services x 10 endpoints (selector-less Services and
+//!   their EndpointSlices, written as fast as the API server takes them):
+//!   (a) bulk: from the last object written until the proxy's kernel map
+//!   of Service addresses holds all of them; (b) restart with the tables
+//!   kept: the proxy stopped, one Service added, the proxy started: from
+//!   its start until that Service is in the kernel (both apply their first
+//!   sync as one transaction); (c) one endpoint changed until the new
+//!   address is in the Service's kernel object; (d) RSS. Every probe reads
+//!   the kernel (`nft -j list ...` in the node), never a proxy's log.
+//! - `proxy-latency`: TCP connection setup to a ClusterIP with 10 and with
+//!   10,000 Services programmed.
+
+use anyhow::{bail, Context};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use trellis_lab::{netns, Lab, LabOptions};
+
+const NS: &str = "bench";
+const IN_FLIGHT: usize = 32;
+const CALL: Duration = Duration::from_secs(30);
+/// kube-proxy's node and trellis's node.
+const KP: &str = "n1";
+const TR: &str = "n2";
+
+fn svc_name(i: usize) -> String {
+    format!("svc-{i}")
+}
+
+/// Endpoint `j` of Service `i`: addresses of the pod network (never sent to).
+fn ep(i: usize, j: usize) -> String {
+    let k = i * 10 + j;
+    format!("10.244.{}.{}", (k / 250) % 250, k % 250 + 1)
+}
+
+fn service(i: usize) -> anyhow::Result<Service> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": svc_name(i), "namespace": NS},
+        "spec": {"ports": [{"name": "p", "port": 80, "targetPort": 8080}]},
+    }))?)
+}
+
+fn slice(i: usize, eps: &[String]) -> anyhow::Result<EndpointSlice> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{}-1", svc_name(i)), "namespace": NS, "labels": {
+            "kubernetes.io/service-name": svc_name(i),
+            "endpointslice.kubernetes.io/managed-by": "bench.trellis.dev"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps.iter().map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+    }))?)
+}
+
+async fn within<T>(
+    what: String,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(CALL, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what}: no answer within {CALL:?}"))?
+        .with_context(|| what)
+}
+
+/// A client of the lab's API server, used from the control-plane
+/// namespace on a thread of its own.
+struct Writer {
+    rt: tokio::runtime::Runtime,
+    client: kube::Client,
+}
+
+impl Writer {
+    fn new(lab: &Lab) -> anyhow::Result<Self> {
+        let kubeconfig = lab.kubeconfig();
+        netns::within(&netns::path(&lab.etcd_ns()), || -> anyhow::Result<Self> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let client = rt.block_on(async {
+                trellis_kube::client(&trellis_kube::ClientOptions {
+                    kubeconfig: Some(kubeconfig),
+                    ..Default::default()
+                })
+                .await
+                .map(|(c, _)| c)
+            })?;
+            Ok(Self { rt, client })
+        })?
+    }
+
+    fn namespace(&self) -> anyhow::Result<()> {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NS}}))?;
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        self.rt.block_on(within(
+            "create namespace".into(),
+            api.create(&PostParams::default(), &ns),
+        ))?;
+        Ok(())
+    }
+
+    /// Services `from..to` with 10 endpoints each; returns when the last
+    /// write was answered.
+    fn fill(&self, from: usize, to: usize) -> anyhow::Result<Instant> {
+        let svcs: Api<Service> = Api::namespaced(self.client.clone(), NS);
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NS);
+        self.rt.block_on(async {
+            futures::stream::iter(from..to)
+                .map(|i| {
+                    let (svcs, slices) = (svcs.clone(), slices.clone());
+                    async move {
+                        let eps: Vec<String> = (0..10).map(|j| ep(i, j)).collect();
+                        within(
+                            format!("create {}", svc_name(i)),
+                            svcs.create(&PostParams::default(), &service(i)?),
+                        )
+                        .await?;
+                        within(
+                            format!("create slice of {}", svc_name(i)),
+                            slices.create(&PostParams::default(), &slice(i, &eps)?),
+                        )
+                        .await?;
+                        anyhow::Ok(())
+                    }
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await
+        })?;
+        Ok(Instant::now())
+    }
+
+    /// Service `i`'s first endpoint becomes `addr`.
+    fn change(&self, i: usize, addr: &str) -> anyhow::Result<Instant> {
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NS);
+        let mut eps: Vec<String> = (0..10).map(|j| ep(i, j)).collect();
+        eps[0] = addr.to_string();
+        let s = slice(i, &eps)?;
+        let t = Instant::now();
+        self.rt.block_on(within(
+            "change one endpoint".into(),
+            slices.patch(
+                &format!("{}-1", svc_name(i)),
+                &PatchParams::apply("bench").force(),
+                &Patch::Apply(&s),
+            ),
+        ))?;
+        Ok(t)
+    }
+
+    fn cluster_ip(&self, i: usize) -> anyhow::Result<String> {
+        let svcs: Api<Service> = Api::namespaced(self.client.clone(), NS);
+        let s = self.rt.block_on(within(
+            format!("get {}", svc_name(i)),
+            svcs.get(&svc_name(i)),
+        ))?;
+        s.spec.and_then(|s| s.cluster_ip).context("no clusterIP")
+    }
+}
+
+/// Which proxy a probe reads.
+#[derive(Clone, Copy, PartialEq)]
+enum Proxy {
+    KubeProxy,
+    Trellis,
+}
+
+fn nft(lab: &Lab, node: &str, args: &[&str]) -> String {
+    let mut a = vec!["nft"];
+    a.extend_from_slice(args);
+    lab.exec(&lab.ns(node), &a, Duration::from_secs(30))
+        .map(|t| String::from_utf8_lossy(&t.output.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// Addresses in the proxy's kernel map of Service addresses.
+fn programmed(lab: &Lab, p: Proxy) -> String {
+    match p {
+        Proxy::KubeProxy => nft(lab, KP, &["list", "map", "ip", "kube-proxy", "service-ips"]),
+        Proxy::Trellis => nft(
+            lab,
+            TR,
+            &["list", "map", "inet", "trellis-proxy", "services"],
+        ),
+    }
+}
+
+fn count(text: &str) -> usize {
+    text.matches(" : goto ").count()
+}
+
+fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The kernel object holding Service `i`'s endpoints, as text.
+fn endpoints_of(lab: &Lab, p: Proxy, i: usize, kp_chain: &str) -> String {
+    match p {
+        Proxy::KubeProxy => nft(lab, KP, &["list", "chain", "ip", "kube-proxy", kp_chain]),
+        Proxy::Trellis => nft(
+            lab,
+            TR,
+            &[
+                "list",
+                "map",
+                "inet",
+                "trellis-proxy",
+                &format!("eps-{NS}/{}/tcp/80", svc_name(i)),
+            ],
+        ),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+struct Figures {
+    bulk_ms: f64,
+    restart_ms: f64,
+    one_ms: f64,
+    rss_mb: f64,
+}
+
+fn pid_of(lab: &Lab, p: Proxy) -> anyhow::Result<u32> {
+    match p {
+        Proxy::KubeProxy => lab.kube_proxy_pid(KP).context("kube-proxy is not running"),
+        Proxy::Trellis => lab.node(TR)?.agent_pid.context("trellisd is not running"),
+    }
+}
+
+/// One size: a lab, `n` Services, the figures of each proxy in `who`.
+fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
+    let lab_kp = if who.contains(&Proxy::KubeProxy) {
+        vec![KP.to_string()]
+    } else {
+        vec![]
+    };
+    let mut lab = Lab::create(LabOptions {
+        nodes: 2,
+        kubernetes: Some(trellis_lab::cluster_config("vxlan")?),
+        kube_proxy: lab_kp,
+        ..Default::default()
+    })?;
+    let w = Writer::new(&lab)?;
+    w.namespace()?;
+    let t0 = Instant::now();
+    let last = w.fill(0, n)?;
+    eprintln!(
+        "{n} Services x 10 endpoints written in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut out = Vec::new();
+    let mut bulk = Vec::new();
+    for p in who {
+        // +1: the kubernetes Service
+        let done = wait("bulk", Duration::from_secs(600), || {
+            count(&programmed(&lab, *p)) > n
+        })?;
+        bulk.push(done.saturating_duration_since(last));
+    }
+    // the last one finished first in the loop above may have been done
+    // earlier: probe order does not shift a proxy's figure past its own
+    for (k, p) in who.iter().enumerate() {
+        // (d) RSS once settled
+        let rss = crate::converge::rss_mb(pid_of(&lab, *p)?);
+        // (c) one endpoint changed
+        let i = n / 2;
+        let kp_chain = if *p == Proxy::KubeProxy {
+            let chains = nft(&lab, KP, &["list", "chains", "ip", "kube-proxy"]);
+            chains
+                .split_whitespace()
+                .find(|w| {
+                    w.starts_with("service-")
+                        && w.ends_with(&format!("-{NS}/{}/tcp/p", svc_name(i)))
+                })
+                .context("kube-proxy's chain of the changed Service")?
+                .to_string()
+        } else {
+            String::new()
+        };
+        let new_ip = format!("10.244.251.{}", 1 + k);
+        let t = w.change(i, &new_ip)?;
+        let done = wait("one change", Duration::from_secs(60), || {
+            endpoints_of(&lab, *p, i, &kp_chain).contains(&new_ip)
+        })?;
+        let one = done - t;
+        // (b) restart with the tables kept, one Service added meanwhile
+        let marker = n + 1 + k;
+        match p {
+            Proxy::KubeProxy => lab.stop_kube_proxy(KP)?,
+            Proxy::Trellis => lab.stop_agent(TR)?,
+        }
+        w.fill(marker, marker + 1)?;
+        let ip = w.cluster_ip(marker)?;
+        let started = Instant::now();
+        match p {
+            Proxy::KubeProxy => lab.start_kube_proxy(KP)?,
+            Proxy::Trellis => {
+                lab.start_agent(TR)?;
+            }
+        }
+        let done = wait("restart", Duration::from_secs(900), || {
+            programmed(&lab, *p).contains(&format!("{ip} . tcp . 80"))
+        })?;
+        out.push(Figures {
+            bulk_ms: ms(bulk[k]),
+            restart_ms: ms(done - started),
+            one_ms: ms(one),
+            rss_mb: rss,
+        });
+        eprintln!(
+            "{n}: {} bulk {:.0} ms, restart {:.0} ms, one change {:.1} ms, rss {rss:.0} MB",
+            if *p == Proxy::KubeProxy {
+                "kube-proxy"
+            } else {
+                "trellis"
+            },
+            ms(bulk[k]),
+            ms(done - started),
+            ms(one)
+        );
+    }
+    lab.destroy()?;
+    Ok(out)
+}
+
+/// `proxy-sync`: prints the result line.
+pub fn sync(small: usize, large: usize, huge: usize) -> anyhow::Result<()> {
+    trellis_lab::k8s::bin_dir()?;
+    let both = [Proxy::KubeProxy, Proxy::Trellis];
+    let s = one_size(small, &both)?;
+    let l = one_size(large, &both)?;
+    let h = one_size(huge, &[Proxy::Trellis])?;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    println!(
+        "kp1k_bulk_ms={:.0} t1k_bulk_ms={:.0} kp1k_restart_ms={:.0} t1k_restart_ms={:.0} kp1k_one_ms={:.1} t1k_one_ms={:.1} \
+         kp5k_bulk_ms={:.0} t5k_bulk_ms={:.0} kp5k_restart_ms={:.0} t5k_restart_ms={:.0} kp5k_one_ms={:.1} t5k_one_ms={:.1} \
+         t30k_bulk_ms={:.0} t30k_restart_ms={:.0} t30k_one_ms={:.1} kp5k_rss_mb={:.0} t5k_rss_mb={:.0} t30k_rss_mb={:.0} \
+         restart_ratio_5k={:.3} bulk_ratio_5k={:.3} rss_ratio_5k={:.3}",
+        s[0].bulk_ms, s[1].bulk_ms, s[0].restart_ms, s[1].restart_ms, s[0].one_ms, s[1].one_ms,
+        l[0].bulk_ms, l[1].bulk_ms, l[0].restart_ms, l[1].restart_ms, l[0].one_ms, l[1].one_ms,
+        h[0].bulk_ms, h[0].restart_ms, h[0].one_ms, l[0].rss_mb, l[1].rss_mb, h[0].rss_mb,
+        ratio(l[1].restart_ms, l[0].restart_ms),
+        ratio(l[1].bulk_ms, l[0].bulk_ms),
+        ratio(l[1].rss_mb, l[0].rss_mb),
+    );
+    Ok(())
+}
+
+/// Median TCP connect time from `ns` to `to` over `n` connections.
+fn connect_median(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Duration> {
+    let mut times = netns::within(&netns::path(ns), || -> std::io::Result<Vec<Duration>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            v.push(t.elapsed());
+            drop(s);
+        }
+        Ok(v)
+    })??;
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// `proxy-latency`: prints the result line.
+pub fn latency(small: usize, large: usize, connects: usize) -> anyhow::Result<()> {
+    trellis_lab::k8s::bin_dir()?;
+    let mut lab = Lab::create(LabOptions {
+        nodes: 2,
+        kubernetes: Some(trellis_lab::cluster_config("vxlan")?),
+        ..Default::default()
+    })?;
+    lab.add_pod("n1", "cli", "")?;
+    let web = lab.add_pod("n2", "web", "")?;
+    let _backend = lab.serve("n2", "web", 8080)?;
+    let w = Writer::new(&lab)?;
+    w.namespace()?;
+    // Service 0 goes to the real backend; the others to addresses never used
+    let svcs: Api<Service> = Api::namespaced(w.client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(w.client.clone(), NS);
+    w.rt.block_on(async {
+        within(
+            "create svc-0".into(),
+            svcs.create(&PostParams::default(), &service(0)?),
+        )
+        .await?;
+        within(
+            "create its slice".into(),
+            slices.create(&PostParams::default(), &slice(0, &[web.ip.clone()])?),
+        )
+        .await?;
+        anyhow::Ok(())
+    })?;
+    w.fill(1, small)?;
+    let ip = w.cluster_ip(0)?;
+    let to: SocketAddr = format!("{ip}:80").parse()?;
+    let cli = lab.pod_ns("n1", "cli");
+    wait("small set programmed", Duration::from_secs(120), || {
+        count(&nft(
+            &lab,
+            "n1",
+            &["list", "map", "inet", "trellis-proxy", "services"],
+        )) >= small
+    })?;
+    let lat_small = connect_median(&cli, to, connects)?;
+    w.fill(small, large)?;
+    wait("large set programmed", Duration::from_secs(600), || {
+        count(&nft(
+            &lab,
+            "n1",
+            &["list", "map", "inet", "trellis-proxy", "services"],
+        )) >= large
+    })?;
+    let lat_large = connect_median(&cli, to, connects)?;
+    lab.destroy()?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "services_small={small} services_large={large} lat10_us={:.1} lat10k_us={:.1} ratio={:.3}",
+        us(lat_small),
+        us(lat_large),
+        us(lat_large) / us(lat_small)
+    );
+    Ok(())
+}
