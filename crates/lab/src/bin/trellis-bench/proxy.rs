@@ -405,7 +405,10 @@ pub fn latency(small: usize, large: usize, connects: usize) -> anyhow::Result<()
         .await?;
         within(
             "create its slice".into(),
-            slices.create(&PostParams::default(), &slice(0, &[web.ip.clone()])?),
+            slices.create(
+                &PostParams::default(),
+                &slice(0, std::slice::from_ref(&web.ip))?,
+            ),
         )
         .await?;
         anyhow::Ok(())
