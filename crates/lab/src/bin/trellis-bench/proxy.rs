@@ -70,8 +70,10 @@ async fn within<T>(
         .with_context(|| what)
 }
 
-/// A client of the lab's API server, used from the control-plane
-/// namespace on a thread of its own.
+/// A client of the lab's API server in the control-plane namespace: its
+/// runtime's workers are created inside that namespace and every call
+/// runs on them ([`Writer::run`]), never on the caller's thread (the
+/// host's namespace).
 struct Writer {
     rt: tokio::runtime::Runtime,
     client: kube::Client,
@@ -97,14 +99,25 @@ impl Writer {
         })?
     }
 
+    /// Runs `fut` on the runtime's workers (inside the namespace).
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.rt.block_on(self.rt.spawn(fut))?
+    }
+
     fn namespace(&self) -> anyhow::Result<()> {
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NS}}))?;
         let api: Api<Namespace> = Api::all(self.client.clone());
-        self.rt.block_on(within(
-            "create namespace".into(),
-            api.create(&PostParams::default(), &ns),
-        ))?;
-        Ok(())
+        self.run(async move {
+            within(
+                "create namespace".into(),
+                api.create(&PostParams::default(), &ns),
+            )
+            .await?;
+            Ok(())
+        })
     }
 
     /// Services `from..to` with 10 endpoints each; returns when the last
@@ -112,7 +125,7 @@ impl Writer {
     fn fill(&self, from: usize, to: usize) -> anyhow::Result<Instant> {
         let svcs: Api<Service> = Api::namespaced(self.client.clone(), NS);
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NS);
-        self.rt.block_on(async {
+        self.run(async move {
             futures::stream::iter(from..to)
                 .map(|i| {
                     let (svcs, slices) = (svcs.clone(), slices.clone());
@@ -133,7 +146,8 @@ impl Writer {
                 })
                 .buffer_unordered(IN_FLIGHT)
                 .try_collect::<Vec<()>>()
-                .await
+                .await?;
+            Ok(())
         })?;
         Ok(Instant::now())
     }
@@ -144,24 +158,28 @@ impl Writer {
         let mut eps: Vec<String> = (0..10).map(|j| ep(i, j)).collect();
         eps[0] = addr.to_string();
         let s = slice(i, &eps)?;
+        let name = format!("{}-1", svc_name(i));
         let t = Instant::now();
-        self.rt.block_on(within(
-            "change one endpoint".into(),
-            slices.patch(
-                &format!("{}-1", svc_name(i)),
-                &PatchParams::apply("bench").force(),
-                &Patch::Apply(&s),
-            ),
-        ))?;
+        self.run(async move {
+            within(
+                "change one endpoint".into(),
+                slices.patch(
+                    &name,
+                    &PatchParams::apply("bench").force(),
+                    &Patch::Apply(&s),
+                ),
+            )
+            .await?;
+            Ok(())
+        })?;
         Ok(t)
     }
 
     fn cluster_ip(&self, i: usize) -> anyhow::Result<String> {
         let svcs: Api<Service> = Api::namespaced(self.client.clone(), NS);
-        let s = self.rt.block_on(within(
-            format!("get {}", svc_name(i)),
-            svcs.get(&svc_name(i)),
-        ))?;
+        let s = self.run(async move {
+            within(format!("get {}", svc_name(i)), svcs.get(&svc_name(i))).await
+        })?;
         s.spec.and_then(|s| s.cluster_ip).context("no clusterIP")
     }
 }
@@ -397,7 +415,8 @@ pub fn latency(small: usize, large: usize, connects: usize) -> anyhow::Result<()
     // Service 0 goes to the real backend; the others to addresses never used
     let svcs: Api<Service> = Api::namespaced(w.client.clone(), NS);
     let slices: Api<EndpointSlice> = Api::namespaced(w.client.clone(), NS);
-    w.rt.block_on(async {
+    let web_ip = web.ip.clone();
+    w.run(async move {
         within(
             "create svc-0".into(),
             svcs.create(&PostParams::default(), &service(0)?),
@@ -407,7 +426,7 @@ pub fn latency(small: usize, large: usize, connects: usize) -> anyhow::Result<()
             "create its slice".into(),
             slices.create(
                 &PostParams::default(),
-                &slice(0, std::slice::from_ref(&web.ip))?,
+                &slice(0, std::slice::from_ref(&web_ip))?,
             ),
         )
         .await?;
