@@ -302,7 +302,7 @@ fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
         // (c) one endpoint changed
         let i = n / 2;
         let kp_chain = if *p == Proxy::KubeProxy {
-            let chains = nft(&lab, KP, &["list", "chains", "ip", "kube-proxy"]);
+            let chains = nft(&lab, KP, &["list", "chains", "ip"]);
             chains
                 .split_whitespace()
                 .find(|w| {
