@@ -77,8 +77,16 @@ struct ProxyController {
     min_interval: Duration,
     last_sync: Option<Instant>,
     listed: bool,
-    reported: std::collections::BTreeMap<String, String>,
+    /// problems already logged, per Service
+    reported: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// after a refused sync: no new attempt before this (backoff)
+    retry_at: Option<Instant>,
+    failures: u32,
 }
+
+/// First wait after nft refused a sync; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 impl ProxyController {
     fn input(&mut self, key: &str, value: Option<&[u8]>) {
@@ -96,7 +104,8 @@ impl ProxyController {
     fn maybe_sync(&mut self) {
         let due = self
             .last_sync
-            .is_none_or(|t| t.elapsed() >= self.min_interval);
+            .is_none_or(|t| t.elapsed() >= self.min_interval)
+            && self.retry_at.is_none_or(|t| Instant::now() >= t);
         if self.listed && self.proxy.pending() && due {
             self.sync();
         }
@@ -113,10 +122,20 @@ impl ProxyController {
         } else {
             tokio::task::block_in_place(|| self.dp.nft_apply(&plan.script))
         };
-        let stale = plan.stale_udp.clone();
+        let stale: Vec<trellis_dataplane::conntrack::UdpFlows> = plan
+            .stale_udp
+            .iter()
+            .map(|f| trellis_dataplane::conntrack::UdpFlows {
+                endpoint: f.endpoint,
+                dests: f.dests.clone(),
+                node_ports: f.node_ports.clone(),
+            })
+            .collect();
         match result {
             Ok(()) => {
                 self.proxy.applied(plan);
+                self.retry_at = None;
+                self.failures = 0;
                 let mut deleted = 0;
                 if !stale.is_empty() {
                     match tokio::task::block_in_place(|| self.dp.conntrack_delete_udp(&stale)) {
@@ -141,7 +160,13 @@ impl ProxyController {
             Err(e) => {
                 self.proxy.failed(plan);
                 self.metrics.reconciled("proxy", 1);
-                tracing::warn!(error = %e, "proxy: nft refused the sync; the next one replaces the table");
+                let wait = FIRST_RETRY
+                    .saturating_mul(1 << self.failures.min(6))
+                    .min(MAX_RETRY);
+                self.failures += 1;
+                self.retry_at = Some(Instant::now() + wait);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "proxy: nft refused the sync; the next one replaces the table");
                 self.publish(Some(e.to_string()), t0.elapsed());
             }
         }
@@ -151,13 +176,15 @@ impl ProxyController {
     fn publish(&mut self, error: Option<String>, took: Duration) {
         let mut rows = Vec::new();
         let mut health = Vec::new();
+        let mut still = std::collections::BTreeSet::new();
         for (key, ports, problems, notes) in self.proxy.summaries() {
+            let seen = self.reported.entry(key.clone()).or_default();
             for p in problems.iter().chain(notes) {
-                if self.reported.get(&key) != Some(p) {
+                if seen.insert(p.clone()) {
                     tracing::warn!(service = %key, problem = %p, "proxy: service not fully served");
-                    self.reported.insert(key.clone(), p.clone());
                 }
             }
+            still.insert(key.clone());
             if let Some(f) = self.proxy.programmed(&key) {
                 if let Some(hc) = f.health_check {
                     health.push((hc, key.clone(), f.local_endpoints));
@@ -178,6 +205,7 @@ impl ProxyController {
                 problems: problems.iter().chain(notes).cloned().collect(),
             });
         }
+        self.reported.retain(|k, _| still.contains(k));
         for c in self.proxy.conflicts() {
             tracing::warn!(service = %c.service, what = %c.what, owner = %c.owner, "proxy: address and port taken by another Service");
         }
@@ -271,6 +299,8 @@ pub async fn run(
         last_sync: None,
         listed: false,
         reported: Default::default(),
+        retry_at: None,
+        failures: 0,
     };
     let settings = LoopSettings {
         name: "proxy",

@@ -124,9 +124,16 @@ pub fn run(lab: &mut Lab) -> anyhow::Result<usize> {
     }
     let n2 = lab.node("n2")?.ip.clone();
     match lab.probe_tcp(&lab.fabric_ns(), at(&n2, 30080), T) {
-        Outcome::Answered { by, seen } => println!(
-            "fabric (192.0.2.1) -> NodePort {n2}:30080: answered by {by}, which saw {seen} (masqueraded: externalTrafficPolicy Cluster)"
-        ),
+        Outcome::Answered { by, seen } => {
+            // externalTrafficPolicy Cluster: masqueraded, the client's
+            // address is not what the backend sees
+            let masqueraded = seen.ip().to_string() != "192.0.2.1";
+            failures += usize::from(!masqueraded);
+            println!(
+                "fabric (192.0.2.1) -> NodePort {n2}:30080: answered by {by}, which saw {seen} ({})",
+                if masqueraded { "masqueraded: externalTrafficPolicy Cluster" } else { "FAIL: not masqueraded" }
+            );
+        }
         o => {
             failures += 1;
             println!("fabric -> NodePort {n2}:30080: FAIL ({o:?})");

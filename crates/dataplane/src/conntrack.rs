@@ -4,7 +4,10 @@
 //! being NATed to the dead endpoint for as long as it keeps the entry
 //! alive — the black hole of kubernetes #48370.
 //!
-//! Mirrors `conntrack -D -p udp --reply-src IP --reply-port-src PORT`.
+//! Mirrors `conntrack -D -p udp --orig-dst VIP --dport PORT --reply-src IP`
+//! (kube-proxy's choice: only the Service's flows to that endpoint, not
+//! every flow the endpoint has), and for a Service port that starts being
+//! served, its flows that were never NATed.
 
 use crate::NlError;
 use netlink_sys::{Socket, SocketAddr as NlAddr};
@@ -171,9 +174,9 @@ fn open() -> Result<Socket, NlError> {
     Ok(sock)
 }
 
-/// The original tuples of the IPv4 conntrack entries whose reply tuple
-/// `pick` accepts.
-fn dump(sock: &Socket, pick: impl Fn(&Tuple) -> bool) -> Result<Vec<Tuple>, NlError> {
+/// The original tuples of the IPv4 conntrack entries that `pick`
+/// (original, reply) accepts.
+fn dump(sock: &Socket, pick: impl Fn(&Tuple, &Tuple) -> bool) -> Result<Vec<Tuple>, NlError> {
     sock.send(
         &message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, &[]),
         0,
@@ -210,7 +213,7 @@ fn dump(sock: &Socket, pick: impl Fn(&Tuple) -> bool) -> Result<Vec<Tuple>, NlEr
                         }
                     }
                     if let (Some(o), Some(r)) = (orig, reply) {
-                        if pick(&r) {
+                        if pick(&o, &r) {
                             found.push(o);
                         }
                     }
@@ -220,23 +223,47 @@ fn dump(sock: &Socket, pick: impl Fn(&Tuple) -> bool) -> Result<Vec<Tuple>, NlEr
     }
 }
 
-/// Deletes the UDP conntrack entries whose replies come from one of
-/// `endpoints` (flows NATed to them); returns how many went.
-pub fn delete_udp_to(endpoints: &[SocketAddr]) -> Result<usize, NlError> {
-    let wanted: Vec<(Ipv4Addr, u16)> = endpoints
-        .iter()
-        .filter_map(|e| match e.ip() {
-            IpAddr::V4(a) => Some((a, e.port())),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    if wanted.is_empty() {
+/// UDP flows of one Service port to delete, as kube-proxy chooses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpFlows {
+    /// Flows NATed to this endpoint; `None`: flows that were not NATed.
+    pub endpoint: Option<SocketAddr>,
+    /// Original destinations (the Service's address and port).
+    pub dests: Vec<SocketAddr>,
+    /// Original destination ports (the Service's node ports).
+    pub node_ports: Vec<u16>,
+}
+
+impl UdpFlows {
+    /// Whether the entry (original, reply) is one of these flows.
+    pub fn matches(&self, o: &Tuple, r: &Tuple) -> bool {
+        if o.proto != UDP {
+            return false;
+        }
+        let to_service = o.dst.is_some_and(|d| {
+            self.dests
+                .iter()
+                .any(|s| s.ip() == IpAddr::V4(d) && s.port() == o.dport)
+        }) || self.node_ports.contains(&o.dport);
+        if !to_service {
+            return false;
+        }
+        match self.endpoint {
+            Some(SocketAddr::V4(e)) => r.src == Some(*e.ip()) && r.sport == e.port(),
+            Some(SocketAddr::V6(_)) => false,
+            // not NATed: the reply comes from where the client sent it
+            None => r.src == o.dst && r.sport == o.dport,
+        }
+    }
+}
+
+/// Deletes the conntrack entries of `flows`; returns how many went.
+pub fn delete_udp(flows: &[UdpFlows]) -> Result<usize, NlError> {
+    if flows.is_empty() {
         return Ok(0);
     }
     let sock = open()?;
-    let doomed = dump(&sock, |r| {
-        r.proto == UDP && r.src.is_some_and(|s| wanted.contains(&(s, r.sport)))
-    })?;
+    let doomed = dump(&sock, |o, r| flows.iter().any(|f| f.matches(o, r)))?;
     let mut deleted = 0;
     for (i, t) in doomed.iter().enumerate() {
         let seq = 2 + i as u32;
@@ -273,6 +300,56 @@ pub fn delete_udp_to(endpoints: &[SocketAddr]) -> Result<usize, NlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_services_flows_match() {
+        let t = |src: [u8; 4], dst: [u8; 4], sport, dport| Tuple {
+            src: Some(src.into()),
+            dst: Some(dst.into()),
+            proto: UDP,
+            sport,
+            dport,
+        };
+        let f = UdpFlows {
+            endpoint: Some("10.244.2.5:5353".parse().expect("sa")),
+            dests: vec!["10.96.0.10:53".parse().expect("sa")],
+            node_ports: vec![30053],
+        };
+        let client = [10, 244, 1, 7];
+        // through the Service, NATed to the endpoint
+        assert!(f.matches(
+            &t(client, [10, 96, 0, 10], 4000, 53),
+            &t([10, 244, 2, 5], client, 5353, 4000)
+        ));
+        // through the node port
+        assert!(f.matches(
+            &t(client, [192, 0, 2, 12], 4000, 30053),
+            &t([10, 244, 2, 5], client, 5353, 4000)
+        ));
+        // straight to the pod: not the Service's
+        assert!(!f.matches(
+            &t(client, [10, 244, 2, 5], 4000, 5353),
+            &t([10, 244, 2, 5], client, 5353, 4000)
+        ));
+        // the Service's flow to another endpoint
+        assert!(!f.matches(
+            &t(client, [10, 96, 0, 10], 4000, 53),
+            &t([10, 244, 3, 5], client, 5353, 4000)
+        ));
+        // never NATed (before the Service was served)
+        let fresh = UdpFlows {
+            endpoint: None,
+            ..f.clone()
+        };
+        assert!(fresh.matches(
+            &t(client, [10, 96, 0, 10], 4000, 53),
+            &t([10, 96, 0, 10], client, 53, 4000)
+        ));
+        assert!(!fresh.matches(
+            &t(client, [10, 96, 0, 10], 4000, 53),
+            &t([10, 244, 2, 5], client, 5353, 4000)
+        ));
+    }
 
     #[test]
     fn a_tuple_round_trips() {

@@ -384,9 +384,9 @@ impl Dataplane for FakeDataplane {
         Ok(self.enter("nft_table_exists")?.nft.is_some())
     }
 
-    fn conntrack_delete_udp(&self, endpoints: &[std::net::SocketAddr]) -> Result<usize> {
+    fn conntrack_delete_udp(&self, flows: &[crate::conntrack::UdpFlows]) -> Result<usize> {
         drop(self.enter("conntrack_delete_udp")?);
-        Ok(endpoints.len())
+        Ok(flows.len())
     }
 
     fn underlay(&self, _ip: IpAddr) -> Result<Option<Underlay>> {

@@ -241,9 +241,9 @@ pub trait Dataplane: Send + Sync {
     /// deleted a table of ours.
     fn nft_table_exists(&self, table: &str) -> Result<bool>;
 
-    /// `conntrack -D -p udp --reply-src IP --reply-port-src PORT` for each
-    /// of `endpoints`: UDP flows NATed to them go. Returns how many.
-    fn conntrack_delete_udp(&self, endpoints: &[std::net::SocketAddr]) -> Result<usize>;
+    /// `conntrack -D -p udp --orig-dst VIP --reply-src ENDPOINT` for each
+    /// of `flows`. Returns how many entries went.
+    fn conntrack_delete_udp(&self, flows: &[conntrack::UdpFlows]) -> Result<usize>;
 
     /// Whether the kernel can make links of `kind` (`ipip`, `vxlan`, ...):
     /// creates a throw-away link `trellis-probe` in this namespace and

@@ -502,9 +502,9 @@ impl Dataplane for LinuxDataplane {
         crate::nft::table_exists(table)
     }
 
-    fn conntrack_delete_udp(&self, endpoints: &[std::net::SocketAddr]) -> Result<usize> {
-        crate::conntrack::delete_udp_to(endpoints)
-            .map_err(|e| DataplaneError::new("conntrack -D -p udp --reply-src", e))
+    fn conntrack_delete_udp(&self, flows: &[crate::conntrack::UdpFlows]) -> Result<usize> {
+        crate::conntrack::delete_udp(flows)
+            .map_err(|e| DataplaneError::new("conntrack -D -p udp --orig-dst --reply-src", e))
     }
 
     fn link_kind_supported(&self, kind: crate::LinkKind) -> Result<bool> {

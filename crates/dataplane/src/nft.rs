@@ -4,8 +4,11 @@ use crate::{DataplaneError, NlError, Result};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-/// Feeds `ruleset` to `nft -f -` and waits (bounded by nft itself: it only
-/// talks to the kernel).
+/// Longest an `nft -f` may take (a whole table of 30,000 Services loads in
+/// seconds; a hung nft is killed and reported).
+const APPLY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Feeds `ruleset` to `nft -f -` and waits, at most [`APPLY_DEADLINE`].
 pub fn apply(ruleset: &str) -> Result<()> {
     let op = "nft -f -";
     let fail = |msg: String| DataplaneError::new(op, NlError::Transport(msg));
@@ -21,11 +24,33 @@ pub fn apply(ruleset: &str) -> Result<()> {
             .write_all(ruleset.as_bytes())
             .map_err(|e| fail(e.to_string()))?;
     }
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+    // its errors are read on the side (a full pipe would stall it), and
+    // its exit is waited for with a deadline
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(e) = stderr.as_mut() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    });
+    let deadline = std::time::Instant::now() + APPLY_DEADLINE;
+    loop {
+        match child.try_wait().map_err(|e| fail(e.to_string()))? {
+            Some(_) => break,
+            None if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("no answer within {APPLY_DEADLINE:?}; killed")));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+    let status = child.wait().map_err(|e| fail(e.to_string()))?;
+    let err = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(fail(err.trim().to_string()));
     }
     Ok(())
 }

@@ -122,6 +122,8 @@ enum To {
     ClusterFrom(&'static str, &'static str, u16),
     /// The node's address, this node port, from the fabric.
     NodePort(u16),
+    /// The node's address, this node port, from the lab's internet host.
+    NodePortInet(u16),
     /// Address for n1 / n2 (routed to that node by the fabric), port,
     /// from the fabric (`inet`: from the lab's internet host instead).
     Routed([&'static str; 2], u16, bool),
@@ -178,6 +180,12 @@ fn shapes() -> Vec<Shape> {
             false,
         ),
         s("LoadBalancer node port", To::NodePort(30500), false),
+        // the control of "out of range": that host reaches the nodes
+        s(
+            "LoadBalancer node port, from the internet host",
+            To::NodePortInet(30500),
+            false,
+        ),
         Shape {
             name: "ClientIP affinity (10 connections)",
             to: To::Cluster("sticky", 80),
@@ -257,6 +265,11 @@ fn probe(lab: &Lab, node: &str, shape: &Shape) -> String {
             fabric,
             format!("{}:{port}", lab.node(node).expect("node").ip),
             "192.0.2.1".into(),
+        ),
+        To::NodePortInet(port) => (
+            lab.internet_ns(),
+            format!("{}:{port}", lab.node(node).expect("node").ip),
+            trellis_lab::INTERNET_IP.to_string(),
         ),
         To::Routed(ips, port, inet) => {
             let ip = ips[usize::from(node == "n2")];

@@ -223,6 +223,27 @@ fn cluster_ip_node_port_external_and_load_balancer_addresses() {
         all,
         "lb ip"
     );
+    // the internet host reaches the nodes (the same Service's node port
+    // answers it), but not the LB IP: its source is outside the ranges
+    let lb_np: u16 = lab
+        .kubectl(&[
+            "get",
+            "service",
+            "lb",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ])
+        .expect("lb node port")
+        .trim()
+        .parse()
+        .expect("node port");
+    let n2_ip = lab.node("n2").expect("n2").ip.clone();
+    assert!(
+        lab.probe_tcp(&lab.internet_ns(), sa(&n2_ip, lb_np), T)
+            .by()
+            .is_some(),
+        "control: the internet host reaches n2's node port"
+    );
     let outside = lab.probe_tcp(&lab.internet_ns(), sa("198.51.100.70", 80), T);
     assert_eq!(
         outside,

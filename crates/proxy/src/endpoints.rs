@@ -14,6 +14,8 @@ pub struct PortEndpoints {
     pub cluster: Vec<SocketAddr>,
     /// For traffic policy Local: the usable endpoints on this node.
     pub local: Vec<SocketAddr>,
+    /// The ready endpoints on this node (what a health check counts).
+    pub local_ready: Vec<SocketAddr>,
 }
 
 /// The endpoints of port `sp` in `slices` (all of one Service), of the
@@ -59,9 +61,12 @@ pub fn for_port(sp: &ServicePort, slices: &[&Slice], node: &str, v4: bool) -> Po
         chosen.sort();
         chosen
     };
+    let mut local_ready: Vec<SocketAddr> = all.iter().filter(|e| e.3 && e.1).map(|e| e.0).collect();
+    local_ready.sort();
     PortEndpoints {
         cluster: pick(false),
         local: pick(true),
+        local_ready,
     }
 }
 
@@ -116,6 +121,9 @@ mod tests {
         // on n2 nothing local is ready: its terminating one serves locally
         let e2 = for_port(&port(), &[&s], "n2", true);
         assert_eq!(e2.local, vec!["10.244.2.2:8080".parse().expect("sa")]);
+        // ... but a health check does not count it
+        assert!(e2.local_ready.is_empty());
+        assert_eq!(e.local_ready.len(), 1);
         // nothing ready anywhere: both terminating ones
         let t = slice(vec![
             ep("10.244.2.2", false, true, true, "n2"),

@@ -22,7 +22,7 @@ pub mod state;
 pub use model::{
     Endpoint, NodeFacts, Protocol, Service, ServicePort, ServiceType, Slice, SlicePort,
 };
-pub use state::{Plan, Proxy};
+pub use state::{Plan, Proxy, UdpFlows};
 
 /// The table the proxy owns (and only it).
 pub const TABLE: &str = "trellis-proxy";

@@ -135,7 +135,8 @@ pub struct Fragment {
     pub ports: Vec<PortSummary>,
     /// Names of chains that hold an affinity id.
     pub affinity_chains: Vec<String>,
-    /// Local endpoints over all ports (the health check's count).
+    /// This node's ready endpoints, each address once (the health
+    /// check's count, as kube-proxy's: terminating ones do not count).
     pub local_endpoints: usize,
     /// The health-check node port to answer (`externalTrafficPolicy:
     /// Local` with addresses reached from outside).
@@ -187,14 +188,23 @@ fn v4(ips: &[IpAddr]) -> (Vec<IpAddr>, bool) {
 /// Renders `svc` with its `slices` for `node`.
 pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids) -> Fragment {
     let mut f = Fragment::default();
-    if !svc.problems.is_empty() {
-        f.problems = svc.problems.clone();
-        return f;
-    }
     if svc.kind == ServiceType::ExternalName {
         return f;
     }
     let (cluster_ips, s1) = v4(&svc.cluster_ips);
+    // a Service that is not served still owns its ClusterIPs: traffic to
+    // them is refused, never routed off the node
+    let refuse_all = |f: &mut Fragment| {
+        for ip in &cluster_ips {
+            f.shared
+                .push((Shared::ClusterIps, ip.to_string(), String::new()));
+        }
+    };
+    if !svc.problems.is_empty() {
+        f.problems = svc.problems.clone();
+        refuse_all(&mut f);
+        return f;
+    }
     let (external_ips, s2) = v4(&svc.external_ips);
     let (lb_ips, s3) = v4(&svc.lb_ips);
     if s1 || s2 || s3 {
@@ -213,6 +223,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
         }
     }
     if !f.problems.is_empty() {
+        refuse_all(&mut f);
         return f;
     }
     let cidr = node.cluster_cidr;
@@ -224,13 +235,19 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
     };
     // the load balancer source check, one per Service
     let fw = format!("{}/{}", svc.namespace, svc.name);
-    let ranges: Vec<String> = svc
+    // this family's ranges, overlaps merged (an interval set refuses
+    // overlapping elements)
+    let v4_ranges: Vec<ipnet::IpNet> = svc
         .lb_source_ranges
         .iter()
         .filter(|r| matches!(r, ipnet::IpNet::V4(_)))
+        .copied()
+        .collect();
+    let ranges: Vec<String> = ipnet::IpNet::aggregate(&v4_ranges)
+        .iter()
         .map(ToString::to_string)
         .collect();
-    let firewall = !lb_ips.is_empty() && !svc.lb_source_ranges.is_empty();
+    let firewall = !lb_ips.is_empty() && !ranges.is_empty();
     if firewall {
         f.sets.insert(
             format!("fw-{fw}"),
@@ -244,17 +261,21 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
             vec![
                 "counter".into(),
                 format!("ip saddr @fw-{fw} return"),
-                // the node itself may always reach its load balancer IPs
-                "fib saddr type local return".into(),
                 "drop".into(),
             ],
         );
     }
+    // the health check counts this node's ready endpoints, each once
+    let mut local_ready_ips = std::collections::BTreeSet::new();
     for sp in &svc.ports {
         let p = sp.protocol.as_str();
         let id = format!("{}/{}/{}/{}", svc.namespace, svc.name, p, sp.port);
-        let PortEndpoints { cluster, local } = for_port(sp, slices, &node.name, true);
-        f.local_endpoints += local.len();
+        let PortEndpoints {
+            cluster,
+            local,
+            local_ready,
+        } = for_port(sp, slices, &node.name, true);
+        local_ready_ips.extend(local_ready.iter().map(|e| e.ip()));
         let ext = external(sp);
         let need_local = svc.internal_local || (svc.external_local && ext);
         let served = !cluster.is_empty();
@@ -365,6 +386,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
             addresses,
         });
     }
+    f.local_endpoints = local_ready_ips.len();
     f
 }
 

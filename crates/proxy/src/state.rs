@@ -11,12 +11,24 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::SocketAddr;
 
-/// A shared map's key and the Services claiming it, in order: (Service,
-/// value); the first one has it.
+/// A shared map's key and the Services claiming it, sorted by Service:
+/// (Service, value); the first one has it.
 type Claims = Vec<((Shared, String), Vec<(String, String)>)>;
 
 /// One programmed Service for listings: (key, ports, problems, notes).
 pub type Summary<'a> = (String, &'a [PortSummary], &'a [String], &'a [String]);
+
+/// UDP flows to delete from conntrack, as kube-proxy chooses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpFlows {
+    /// Flows NATed to this endpoint; `None`: flows not NATed at all.
+    pub endpoint: Option<SocketAddr>,
+    /// ... whose original destination is one of these (Service address
+    /// and port) ...
+    pub dests: Vec<SocketAddr>,
+    /// ... or whose original destination port is one of these node ports.
+    pub node_ports: Vec<u16>,
+}
 
 /// One transaction to apply, and what it leaves behind once applied.
 #[derive(Debug, Default)]
@@ -27,15 +39,17 @@ pub struct Plan {
     pub full: bool,
     /// Services rendered again.
     pub services: usize,
-    /// UDP endpoints no longer used by some Service port: their
-    /// conntrack entries must go (kubernetes #48370).
-    pub stale_udp: Vec<SocketAddr>,
+    /// UDP conntrack entries that must go (kubernetes #48370): flows of
+    /// a Service port NATed to an endpoint it no longer has, and flows to
+    /// a Service port that is served now but was not (created un-NATed
+    /// before, e.g. while the agent was down).
+    pub stale_udp: Vec<UdpFlows>,
     fragments: Vec<(String, Option<Fragment>)>,
     claims: Claims,
 }
 
 /// A shared key claimed by more than one Service with different values:
-/// the first keeps it.
+/// the first by `namespace/name` keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Conflict {
     /// The Service that does not get it.
@@ -196,7 +210,10 @@ impl Proxy {
         };
         let mut s = Script::default();
         let mut touched: BTreeSet<(Shared, String)> = BTreeSet::new();
-        let mut claims = self.claims.clone();
+        // the claims of the keys this plan touches (a full plan: of all,
+        // from nothing); each key's claimants sorted by Service, the first
+        // owns it — whatever the order things happened in
+        let mut claims: HashMap<(Shared, String), Vec<(String, String)>> = HashMap::new();
         let empty = Fragment::default();
         for key in &keys {
             let new = self.render(key);
@@ -220,23 +237,33 @@ impl Proxy {
                 let lost = script::diff(&mut Script::default(), o, new.as_ref().unwrap_or(&empty));
                 plan.stale_udp.extend(udp_endpoints(Some(o), &lost));
             }
-            // claims of the shared maps
+            plan.stale_udp.extend(udp_fresh(old, new.as_ref()));
             for (kind, k, _) in old.map(|o| o.shared.as_slice()).unwrap_or_default() {
-                if let Some(v) = claims.get_mut(&(*kind, k.clone())) {
-                    v.retain(|(svc, _)| svc != key);
-                }
-                touched.insert((*kind, k.clone()));
+                claim_entry(
+                    &mut claims,
+                    &self.claims,
+                    full,
+                    &mut touched,
+                    (*kind, k.clone()),
+                )
+                .retain(|(svc, _)| svc != key);
             }
             for (kind, k, val) in new
                 .as_ref()
                 .map(|n| n.shared.as_slice())
                 .unwrap_or_default()
             {
-                let v = claims.entry((*kind, k.clone())).or_default();
-                if !v.iter().any(|(svc, vv)| svc == key && vv == val) {
-                    v.push((key.clone(), val.clone()));
+                let v = claim_entry(
+                    &mut claims,
+                    &self.claims,
+                    full,
+                    &mut touched,
+                    (*kind, k.clone()),
+                );
+                match v.binary_search_by(|(svc, _)| svc.as_str().cmp(key.as_str())) {
+                    Ok(i) => v[i].1 = val.clone(),
+                    Err(i) => v.insert(i, (key.clone(), val.clone())),
                 }
-                touched.insert((*kind, k.clone()));
             }
             plan.fragments.push((key.clone(), new));
         }
@@ -260,17 +287,7 @@ impl Proxy {
                 plan.script = s.text();
             }
         }
-        plan.claims = if full {
-            claims.into_iter().collect()
-        } else {
-            touched
-                .into_iter()
-                .map(|t| {
-                    let v = claims.remove(&t).unwrap_or_default();
-                    (t, v)
-                })
-                .collect()
-        };
+        plan.claims = claims.into_iter().collect();
         plan
     }
 
@@ -340,7 +357,18 @@ impl Proxy {
     /// The kernel refused `plan`: what it would have changed is dirty
     /// again and the next plan replaces the whole table.
     pub fn failed(&mut self, plan: Plan) {
-        for (key, _) in plan.fragments {
+        for (key, f) in plan.fragments {
+            // affinity ids taken by what never reached the kernel go back
+            let kept = self
+                .applied
+                .get(&key)
+                .map(|a| a.affinity_chains.clone())
+                .unwrap_or_default();
+            for c in f.iter().flat_map(|f| f.affinity_chains.iter()) {
+                if !kept.contains(c) {
+                    self.ids.release(c);
+                }
+            }
             self.dirty.insert(key);
         }
         self.full = true;
@@ -400,16 +428,90 @@ impl Proxy {
     }
 }
 
-/// The UDP endpoints among `lost` endpoint-map values of `old`.
-fn udp_endpoints(old: Option<&Fragment>, lost: &[(String, String)]) -> Vec<SocketAddr> {
+/// The claimants of shared key `t` as this plan changes them: taken from
+/// what is applied on first use (from nothing in a full plan).
+fn claim_entry<'a>(
+    claims: &'a mut HashMap<(Shared, String), Vec<(String, String)>>,
+    applied: &HashMap<(Shared, String), Vec<(String, String)>>,
+    full: bool,
+    touched: &mut BTreeSet<(Shared, String)>,
+    t: (Shared, String),
+) -> &'a mut Vec<(String, String)> {
+    touched.insert(t.clone());
+    claims.entry(t.clone()).or_insert_with(|| {
+        if full {
+            Vec::new()
+        } else {
+            applied.get(&t).cloned().unwrap_or_default()
+        }
+    })
+}
+
+/// Where Service port `id` of `f` is served: (address:port, node ports).
+fn served_at(f: &Fragment, id: &str) -> (Vec<SocketAddr>, Vec<u16>) {
+    let mut dests = Vec::new();
+    let mut node_ports = Vec::new();
+    for a in f
+        .ports
+        .iter()
+        .filter(|p| p.id == id)
+        .flat_map(|p| &p.addresses)
+    {
+        let at = a.rsplit_once('/').map(|(at, _)| at).unwrap_or(a);
+        if let Some(np) = at.strip_prefix("*:") {
+            node_ports.extend(np.parse::<u16>().ok());
+        } else if let Ok(sa) = at.parse() {
+            dests.push(sa);
+        }
+    }
+    (dests, node_ports)
+}
+
+/// Whether Service port id `ns/name/proto/port` is UDP.
+fn is_udp(id: &str) -> bool {
+    id.rsplit('/').nth(1) == Some(Protocol::Udp.as_str())
+}
+
+/// The UDP flows to endpoints that left `old`'s endpoint maps (`lost`).
+fn udp_endpoints(old: Option<&Fragment>, lost: &[(String, String)]) -> Vec<UdpFlows> {
     let Some(old) = old else { return Vec::new() };
     lost.iter()
-        .filter(|(map, _)| map.starts_with("eps-") || map.starts_with("leps-"))
-        .filter(|(map, _)| map.contains(&format!("/{}/", Protocol::Udp.as_str())))
-        .filter(|(map, _)| old.sets.contains_key(map))
-        .filter_map(|(_, v)| {
+        .filter_map(|(map, v)| {
+            let id = map
+                .strip_prefix("eps-")
+                .or_else(|| map.strip_prefix("leps-"))?;
+            if !is_udp(id) {
+                return None;
+            }
             let (ip, port) = v.split_once(" . ")?;
-            Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+            let endpoint = SocketAddr::new(ip.parse().ok()?, port.parse().ok()?);
+            let (dests, node_ports) = served_at(old, id);
+            Some(UdpFlows {
+                endpoint: Some(endpoint),
+                dests,
+                node_ports,
+            })
+        })
+        .collect()
+}
+
+/// UDP ports of `new` that serve now and did not in `old`: their
+/// un-NATed flows must go.
+fn udp_fresh(old: Option<&Fragment>, new: Option<&Fragment>) -> Vec<UdpFlows> {
+    let Some(new) = new else { return Vec::new() };
+    new.ports
+        .iter()
+        .filter(|p| is_udp(&p.id) && p.verdict == "serve")
+        .filter(|p| {
+            !old.is_some_and(|o| o.ports.iter().any(|q| q.id == p.id && q.verdict == "serve"))
+        })
+        .map(|p| {
+            let (dests, node_ports) = served_at(new, &p.id);
+            UdpFlows {
+                endpoint: None,
+                dests,
+                node_ports,
+            }
         })
         .collect()
 }

@@ -206,25 +206,29 @@ fn golden_shapes() {
     assert_eq!(p.programmed("default/lb").expect("lb").local_endpoints, 1);
 }
 
-/// Applies `steps` one after another incrementally and checks the kernel
-/// ends where a fresh full rendering of the last state puts it.
+/// Applies `steps` one after another incrementally and checks, after
+/// every step, that the kernel holds what a fresh full rendering of that
+/// step's state puts there.
 fn incremental_matches_full(steps: Vec<(Vec<Service>, Vec<Slice>)>) -> Vec<(bool, usize)> {
     let mut p = Proxy::new(node());
     let mut scripts = Vec::new();
     let mut plans = Vec::new();
-    for (services, slices) in steps.clone() {
+    for (i, (services, slices)) in steps.iter().cloned().enumerate() {
         p.replace(services, slices);
         let plan = p.plan();
         scripts.push(plan.script.clone());
         plans.push((plan.full, plan.services));
         p.applied(plan);
-    }
-    let (s, e) = steps.last().cloned().expect("steps");
-    let (_, fresh) = full(s, e);
-    if let (Some(a), Some(b)) = (apply_in_netns(&scripts), apply_in_netns(&[fresh])) {
-        let a = a.expect("incremental scripts apply");
-        let b = b.expect("full script applies");
-        assert_eq!(a, b, "incremental and full renderings differ in the kernel");
+        let (s, e) = steps[i].clone();
+        let (_, fresh) = full(s, e);
+        if let (Some(a), Some(b)) = (apply_in_netns(&scripts), apply_in_netns(&[fresh])) {
+            let a = a.expect("incremental scripts apply");
+            let b = b.expect("full script applies");
+            assert_eq!(
+                a, b,
+                "step {i}: incremental and full renderings differ in the kernel"
+            );
+        }
     }
     plans
 }
@@ -318,10 +322,14 @@ fn one_endpoint_change_renders_one_service() {
     assert!(!plan.full);
     assert!(!plan.script.contains("bench/s8/"), "{}", plan.script);
     assert!(plan.script.lines().count() < 10, "{}", plan.script);
-    // the removed UDP endpoint's conntrack entries must go
+    // the removed UDP endpoint's flows to this Service must go
     assert_eq!(
         plan.stale_udp,
-        vec![std::net::SocketAddr::new(gone.address, 5353)]
+        vec![trellis_proxy::UdpFlows {
+            endpoint: Some(std::net::SocketAddr::new(gone.address, 5353)),
+            dests: vec!["10.96.0.8:53".parse().expect("sa")],
+            node_ports: vec![],
+        }]
     );
     p.applied(plan);
     assert!(!p.pending());
@@ -383,4 +391,75 @@ fn a_service_with_problems_is_not_programmed_and_conflicts_are_named() {
     if let Some(r) = apply_in_netns(&[text]) {
         r.expect("the kernel takes it");
     }
+}
+
+#[test]
+fn the_owner_of_a_shared_address_does_not_depend_on_history() {
+    let ext = |name: &str| {
+        let mut s = svc(
+            "default",
+            name,
+            "10.96.5.1",
+            vec![port("http", TCP, 80, None)],
+        );
+        s.cluster_ips = vec![format!("10.96.5.{}", name.len()).parse().expect("ip")];
+        s.external_ips = vec!["203.0.113.7".parse().expect("ip")];
+        s
+    };
+    let eps = |s: &str, a: &str| slice("default", s, &[("http", TCP, 8080)], &[ready(a, "n2")]);
+    // b first, then a arrives, then a's endpoints change: a ("default/a"
+    // sorts first) owns the address in every step, as a full rendering says
+    let steps = vec![
+        (vec![ext("bb")], vec![eps("bb", "10.244.2.1")]),
+        (
+            vec![ext("bb"), ext("a")],
+            vec![eps("bb", "10.244.2.1"), eps("a", "10.244.2.2")],
+        ),
+        (
+            vec![ext("bb"), ext("a")],
+            vec![eps("bb", "10.244.2.1"), eps("a", "10.244.2.3")],
+        ),
+        (vec![ext("bb")], vec![eps("bb", "10.244.2.1")]),
+    ];
+    incremental_matches_full(steps);
+    let (p, _) = full(
+        vec![ext("bb"), ext("a")],
+        vec![eps("bb", "10.244.2.1"), eps("a", "10.244.2.2")],
+    );
+    let c = p.conflicts();
+    assert_eq!(
+        (c[0].service.as_str(), c[0].owner.as_str()),
+        ("default/bb", "default/a")
+    );
+}
+
+#[test]
+fn overlapping_source_ranges_load() {
+    let mut lb = svc(
+        "default",
+        "lb",
+        "10.96.6.1",
+        vec![port("http", TCP, 80, None)],
+    );
+    lb.kind = ServiceType::LoadBalancer;
+    lb.lb_ips = vec!["203.0.113.50".parse().expect("ip")];
+    lb.lb_source_ranges = ["10.0.0.0/8", "10.1.0.0/16", "10.0.0.0/8", "192.0.2.7/32"]
+        .iter()
+        .map(|r| r.parse().expect("cidr"))
+        .collect();
+    let e = slice(
+        "default",
+        "lb",
+        &[("http", TCP, 8080)],
+        &[ready("10.244.1.5", "n1")],
+    );
+    let (_, text) = full(vec![lb.clone()], vec![e.clone()]);
+    if let Some(r) = apply_in_netns(&[text]) {
+        r.expect("overlapping ranges are merged, not refused");
+    }
+    let mut wider = lb.clone();
+    wider
+        .lb_source_ranges
+        .push("0.0.0.0/0".parse().expect("cidr"));
+    incremental_matches_full(vec![(vec![lb], vec![e.clone()]), (vec![wider], vec![e])]);
 }

@@ -224,7 +224,7 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Res
         if Instant::now() > deadline {
             bail!("{what}: not within {limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -286,16 +286,22 @@ fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
         t0.elapsed().as_secs_f64()
     );
     let mut out = Vec::new();
-    let mut bulk = Vec::new();
-    for p in who {
-        // +1: the kubernetes Service
-        let done = wait("bulk", Duration::from_secs(600), || {
-            count(&programmed(&lab, *p)) > n
-        })?;
-        bulk.push(done.saturating_duration_since(last));
+    // every proxy polled in turn until each has all of them (+1: the
+    // kubernetes Service), each one's time taken when it is first seen done
+    let mut bulk: Vec<Option<Duration>> = vec![None; who.len()];
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while bulk.iter().any(Option::is_none) {
+        for (k, p) in who.iter().enumerate() {
+            if bulk[k].is_none() && count(&programmed(&lab, *p)) > n {
+                bulk[k] = Some(last.elapsed());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("bulk: not every proxy programmed {n} Services within 900 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
-    // the last one finished first in the loop above may have been done
-    // earlier: probe order does not shift a proxy's figure past its own
+    let bulk: Vec<Duration> = bulk.into_iter().flatten().collect();
     for (k, p) in who.iter().enumerate() {
         // (d) RSS once settled
         let rss = crate::converge::rss_mb(pid_of(&lab, *p)?);
@@ -401,6 +407,9 @@ fn connect_median(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Duration
 
 /// `proxy-latency`: prints the result line.
 pub fn latency(small: usize, large: usize, connects: usize) -> anyhow::Result<()> {
+    if connects == 0 || small == 0 || large <= small {
+        bail!("--connects must be > 0 and 0 < --small < --large");
+    }
     trellis_lab::k8s::bin_dir()?;
     let mut lab = Lab::create(LabOptions {
         nodes: 2,
@@ -436,12 +445,14 @@ pub fn latency(small: usize, large: usize, connects: usize) -> anyhow::Result<()
     let ip = w.cluster_ip(0)?;
     let to: SocketAddr = format!("{ip}:80").parse()?;
     let cli = lab.pod_ns("n1", "cli");
+    let svc0 = format!("{ip} . tcp . 80");
     wait("small set programmed", Duration::from_secs(120), || {
-        count(&nft(
+        let m = nft(
             &lab,
             "n1",
             &["list", "map", "inet", "trellis-proxy", "services"],
-        )) >= small
+        );
+        count(&m) >= small && m.contains(&svc0)
     })?;
     let lat_small = connect_median(&cli, to, connects)?;
     w.fill(small, large)?;
