@@ -82,7 +82,12 @@ struct ProxyController {
     /// after a refused sync: no new attempt before this (backoff)
     retry_at: Option<Instant>,
     failures: u32,
+    /// when the table was last checked for
+    checked: Option<Instant>,
 }
+
+/// How often the resync checks that the table is still there.
+const TABLE_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// First wait after nft refused a sync; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -257,8 +262,19 @@ impl Controller for ProxyController {
     async fn on_inputs(&mut self, _: Vec<()>) {}
 
     async fn on_resync(&mut self) {
-        // someone deleted the table (nft flush ruleset): put it back whole
-        match tokio::task::block_in_place(|| self.dp.nft_table_exists(trellis_proxy::TABLE)) {
+        // someone deleted the table (nft flush ruleset): put it back whole;
+        // checked on one small set, at most once a minute
+        if self
+            .checked
+            .is_some_and(|t| t.elapsed() < TABLE_CHECK_EVERY)
+        {
+            self.maybe_sync();
+            return;
+        }
+        self.checked = Some(Instant::now());
+        match tokio::task::block_in_place(|| {
+            self.dp.nft_set_exists(trellis_proxy::TABLE, "node_ips")
+        }) {
             Ok(false) if self.listed => {
                 tracing::warn!(
                     table = trellis_proxy::TABLE,
@@ -301,6 +317,7 @@ pub async fn run(
         reported: Default::default(),
         retry_at: None,
         failures: 0,
+        checked: None,
     };
     let settings = LoopSettings {
         name: "proxy",

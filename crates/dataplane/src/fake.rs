@@ -380,8 +380,8 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn nft_table_exists(&self, _table: &str) -> Result<bool> {
-        Ok(self.enter("nft_table_exists")?.nft.is_some())
+    fn nft_set_exists(&self, _table: &str, _set: &str) -> Result<bool> {
+        Ok(self.enter("nft_set_exists")?.nft.is_some())
     }
 
     fn conntrack_delete_udp(&self, flows: &[crate::conntrack::UdpFlows]) -> Result<usize> {

@@ -237,9 +237,9 @@ pub trait Dataplane: Send + Sync {
     /// `nft -f -` with `ruleset`: one atomic transaction.
     fn nft_apply(&self, ruleset: &str) -> Result<()>;
 
-    /// `nft -j list tables` names `inet TABLE`: a cheap check that nobody
+    /// `nft list set inet TABLE SET` succeeds: a cheap check that nobody
     /// deleted a table of ours.
-    fn nft_table_exists(&self, table: &str) -> Result<bool>;
+    fn nft_set_exists(&self, table: &str, set: &str) -> Result<bool>;
 
     /// `conntrack -D -p udp --orig-dst VIP --reply-src ENDPOINT` for each
     /// of `flows`. Returns how many entries went.

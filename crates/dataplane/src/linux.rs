@@ -498,8 +498,8 @@ impl Dataplane for LinuxDataplane {
         crate::nft::apply(ruleset)
     }
 
-    fn nft_table_exists(&self, table: &str) -> Result<bool> {
-        crate::nft::table_exists(table)
+    fn nft_set_exists(&self, table: &str, set: &str) -> Result<bool> {
+        crate::nft::set_exists(table, set)
     }
 
     fn conntrack_delete_udp(&self, flows: &[crate::conntrack::UdpFlows]) -> Result<usize> {
