@@ -84,7 +84,12 @@ struct ProxyController {
     failures: u32,
     /// when the table was last checked for
     checked: Option<Instant>,
+    /// how long the last successful sync took
+    last_took: Duration,
 }
+
+/// The longest gap the last sync's duration imposes before the next.
+const MAX_GAP: Duration = Duration::from_secs(2);
 
 /// How often the resync checks that the table is still there.
 const TABLE_CHECK_EVERY: Duration = Duration::from_secs(60);
@@ -107,9 +112,12 @@ impl ProxyController {
     /// Applies what changed, unless the last sync was less than the
     /// minimum interval ago (housekeeping comes back for it).
     fn maybe_sync(&mut self) {
-        let due = self
-            .last_sync
-            .is_none_or(|t| t.elapsed() >= self.min_interval)
+        // the gap between syncs: the minimum interval, or twice what the
+        // last incremental sync took if that is longer (each `nft -f`
+        // costs in proportion to the table: under a burst, fewer and
+        // larger syncs), at most MAX_GAP
+        let gap = self.min_interval.max((self.last_took * 2).min(MAX_GAP));
+        let due = self.last_sync.is_none_or(|t| t.elapsed() >= gap)
             && self.retry_at.is_none_or(|t| Instant::now() >= t);
         if self.listed && self.proxy.pending() && due {
             self.sync();
@@ -119,7 +127,8 @@ impl ProxyController {
     fn sync(&mut self) {
         let t0 = Instant::now();
         let plan = self.proxy.plan();
-        let kind = if plan.full { "full" } else { "incremental" };
+        let plan_full = plan.full;
+        let kind = if plan_full { "full" } else { "incremental" };
         let services = plan.services;
         self.last_sync = Some(t0);
         let result = if plan.script.is_empty() {
@@ -318,6 +327,7 @@ pub async fn run(
         retry_at: None,
         failures: 0,
         checked: None,
+        last_took: Duration::ZERO,
     };
     let settings = LoopSettings {
         name: "proxy",
