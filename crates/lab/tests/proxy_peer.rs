@@ -219,12 +219,7 @@ fn cluster_ip(lab: &Lab, svc: &str) -> String {
 }
 
 fn pod_ip(lab: &Lab, node: &str, pod: &str) -> String {
-    lab.state()
-        .pods
-        .iter()
-        .find(|p| p.node == node && p.name == pod)
-        .map(|p| p.ip.split('/').next().unwrap_or_default().to_string())
-        .expect("pod")
+    lab.pod_ip(node, pod).expect("pod")
 }
 
 /// What a backend saw, as a category: the client's own address, the

@@ -406,6 +406,16 @@ impl Lab {
         format!("{}-{node}-{pod}", self.st.id)
     }
 
+    /// The address pod `pod` on `node` got (without its prefix length).
+    pub fn pod_ip(&self, node: &str, pod: &str) -> anyhow::Result<String> {
+        self.st
+            .pods
+            .iter()
+            .find(|p| p.node == node && p.name == pod)
+            .map(|p| p.ip.split('/').next().unwrap_or_default().to_string())
+            .ok_or_else(|| anyhow::anyhow!("lab {} has no pod {pod} on {node}", self.st.id))
+    }
+
     /// Node `name`.
     pub fn node(&self, name: &str) -> anyhow::Result<&NodeState> {
         self.st

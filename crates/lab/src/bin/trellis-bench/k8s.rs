@@ -50,7 +50,7 @@ fn sim_annotations(i: usize) -> BTreeMap<String, String> {
 }
 
 /// `call`, or an error naming `what` after [`CALL`].
-async fn within<T>(
+pub(crate) async fn within<T>(
     what: String,
     call: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> anyhow::Result<T> {

@@ -14,6 +14,7 @@
 //! - `proxy-latency`: TCP connection setup to a ClusterIP with 10 and with
 //!   10,000 Services programmed.
 
+use crate::k8s::within;
 use anyhow::{bail, Context};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
@@ -25,7 +26,6 @@ use trellis_lab::{netns, Lab, LabOptions};
 
 const NS: &str = "bench";
 const IN_FLIGHT: usize = 32;
-const CALL: Duration = Duration::from_secs(30);
 /// kube-proxy's node and trellis's node.
 const KP: &str = "n1";
 const TR: &str = "n2";
@@ -58,16 +58,6 @@ fn slice(i: usize, eps: &[String]) -> anyhow::Result<EndpointSlice> {
         "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
         "endpoints": eps.iter().map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}})).collect::<Vec<_>>(),
     }))?)
-}
-
-async fn within<T>(
-    what: String,
-    call: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> anyhow::Result<T> {
-    tokio::time::timeout(CALL, call)
-        .await
-        .map_err(|_| anyhow::anyhow!("{what}: no answer within {CALL:?}"))?
-        .with_context(|| what)
 }
 
 /// A client of the lab's API server in the control-plane namespace: its
