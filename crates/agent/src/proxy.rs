@@ -113,9 +113,10 @@ impl ProxyController {
     /// minimum interval ago (housekeeping comes back for it).
     fn maybe_sync(&mut self) {
         // the gap between syncs: the minimum interval, or twice what the
-        // last incremental sync took if that is longer (each `nft -f`
-        // costs in proportion to the table: under a burst, fewer and
-        // larger syncs), at most MAX_GAP
+        // last incremental sync took if that is longer (a sync
+        // may cost in proportion to the table — the kernel validates the
+        // whole table when rules or verdict elements change: under a
+        // burst, fewer and larger syncs), at most MAX_GAP
         let gap = self.min_interval.max((self.last_took * 2).min(MAX_GAP));
         let due = self.last_sync.is_none_or(|t| t.elapsed() >= gap)
             && self.retry_at.is_none_or(|t| Instant::now() >= t);
@@ -134,7 +135,12 @@ impl ProxyController {
         let result = if plan.script.is_empty() {
             Ok(())
         } else {
-            tokio::task::block_in_place(|| self.dp.nft_apply(&plan.script))
+            // one nf_tables batch over netlink: `nft -f` would read the
+            // whole table into its cache first, whatever the change
+            tokio::task::block_in_place(|| {
+                self.dp
+                    .nft_apply_netlink(&plan.script, &trellis_proxy::script::decl_of)
+            })
         };
         let stale: Vec<trellis_dataplane::conntrack::UdpFlows> = plan
             .stale_udp

@@ -380,6 +380,18 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn nft_apply_netlink(
+        &self,
+        script: &str,
+        schema: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
+        // what the kernel would refuse for its form, refused here too
+        crate::nftnl::compile(script, schema)
+            .map_err(|e| DataplaneError::new("nft (netlink)", NlError::Transport(e.0)))?;
+        self.enter("nft_apply")?.nft = Some(script.to_string());
+        Ok(())
+    }
+
     fn nft_set_exists(&self, _table: &str, _set: &str) -> Result<bool> {
         Ok(self.enter("nft_set_exists")?.nft.is_some())
     }

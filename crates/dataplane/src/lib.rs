@@ -10,6 +10,7 @@ mod fake;
 mod linux;
 pub mod netlink;
 mod nft;
+pub mod nftnl;
 mod overlay;
 pub mod sysctl;
 
@@ -236,6 +237,16 @@ pub trait Dataplane: Send + Sync {
 
     /// `nft -f -` with `ruleset`: one atomic transaction.
     fn nft_apply(&self, ruleset: &str) -> Result<()>;
+
+    /// `nft -f -` with `script` (one-line commands of the subset
+    /// [`nftnl`] compiles), sent as one nf_tables transaction over netlink
+    /// without the `nft` binary; `schema` gives the declaration of a set
+    /// the script changes without declaring it.
+    fn nft_apply_netlink(
+        &self,
+        script: &str,
+        schema: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()>;
 
     /// `nft list set inet TABLE SET` succeeds: a cheap check that nobody
     /// deleted a table of ours.

@@ -498,6 +498,15 @@ impl Dataplane for LinuxDataplane {
         crate::nft::apply(ruleset)
     }
 
+    fn nft_apply_netlink(
+        &self,
+        script: &str,
+        schema: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
+        crate::nftnl::apply(script, schema, crate::nft::APPLY_DEADLINE)
+            .map_err(|e| DataplaneError::new("nft (netlink)", e))
+    }
+
     fn nft_set_exists(&self, table: &str, set: &str) -> Result<bool> {
         crate::nft::set_exists(table, set)
     }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 /// Longest an `nft -f` may take (a whole table of 30,000 Services loads in
 /// seconds; a hung nft is killed and reported).
-const APPLY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+pub(crate) const APPLY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Feeds `ruleset` to `nft -f -` and waits, at most [`APPLY_DEADLINE`].
 pub fn apply(ruleset: &str) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use crate::model::NodeFacts;
 use crate::render::Shared;
-use crate::{AFFINITY_MASK, MASQ_MARK};
+use crate::{AFFINITY_MASK, MASQ_MARK, TABLE};
 use std::fmt::Write;
 
 /// The fixed chains: name -> (hook line or `""`, rules).
@@ -68,24 +68,34 @@ pub fn chains(node: &NodeFacts) -> Vec<(&'static str, String, Vec<String>)> {
     ]
 }
 
-/// The declarations of the shared sets and maps, `node_ips` filled.
+/// The shared sets and maps as `add` commands, `node_ips` filled.
 pub fn sets(node: &NodeFacts) -> String {
     let mut out = String::new();
     for s in Shared::ALL {
         let kind = if s.is_map() { "map" } else { "set" };
-        let _ = writeln!(out, "\t{kind} {} {{ {} }}", s.name(), s.decl());
+        let _ = writeln!(
+            out,
+            "add {kind} inet {TABLE} {} {{ {} }}",
+            s.name(),
+            s.decl()
+        );
     }
+    let _ = writeln!(out, "add set inet {TABLE} node_ips {{ {NODE_IPS_DECL} }}");
     let ips: Vec<String> = node
         .addresses
         .iter()
         .filter(|a| a.is_ipv4())
         .map(ToString::to_string)
         .collect();
-    let elements = if ips.is_empty() {
-        String::new()
-    } else {
-        format!(" elements = {{ {} }};", ips.join(", "))
-    };
-    let _ = writeln!(out, "\tset node_ips {{ type ipv4_addr;{elements} }}");
+    if !ips.is_empty() {
+        let _ = writeln!(
+            out,
+            "add element inet {TABLE} node_ips {{ {} }}",
+            ips.join(", ")
+        );
+    }
     out
 }
+
+/// The declaration of `node_ips`.
+pub const NODE_IPS_DECL: &str = "type ipv4_addr;";

@@ -252,7 +252,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
         f.sets.insert(
             format!("fw-{fw}"),
             SetDef {
-                decl: "type ipv4_addr; flags interval;".into(),
+                decl: crate::script::FW_DECL.into(),
                 elements: ranges.iter().map(|r| (r.clone(), String::new())).collect(),
             },
         );
@@ -461,7 +461,7 @@ fn endpoint_chain(
     f.sets.insert(
         format!("{map}-{id}"),
         SetDef {
-            decl: format!("typeof numgen random mod 1 : ip daddr . {p} dport;"),
+            decl: crate::script::eps_decl(p),
             elements: eps
                 .iter()
                 .enumerate()

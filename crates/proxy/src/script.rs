@@ -253,17 +253,16 @@ pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, Stri
     stale
 }
 
-/// The declarations of `f`'s objects inside a `table { }` block (chains
-/// empty) and its rules as a second block's chain bodies.
+/// `f`'s objects as `add` commands: declarations (chains empty) into
+/// `decl`, rules into `rules`, elements collected per set.
 pub fn full(
     f: &Fragment,
     decl: &mut String,
-    bodies: &mut String,
+    rules: &mut String,
     elements: &mut BTreeMap<String, Vec<String>>,
 ) {
     for (name, def) in &f.sets {
-        let kind = if def.decl.contains(':') { "map" } else { "set" };
-        let _ = writeln!(decl, "\t{kind} {name} {{ {} }}", def.decl);
+        decl.push_str(&set_decl(name, def));
         if !def.elements.is_empty() {
             elements
                 .entry(name.clone())
@@ -271,14 +270,44 @@ pub fn full(
                 .extend(def.elements.iter().map(|(k, v)| element(k, v)));
         }
     }
-    for (name, rules) in &f.chains {
-        let _ = writeln!(decl, "\tchain {name} {{ }}");
-        let _ = writeln!(bodies, "\tchain {name} {{");
-        for r in rules {
-            let _ = writeln!(bodies, "\t\t{r}");
+    for (name, body) in &f.chains {
+        let _ = writeln!(decl, "add chain inet {TABLE} {name}");
+        for r in body {
+            let _ = writeln!(rules, "add rule inet {TABLE} {name} {r}");
         }
-        bodies.push_str("\t}\n");
     }
+}
+
+/// The declaration of the proxy's set or map `name`, from its name alone
+/// (the naming is the proxy's own): what encodes its elements when a
+/// script changes a set it does not declare.
+pub fn decl_of(name: &str) -> Option<String> {
+    if let Some(s) = Shared::ALL.iter().find(|s| s.name() == name) {
+        return Some(s.decl().to_string());
+    }
+    if name == "node_ips" {
+        return Some(crate::base::NODE_IPS_DECL.to_string());
+    }
+    if name.starts_with("fw-") {
+        return Some(FW_DECL.to_string());
+    }
+    if name.starts_with("aff-") || name.starts_with("laff-") {
+        return Some("type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout;".into());
+    }
+    let id = name
+        .strip_prefix("eps-")
+        .or_else(|| name.strip_prefix("leps-"))?;
+    // NAMESPACE/NAME/PROTOCOL/PORT
+    let proto = id.rsplit('/').nth(1)?;
+    Some(eps_decl(proto))
+}
+
+/// The declaration of a load balancer source range set.
+pub const FW_DECL: &str = "type ipv4_addr; flags interval;";
+
+/// The declaration of an endpoint map of protocol `proto`.
+pub fn eps_decl(proto: &str) -> String {
+    format!("typeof numgen random mod 1 : ip daddr . {proto} dport;")
 }
 
 /// `add element` lines for `elements`.

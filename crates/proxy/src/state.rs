@@ -297,20 +297,20 @@ impl Proxy {
         claims: &HashMap<(Shared, String), Vec<(String, String)>>,
     ) -> String {
         let mut decl = base::sets(&self.node);
-        let mut bodies = String::new();
+        let mut rules = String::new();
         let mut elements: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, hook, _) in base::chains(&self.node) {
-            let _ = writeln!(decl, "\tchain {name} {{ {hook} }}");
-        }
-        for (name, _, rules) in base::chains(&self.node) {
-            let _ = writeln!(bodies, "\tchain {name} {{");
-            for r in rules {
-                let _ = writeln!(bodies, "\t\t{r}");
+        for (name, hook, body) in base::chains(&self.node) {
+            if hook.is_empty() {
+                let _ = writeln!(decl, "add chain inet {TABLE} {name}");
+            } else {
+                let _ = writeln!(decl, "add chain inet {TABLE} {name} {{ {hook} }}");
             }
-            bodies.push_str("\t}\n");
+            for r in body {
+                let _ = writeln!(rules, "add rule inet {TABLE} {name} {r}");
+            }
         }
         for f in fragments.iter().filter_map(|(_, f)| f.as_ref()) {
-            script::full(f, &mut decl, &mut bodies, &mut elements);
+            script::full(f, &mut decl, &mut rules, &mut elements);
         }
         let mut shared: Vec<_> = claims
             .iter()
@@ -321,10 +321,13 @@ impl Proxy {
             let (set, el) = script::shared_element(kind, key, value);
             elements.entry(set).or_default().push(el);
         }
+        // the table goes and comes back in the same transaction: nothing
+        // of an earlier table survives, and no packet sees it half made
         let mut out = format!(
-            "table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{decl}}}\ntable inet {TABLE} {{\n{bodies}}}\n"
+            "add table inet {TABLE}\ndelete table inet {TABLE}\nadd table inet {TABLE}\n{decl}"
         );
         script::element_lines(&mut out, &elements);
+        out.push_str(&rules);
         out
     }
 

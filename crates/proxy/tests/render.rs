@@ -191,8 +191,16 @@ fn golden_shapes() {
     if let Some(r) = nft_check(&text) {
         r.expect("nft -c");
     }
-    if let Some(r) = apply_in_netns(&[text]) {
-        r.expect("the kernel takes it");
+    if let Some(r) = apply_in_netns(std::slice::from_ref(&text)) {
+        let by_nft = r.expect("the kernel takes it");
+        let by_netlink = apply_netlink_in_netns(&[text])
+            .expect("root")
+            .expect("the kernel takes it over netlink");
+        assert_same_table(
+            &by_netlink,
+            &by_nft,
+            "netlink and nft leave different tables",
+        );
     }
     // what each shape was programmed with
     let verdict = |k: &str| p.programmed(k).expect(k).ports[0].verdict.clone();
@@ -221,13 +229,30 @@ fn incremental_matches_full(steps: Vec<(Vec<Service>, Vec<Slice>)>) -> Vec<(bool
         p.applied(plan);
         let (s, e) = steps[i].clone();
         let (_, fresh) = full(s, e);
-        if let (Some(a), Some(b)) = (apply_in_netns(&scripts), apply_in_netns(&[fresh])) {
+        if let (Some(a), Some(b)) = (
+            apply_in_netns(&scripts),
+            apply_in_netns(std::slice::from_ref(&fresh)),
+        ) {
             let a = a.expect("incremental scripts apply");
             let b = b.expect("full script applies");
             assert_eq!(
                 a, b,
                 "step {i}: incremental and full renderings differ in the kernel"
             );
+            // the agent's way: the same scripts as netlink batches leave
+            // the kernel exactly as nft does
+            let n = apply_netlink_in_netns(&scripts)
+                .expect("root")
+                .expect("incremental scripts apply over netlink");
+            assert_same_table(
+                &n,
+                &a,
+                &format!("step {i}: netlink and nft differ (incremental)"),
+            );
+            let nf = apply_netlink_in_netns(&[fresh])
+                .expect("root")
+                .expect("full script applies over netlink");
+            assert_same_table(&nf, &b, &format!("step {i}: netlink and nft differ (full)"));
         }
     }
     plans
@@ -462,4 +487,30 @@ fn overlapping_source_ranges_load() {
         .lb_source_ranges
         .push("0.0.0.0/0".parse().expect("cidr"));
     incremental_matches_full(vec![(vec![lb], vec![e.clone()]), (vec![wider], vec![e])]);
+}
+
+#[test]
+fn a_batch_the_kernel_refuses_names_its_line_and_leaves_nothing() {
+    let (s, e) = cluster_ip();
+    let (_, text) = full(s, e);
+    // a verdict to a chain that does not exist, after a good table
+    let bad = format!(
+        "{text}add element inet {} services {{ 10.96.9.9 . tcp . 80 : goto svc-nowhere }}\n",
+        trellis_proxy::TABLE
+    );
+    let Some(r) = apply_netlink_in_netns(&[bad]) else {
+        return;
+    };
+    let err = r.expect_err("the kernel refuses a goto to a missing chain");
+    assert!(err.contains("goto svc-nowhere"), "{err}");
+    assert!(err.contains("nothing was applied"), "{err}");
+    // a first good batch, then a refused one: the first stays whole
+    let Some(r) = apply_netlink_in_netns(&[
+        text.clone(),
+        format!("add rule inet {} dispatch jump nowhere\n", trellis_proxy::TABLE),
+    ]) else {
+        return;
+    };
+    let err = r.expect_err("refused");
+    assert!(err.contains("script 1 refused"), "{err}");
 }

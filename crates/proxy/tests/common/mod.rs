@@ -113,6 +113,52 @@ pub fn apply_in_netns(scripts: &[String]) -> Option<Result<String, String>> {
     Some(Ok(normalize(&String::from_utf8_lossy(&out.stdout))))
 }
 
+/// Like [`apply_in_netns`], but each script goes to the kernel as one
+/// nf_tables batch over netlink (the agent's way), compiled by
+/// `trellis_dataplane::nftnl`; `nft` only lists the result.
+pub fn apply_netlink_in_netns(scripts: &[String]) -> Option<Result<String, String>> {
+    if !nix_is_root() {
+        cannot_run("applying over netlink needs root (a private network namespace)");
+        return None;
+    }
+    let scripts = scripts.to_vec();
+    // a thread of its own enters a new network namespace (unshare affects
+    // only the calling thread; the namespace goes when the thread ends)
+    let t = std::thread::spawn(move || -> Result<String, String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare: {e}"))?;
+        for (i, s) in scripts.iter().enumerate() {
+            trellis_dataplane::nftnl::apply(
+                s,
+                &trellis_proxy::script::decl_of,
+                std::time::Duration::from_secs(60),
+            )
+            .map_err(|e| format!("script {i} refused: {e}"))?;
+        }
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "nft",
+                "-j",
+                "list",
+                "table",
+                "inet",
+                trellis_proxy::TABLE,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        Ok(normalize(&String::from_utf8_lossy(&out.stdout)))
+    });
+    Some(
+        t.join()
+            .unwrap_or_else(|_| Err("the netns thread panicked".into())),
+    )
+}
+
 fn nix_is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -190,4 +236,16 @@ pub fn nft_check(script: &str) -> Option<Result<(), String>> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     })
+}
+
+/// Panics with the lines only one of `a` and `b` has (normalized tables).
+pub fn assert_same_table(a: &str, b: &str, what: &str) {
+    if a == b {
+        return;
+    }
+    let la: std::collections::BTreeSet<&str> = a.lines().collect();
+    let lb: std::collections::BTreeSet<&str> = b.lines().collect();
+    let only_a: Vec<&&str> = la.difference(&lb).take(8).collect();
+    let only_b: Vec<&&str> = lb.difference(&la).take(8).collect();
+    panic!("{what}\nonly in the first:\n{only_a:#?}\nonly in the second:\n{only_b:#?}");
 }
