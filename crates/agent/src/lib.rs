@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pods;
 pub mod proxy;
 pub mod proxy_health;
+pub mod proxy_journal;
 pub mod reaper;
 pub mod routes;
 pub mod server;

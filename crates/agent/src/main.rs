@@ -166,9 +166,11 @@ fn main() -> anyhow::Result<()> {
                     cluster_cidr: ipnet::IpNet::V4(kj.joined.cfg.network),
                     node_port_range: k.proxy.node_ports().map_err(anyhow::Error::msg)?,
                 };
+                std::fs::create_dir_all(&cfg.data_dir)?;
                 runtime.spawn(trellis_agent::proxy::run(
                     source.clone(),
                     node,
+                    cfg.data_dir.clone(),
                     std::time::Duration::from_millis(k.proxy.min_sync_interval_ms),
                     std::time::Duration::from_secs(cfg.resync_seconds),
                     dp.clone(),

@@ -86,6 +86,54 @@ struct ProxyController {
     checked: Option<Instant>,
     /// how long the last successful sync took
     last_took: Duration,
+    /// what the kernel holds, on disk
+    journal: crate::proxy_journal::Journal,
+}
+
+/// A number for a whole-table load's stamp, unlikely to repeat.
+fn new_stamp() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    ((t as u32) ^ ((t >> 32) as u32) ^ std::process::id().rotate_left(16)) | 1
+}
+
+/// Restores `proxy` from the journal if the table in the kernel carries
+/// the journal's stamp; says what it did.
+fn restore(
+    proxy: &mut Proxy,
+    dp: &dyn Dataplane,
+    saved: Result<Option<crate::proxy_journal::Saved>, String>,
+) {
+    let (stamp, fragments) = match saved {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::info!(error = %e, "proxy: the journal cannot be used; loading the whole table");
+            return;
+        }
+    };
+    let want = format!("{stamp}");
+    match dp.nft_set_elements(trellis_proxy::TABLE, trellis_proxy::base::STAMP) {
+        Ok(Some(have)) if have == [want.clone()] => {
+            tracing::info!(
+                services = fragments.len(),
+                stamp,
+                "proxy: the table is the journal's; applying only what changed while down"
+            );
+            proxy.set_stamp(stamp);
+            proxy.restore(fragments);
+        }
+        Ok(have) => tracing::info!(
+            journal = %want,
+            table = ?have,
+            "proxy: the table is not the one the journal describes; loading it whole"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "proxy: cannot read the table's stamp; loading it whole")
+        }
+    }
 }
 
 /// The longest gap the last sync's duration imposes before the next.
@@ -127,8 +175,16 @@ impl ProxyController {
 
     fn sync(&mut self) {
         let t0 = Instant::now();
+        // a whole-table load writes a new stamp (the journal names it)
+        let stamp = self.proxy.will_replace().then(new_stamp);
+        if let Some(s) = stamp {
+            self.proxy.set_stamp(s);
+        }
         let plan = self.proxy.plan();
         let plan_full = plan.full;
+        if !plan.script.is_empty() {
+            self.journal.begin(stamp, plan.fragments());
+        }
         let kind = if plan_full { "full" } else { "incremental" };
         let services = plan.services;
         self.last_sync = Some(t0);
@@ -153,7 +209,12 @@ impl ProxyController {
             .collect();
         match result {
             Ok(()) => {
+                let journaled = !plan.script.is_empty();
                 self.proxy.applied(plan);
+                if journaled {
+                    let proxy = &self.proxy;
+                    self.journal.done(plan_full, || proxy.applied_fragments());
+                }
                 self.retry_at = None;
                 self.failures = 0;
                 let mut deleted = 0;
@@ -178,6 +239,7 @@ impl ProxyController {
                 self.publish(None, took);
             }
             Err(e) => {
+                self.journal.abort();
                 self.proxy.failed(plan);
                 self.metrics.reconciled("proxy", 1);
                 let wait = FIRST_RETRY
@@ -313,6 +375,7 @@ impl Controller for ProxyController {
 pub async fn run(
     source: KubeSource,
     node: NodeFacts,
+    data_dir: std::path::PathBuf,
     min_interval: Duration,
     resync: Duration,
     dp: Arc<dyn Dataplane>,
@@ -320,8 +383,12 @@ pub async fn run(
     metrics: Arc<Metrics>,
     status: SharedStatus,
 ) {
+    let (journal, saved) = crate::proxy_journal::Journal::open(data_dir.join("proxy.journal"));
+    let mut proxy = Proxy::new(node);
+    tokio::task::block_in_place(|| restore(&mut proxy, dp.as_ref(), saved));
     let mut ctl = ProxyController {
-        proxy: Proxy::new(node),
+        journal,
+        proxy,
         dp,
         metrics: metrics.clone(),
         status,

@@ -392,6 +392,12 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn nft_set_elements(&self, _table: &str, _set: &str) -> Result<Option<Vec<String>>> {
+        // the fake keeps scripts, not tables: nothing to read back
+        drop(self.enter("nft_set_elements")?);
+        Ok(None)
+    }
+
     fn nft_set_exists(&self, _table: &str, _set: &str) -> Result<bool> {
         Ok(self.enter("nft_set_exists")?.nft.is_some())
     }

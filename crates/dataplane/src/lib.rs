@@ -252,6 +252,10 @@ pub trait Dataplane: Send + Sync {
     /// deleted a table of ours.
     fn nft_set_exists(&self, table: &str, set: &str) -> Result<bool>;
 
+    /// `nft -j list set inet TABLE SET`: its elements as nft prints them;
+    /// `None` when it does not exist.
+    fn nft_set_elements(&self, table: &str, set: &str) -> Result<Option<Vec<String>>>;
+
     /// `conntrack -D -p udp --orig-dst VIP --reply-src ENDPOINT` for each
     /// of `flows`. Returns how many entries went.
     fn conntrack_delete_udp(&self, flows: &[conntrack::UdpFlows]) -> Result<usize>;

@@ -507,6 +507,10 @@ impl Dataplane for LinuxDataplane {
             .map_err(|e| DataplaneError::new("nft (netlink)", e))
     }
 
+    fn nft_set_elements(&self, table: &str, set: &str) -> Result<Option<Vec<String>>> {
+        crate::nft::set_elements(table, set)
+    }
+
     fn nft_set_exists(&self, table: &str, set: &str) -> Result<bool> {
         crate::nft::set_exists(table, set)
     }

@@ -75,3 +75,39 @@ pub fn set_exists(table: &str, set: &str) -> Result<bool> {
         })?;
     Ok(out.success())
 }
+
+/// The elements of set `SET` in table `inet TABLE` (`nft -j list set`),
+/// as nft prints them (numbers in decimal); `None` when the set (or the
+/// table) does not exist. One small object, read without nft's whole-table
+/// cache.
+pub fn set_elements(table: &str, set: &str) -> Result<Option<Vec<String>>> {
+    let op = format!("nft -j list set inet {table} {set}");
+    let out = Command::new("nft")
+        .args(["-j", "list", "set", "inet", table, set])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| {
+            DataplaneError::new(
+                &op,
+                NlError::Transport(format!("cannot run nft (apt-get install nftables): {e}")),
+            )
+        })?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| DataplaneError::new(&op, NlError::Transport(e.to_string())))?;
+    let elems = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("set"))
+        .flat_map(|s| s["elem"].as_array().cloned().unwrap_or_default())
+        .map(|e| match e {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        })
+        .collect();
+    Ok(Some(elems))
+}

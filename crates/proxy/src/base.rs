@@ -81,6 +81,7 @@ pub fn sets(node: &NodeFacts) -> String {
         );
     }
     let _ = writeln!(out, "add set inet {TABLE} node_ips {{ {NODE_IPS_DECL} }}");
+    let _ = writeln!(out, "add set inet {TABLE} {STAMP} {{ {STAMP_DECL} }}");
     let ips: Vec<String> = node
         .addresses
         .iter()
@@ -96,6 +97,13 @@ pub fn sets(node: &NodeFacts) -> String {
     }
     out
 }
+
+/// A set holding one number written with each whole-table load: which
+/// load the table comes from (the agent's journal of what it applied
+/// since names the same number, or the journal does not describe it).
+pub const STAMP: &str = "stamp";
+/// Its declaration.
+pub const STAMP_DECL: &str = "type mark;";
 
 /// The declaration of `node_ips`.
 pub const NODE_IPS_DECL: &str = "type ipv4_addr;";

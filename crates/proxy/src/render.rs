@@ -25,7 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 /// The table's shared maps and sets a Service has entries in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Shared {
     /// `services`: address . protocol . port -> verdict (cluster IPs,
     /// external IPs, load balancer IPs).
@@ -95,7 +97,7 @@ impl Shared {
 }
 
 /// A named set or map of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SetDef {
     /// `type ...; flags ...;` (or `typeof ...`).
     pub decl: String,
@@ -119,7 +121,7 @@ pub struct PortSummary {
 }
 
 /// Everything one Service puts into the table.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Fragment {
     /// Its chains: name -> rules.
     pub chains: BTreeMap<String, Vec<String>>,
@@ -169,6 +171,19 @@ impl Ids {
         };
         self.by_chain.insert(chain.to_string(), id);
         Some(id)
+    }
+
+    /// `chain` had `id` (restored from what the kernel holds).
+    pub fn restore(&mut self, chain: &str, id: u32) {
+        self.by_chain.insert(chain.to_string(), id);
+        self.next = self.next.max(id);
+    }
+
+    /// After [`Self::restore`]: ids below the highest that no chain has
+    /// are free.
+    pub fn settle(&mut self) {
+        let used: std::collections::HashSet<u32> = self.by_chain.values().copied().collect();
+        self.free = (1..self.next).filter(|i| !used.contains(i)).collect();
     }
 
     /// `chain` no longer needs its id.

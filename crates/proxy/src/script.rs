@@ -288,6 +288,9 @@ pub fn decl_of(name: &str) -> Option<String> {
     if name == "node_ips" {
         return Some(crate::base::NODE_IPS_DECL.to_string());
     }
+    if name == crate::base::STAMP {
+        return Some(crate::base::STAMP_DECL.to_string());
+    }
     if name.starts_with("fw-") {
         return Some(FW_DECL.to_string());
     }

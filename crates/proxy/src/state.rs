@@ -48,6 +48,14 @@ pub struct Plan {
     claims: Claims,
 }
 
+impl Plan {
+    /// The Services this plan renders, as the kernel will hold them once
+    /// it is applied (`None`: gone) — what a journal records.
+    pub fn fragments(&self) -> &[(String, Option<Fragment>)] {
+        &self.fragments
+    }
+}
+
 /// A shared key claimed by more than one Service with different values:
 /// the first by `namespace/name` keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +79,7 @@ pub struct Proxy {
     dirty: BTreeSet<String>,
     ids: Ids,
     full: bool,
+    stamp: u32,
 }
 
 fn slice_key(s: &Slice) -> String {
@@ -90,7 +99,52 @@ impl Proxy {
             dirty: BTreeSet::new(),
             ids: Ids::default(),
             full: true,
+            stamp: 0,
         }
+    }
+
+    /// The number the next whole-table load writes into the table's
+    /// `stamp` set.
+    pub fn set_stamp(&mut self, stamp: u32) {
+        self.stamp = stamp;
+    }
+
+    /// The kernel holds `fragments` (from a journal whose stamp the
+    /// table carries): they count as applied, so the next plan changes
+    /// only what differs from them.
+    pub fn restore(&mut self, fragments: Vec<(String, Fragment)>) {
+        self.applied.clear();
+        self.claims.clear();
+        self.ids = Ids::default();
+        for (key, f) in fragments {
+            for (kind, k, v) in &f.shared {
+                let e = self.claims.entry((*kind, k.clone())).or_default();
+                match e.binary_search_by(|(svc, _)| svc.as_str().cmp(key.as_str())) {
+                    Ok(i) => e[i].1 = v.clone(),
+                    Err(i) => e.insert(i, (key.clone(), v.clone())),
+                }
+                // affinity ids: mark -> `goto rec-ID` (chain svc-ID) or
+                // `goto lrec-ID` (chain local-ID)
+                if *kind == Shared::Affinity {
+                    let id = k
+                        .strip_prefix("0x")
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .map(|m| m >> 16);
+                    let chain = v
+                        .strip_prefix("goto lrec-")
+                        .map(|r| format!("local-{r}"))
+                        .or_else(|| v.strip_prefix("goto rec-").map(|r| format!("svc-{r}")));
+                    if let (Some(id), Some(chain)) = (id, chain) {
+                        self.ids.restore(&chain, id);
+                    }
+                }
+            }
+            self.applied.insert(key, f);
+        }
+        self.ids.settle();
+        self.full = false;
+        // every known Service is compared with what the kernel holds
+        self.dirty.extend(self.applied.keys().cloned());
     }
 
     /// The node's facts.
@@ -171,6 +225,16 @@ impl Proxy {
     /// to repair the kernel).
     pub fn force_full(&mut self) {
         self.full = true;
+    }
+
+    /// Whether the next plan replaces the whole table.
+    pub fn will_replace(&self) -> bool {
+        self.full
+    }
+
+    /// Every Service as the kernel holds it.
+    pub fn applied_fragments(&self) -> Vec<(&String, &Fragment)> {
+        self.applied.iter().collect()
     }
 
     /// Whether something waits to be applied.
@@ -321,6 +385,12 @@ impl Proxy {
             let (set, el) = script::shared_element(kind, key, value);
             elements.entry(set).or_default().push(el);
         }
+        let _ = writeln!(
+            decl,
+            "add element inet {TABLE} {} {{ {:#010x} }}",
+            base::STAMP,
+            self.stamp
+        );
         // the table goes and comes back in the same transaction: nothing
         // of an earlier table survives, and no packet sees it half made
         let mut out = format!(
