@@ -268,17 +268,25 @@ fn cluster_ip_node_port_external_and_load_balancer_addresses() {
             "jsonpath={.spec.clusterIP}",
         ])
         .expect("kubernetes service");
-    let (code, body) = lab
-        .http_get(&cli1, sa(api.trim(), 443), "/")
-        .unwrap_or_else(|e| {
-            let slices = lab
-                .kubectl(&["get", "endpointslices", "-A", "-o", "yaml"])
-                .unwrap_or_default();
-            panic!(
-                "kubernetes service {api}: {e}\n{}\n{slices}",
-                proxy(&lab, "n1")
-            )
-        });
+    // the API server's lease reconciler publishes its endpoint on its own
+    // schedule: asked until it answers, at most 20 s
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        match lab.http_get(&cli1, sa(api.trim(), 443), "/") {
+            Ok(r) => break Ok(r),
+            Err(e) if std::time::Instant::now() > deadline => break Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let (code, body) = got.unwrap_or_else(|e| {
+        let slices = lab
+            .kubectl(&["get", "endpointslices", "-A", "-o", "yaml"])
+            .unwrap_or_default();
+        panic!(
+            "kubernetes service {api}: {e}\n{}\n{slices}",
+            proxy(&lab, "n1")
+        )
+    });
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("HTTPS server"), "{body}");
     // trellisctl on the node: the Services as programmed, and what serves
