@@ -121,11 +121,6 @@ impl Journal {
         (j, saved)
     }
 
-    /// The stamp of the last whole-table load it records.
-    pub fn stamp(&self) -> u32 {
-        self.stamp
-    }
-
     fn fail(&mut self, e: impl std::fmt::Display) {
         tracing::warn!(path = %self.path.display(), error = %e, "proxy: journal not written; a restart loads the whole table");
         self.file = None;

@@ -96,14 +96,7 @@ pub fn parse_tuple(b: &[u8]) -> Tuple {
     t
 }
 
-fn attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(value);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
+use crate::nftnl::wire::attr;
 
 /// The `CTA_TUPLE_ORIG` attribute of `t`.
 pub fn encode_tuple(t: &Tuple) -> Vec<u8> {

@@ -26,8 +26,9 @@ const NLA_F_NESTED: u16 = 0x8000;
 const NFPROTO_INET: u8 = 1;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
-/// Appends attribute `kind` with `value`, padded to 4 bytes.
-pub fn attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+/// Appends attribute `kind` with `value`, padded to 4 bytes (ctnetlink
+/// uses it too).
+pub(crate) fn attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
     out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(value);
@@ -318,14 +319,15 @@ pub fn encode(table: &str, cmd: &Cmd, seq: &mut u32, set_id: &mut u32) -> Vec<Ve
             push(NFT_MSG_NEWSET, NLM_F_CREATE, a);
         }
         Cmd::DelSet(name) | Cmd::FlushSet(name) => {
+            // a flush is an element delete naming no element
             str_attr(&mut a, 1, table);
-            if matches!(cmd, Cmd::DelSet(_)) {
-                str_attr(&mut a, 2, name);
-                push(NFT_MSG_DELSET, 0, a);
+            str_attr(&mut a, 2, name);
+            let kind = if matches!(cmd, Cmd::DelSet(_)) {
+                NFT_MSG_DELSET
             } else {
-                str_attr(&mut a, 2, name);
-                push(NFT_MSG_DELSETELEM, 0, a);
-            }
+                NFT_MSG_DELSETELEM
+            };
+            push(kind, 0, a);
         }
         Cmd::Elements { add, set, elems } => {
             // as many elements per message as fit in one attribute
