@@ -24,6 +24,9 @@ use trellis_store::{Event, KeyValue, Source, WatchItem};
 
 /// Most inputs handed to a controller in one call.
 pub const INPUT_BATCH: usize = 1024;
+/// Most watch events handed to a controller in one call: what queued while
+/// it worked goes in one batch (one sync), not one call per event.
+pub const EVENT_BATCH: usize = 8192;
 /// First wait after a datastore failure; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest wait between datastore attempts.
@@ -176,7 +179,14 @@ pub async fn drive<D, C>(
                         s.metrics.watch_restarted();
                         break;
                     }
-                    Some(WatchItem::Events(events)) => ctl.on_events(events).await,
+                    Some(WatchItem::Events(events)) => {
+                        let (events, relist) = drain(&mut rx, events);
+                        ctl.on_events(events).await;
+                        if let Some(l) = relist {
+                            s.metrics.watch_restarted();
+                            ctl.on_listing(l.items).await
+                        }
+                    }
                     // the watch fell behind (a compaction, a reconnect past one)
                     Some(WatchItem::Resync(l)) => {
                         s.metrics.watch_restarted();
@@ -191,6 +201,23 @@ pub async fn drive<D, C>(
             }
         }
     }
+}
+
+/// `first` and the events already queued behind it (at most
+/// [`EVENT_BATCH`]), in order; a resync met on the way comes back to be
+/// applied after them.
+fn drain(
+    rx: &mut mpsc::Receiver<WatchItem>,
+    mut events: Vec<Event>,
+) -> (Vec<Event>, Option<trellis_store::Listing>) {
+    while events.len() < EVENT_BATCH {
+        match rx.try_recv() {
+            Ok(WatchItem::Events(more)) => events.extend(more),
+            Ok(WatchItem::Resync(l)) => return (events, Some(l)),
+            Err(_) => break,
+        }
+    }
+    (events, None)
 }
 
 /// The next batch from the controller's own channel (pending forever
@@ -245,5 +272,46 @@ mod tests {
         o.ok(&s);
         assert!(s.health.datastore_error().is_none());
         assert_eq!(o.failed(&s, "list", "down"), FIRST_BACKOFF);
+    }
+
+    fn put(key: &str) -> Event {
+        Event::Put(KeyValue {
+            key: key.into(),
+            value: vec![],
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        })
+    }
+
+    fn keys(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Put(kv) => kv.key.clone(),
+                Event::Delete { key, .. } => key.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queued_events_go_in_one_batch_and_a_resync_after_them() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for k in ["b", "c"] {
+            tx.try_send(WatchItem::Events(vec![put(k)])).expect("send");
+        }
+        tx.try_send(WatchItem::Resync(trellis_store::Listing {
+            items: vec![],
+            revision: 9,
+        }))
+        .expect("send");
+        tx.try_send(WatchItem::Events(vec![put("d")])).expect("send");
+        let (events, relist) = drain(&mut rx, vec![put("a")]);
+        assert_eq!(keys(&events), ["a", "b", "c"]);
+        assert_eq!(relist.map(|l| l.revision), Some(9));
+        // what came after the resync is the next batch
+        let (events, relist) = drain(&mut rx, vec![]);
+        assert_eq!(keys(&events), ["d"]);
+        assert!(relist.is_none());
     }
 }

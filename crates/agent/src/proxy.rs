@@ -65,8 +65,44 @@ pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
     );
 }
 
-/// What the status document shows of the proxy. Cheap to clone.
-pub type SharedStatus = Arc<Mutex<ProxyStatus>>;
+/// What the status document shows of the proxy, kept per Service: a
+/// sync updates the rows of the Services it touched, not all of them.
+#[derive(Debug, Default)]
+pub struct StatusView {
+    synced: bool,
+    services: std::collections::BTreeMap<String, ProxyService>,
+    conflicts: Vec<String>,
+    last_sync_us: u64,
+    syncs: u64,
+    error: Option<String>,
+}
+
+impl StatusView {
+    /// The status document's section.
+    pub fn snapshot(&self) -> ProxyStatus {
+        ProxyStatus {
+            synced: self.synced,
+            services: self.services.values().cloned().collect(),
+            conflicts: self.conflicts.clone(),
+            last_sync_us: self.last_sync_us,
+            syncs: self.syncs,
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// The status view, shared with the status socket. Cheap to clone.
+pub type SharedStatus = Arc<Mutex<StatusView>>;
+
+/// Which Services a sync changed.
+enum Changed {
+    /// none (a refused sync)
+    Nothing,
+    /// every one (a whole-table load)
+    All,
+    /// these
+    Some(Vec<String>),
+}
 
 struct ProxyController {
     proxy: Proxy,
@@ -79,6 +115,8 @@ struct ProxyController {
     listed: bool,
     /// problems already logged, per Service
     reported: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// health-check node ports: Service -> (port, local endpoints)
+    health: std::collections::BTreeMap<String, (u16, usize)>,
     /// after a refused sync: no new attempt before this (backoff)
     retry_at: Option<Instant>,
     failures: u32,
@@ -136,6 +174,18 @@ fn restore(
     }
 }
 
+/// Returns the heap's free pages to the system after a listing or a
+/// whole-table load: their scripts and batches are large and short-lived,
+/// and glibc keeps freed memory of its arenas otherwise.
+#[allow(unsafe_code)]
+fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The longest gap the last sync's duration imposes before the next.
 const MAX_GAP: Duration = Duration::from_secs(2);
 
@@ -181,6 +231,7 @@ impl ProxyController {
             self.proxy.set_stamp(s);
         }
         let plan = self.proxy.plan();
+        let planned = t0.elapsed();
         let plan_full = plan.full;
         if !plan.script.is_empty() {
             self.journal.begin(stamp, plan.fragments());
@@ -198,6 +249,7 @@ impl ProxyController {
                     .nft_apply_netlink(&plan.script, &trellis_proxy::script::decl_of)
             })
         };
+        let applied_in = t0.elapsed() - planned;
         let stale: Vec<trellis_dataplane::conntrack::UdpFlows> = plan
             .stale_udp
             .iter()
@@ -210,6 +262,11 @@ impl ProxyController {
         match result {
             Ok(()) => {
                 let journaled = !plan.script.is_empty();
+                let changed = if plan_full {
+                    Changed::All
+                } else {
+                    Changed::Some(plan.fragments().iter().map(|(k, _)| k.clone()).collect())
+                };
                 self.proxy.applied(plan);
                 if journaled {
                     let proxy = &self.proxy;
@@ -227,16 +284,23 @@ impl ProxyController {
                     }
                 }
                 let took = t0.elapsed();
+                if plan_full {
+                    give_back_memory();
+                } else {
+                    self.last_took = took;
+                }
                 self.metrics
                     .proxy_sync(kind, took, self.proxy.len(), deleted);
                 self.metrics.reconciled("proxy", 0);
+                self.publish(None, took, changed);
                 tracing::debug!(
                     kind,
                     services,
-                    took_ms = took.as_millis() as u64,
+                    plan_us = planned.as_micros() as u64,
+                    apply_us = applied_in.as_micros() as u64,
+                    total_us = t0.elapsed().as_micros() as u64,
                     "proxy: synced"
                 );
-                self.publish(None, took);
             }
             Err(e) => {
                 self.journal.abort();
@@ -249,32 +313,52 @@ impl ProxyController {
                 self.retry_at = Some(Instant::now() + wait);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
                     "proxy: nft refused the sync; the next one replaces the table");
-                self.publish(Some(e.to_string()), t0.elapsed());
+                self.publish(Some(e.to_string()), t0.elapsed(), Changed::Nothing);
             }
         }
     }
 
-    /// Status, health-check ports and the log of problems.
-    fn publish(&mut self, error: Option<String>, took: Duration) {
-        let mut rows = Vec::new();
-        let mut health = Vec::new();
-        let mut still = std::collections::BTreeSet::new();
-        for (key, ports, problems, notes) in self.proxy.summaries() {
+    /// Status, health-check ports and the log of problems, for the
+    /// Services a sync changed.
+    fn publish(&mut self, error: Option<String>, took: Duration, changed: Changed) {
+        let keys: Vec<String> = match changed {
+            Changed::Nothing => vec![],
+            Changed::Some(keys) => keys,
+            Changed::All => {
+                let mut all: std::collections::BTreeSet<String> =
+                    self.reported.keys().cloned().collect();
+                all.extend(self.health.keys().cloned());
+                all.extend(self.proxy.summaries().into_iter().map(|s| s.0));
+                let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                all.extend(st.services.keys().cloned());
+                all.into_iter().collect()
+            }
+        };
+        let mut rows = Vec::with_capacity(keys.len());
+        let mut health_changed = false;
+        for key in keys {
+            let Some(f) = self.proxy.programmed(&key) else {
+                self.reported.remove(&key);
+                health_changed |= self.health.remove(&key).is_some();
+                rows.push((key, None));
+                continue;
+            };
             let seen = self.reported.entry(key.clone()).or_default();
-            for p in problems.iter().chain(notes) {
+            for p in f.problems.iter().chain(&f.notes) {
                 if seen.insert(p.clone()) {
                     tracing::warn!(service = %key, problem = %p, "proxy: service not fully served");
                 }
             }
-            still.insert(key.clone());
-            if let Some(f) = self.proxy.programmed(&key) {
-                if let Some(hc) = f.health_check {
-                    health.push((hc, key.clone(), f.local_endpoints));
-                }
-            }
-            rows.push(ProxyService {
-                service: key,
-                ports: ports
+            let hc = f.health_check.map(|port| (port, f.local_endpoints));
+            let before = match hc {
+                Some(v) => self.health.insert(key.clone(), v),
+                None => self.health.remove(&key),
+            };
+            health_changed |= before != hc;
+            let row = ProxyService {
+                service: key.clone(),
+                ports: f
+                    .ports
                     .iter()
                     .map(|p| trellis_model::status::ProxyPort {
                         id: p.id.clone(),
@@ -284,23 +368,40 @@ impl ProxyController {
                         addresses: p.addresses.clone(),
                     })
                     .collect(),
-                problems: problems.iter().chain(notes).cloned().collect(),
-            });
+                problems: f.problems.iter().chain(&f.notes).cloned().collect(),
+            };
+            rows.push((key, Some(row)));
         }
-        self.reported.retain(|k, _| still.contains(k));
-        for c in self.proxy.conflicts() {
-            tracing::warn!(service = %c.service, what = %c.what, owner = %c.owner, "proxy: address and port taken by another Service");
+        let conflicts = self.proxy.conflicts();
+        for c in &conflicts {
+            tracing::debug!(service = %c.service, what = %c.what, owner = %c.owner, "proxy: address and port taken by another Service");
         }
-        self.health_ports.set(health);
+        if health_changed {
+            self.health_ports.set(
+                self.health
+                    .iter()
+                    .map(|(k, (port, n))| (*port, k.clone(), *n))
+                    .collect(),
+            );
+        }
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.synced = true;
-        st.services = rows;
-        st.conflicts = self
-            .proxy
-            .conflicts()
+        for (key, row) in rows {
+            match row {
+                Some(r) => st.services.insert(key, r),
+                None => st.services.remove(&key),
+            };
+        }
+        let now: Vec<String> = conflicts
             .into_iter()
             .map(|c| format!("{}: {} is {}'s", c.service, c.what, c.owner))
             .collect();
+        if now != st.conflicts {
+            for c in now.iter().filter(|c| !st.conflicts.contains(c)) {
+                tracing::warn!(conflict = %c, "proxy: address and port taken by another Service");
+            }
+            st.conflicts = now;
+        }
         st.last_sync_us = took.as_micros() as u64;
         st.syncs += 1;
         st.error = error;
@@ -311,6 +412,8 @@ impl Controller for ProxyController {
     type Input = ();
 
     async fn on_listing(&mut self, items: Vec<KeyValue>) {
+        let t0 = Instant::now();
+        let objects = items.len();
         let mut services = Vec::new();
         let mut slices = Vec::new();
         for kv in &items {
@@ -321,12 +424,20 @@ impl Controller for ProxyController {
             }
         }
         self.proxy.replace(services, slices);
+        drop(items);
+        tracing::debug!(
+            objects,
+            took_us = t0.elapsed().as_micros() as u64,
+            "proxy: listing read"
+        );
         self.listed = true;
         // a listing is applied at once (the first one: the whole table)
         self.sync();
+        give_back_memory();
     }
 
     async fn on_events(&mut self, events: Vec<Event>) {
+        tracing::trace!(events = events.len(), "proxy: events");
         for e in &events {
             match e {
                 Event::Put(kv) => self.input(&kv.key, Some(&kv.value)),
@@ -397,6 +508,7 @@ pub async fn run(
         last_sync: None,
         listed: false,
         reported: Default::default(),
+        health: Default::default(),
         retry_at: None,
         failures: 0,
         checked: None,

@@ -160,7 +160,7 @@ impl StatusSource {
             proxy: self
                 .proxy
                 .as_ref()
-                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).snapshot()),
         }
     }
 }

@@ -23,7 +23,7 @@ use trellis_store::{Event, KeyValue, Listing, Source, StoreError, WatchItem};
 
 /// Events a subscriber may have queued before it is dropped (and lists
 /// again): a slow reader costs a relist, never unbounded memory.
-const SUBSCRIBER_QUEUE: usize = 256;
+const SUBSCRIBER_QUEUE: usize = 8192;
 /// How long a listing waits for every watch to have synced once.
 pub const LIST_WAIT: Duration = Duration::from_secs(10);
 /// How often the API server is probed while a watch reports errors.

@@ -68,6 +68,12 @@ pub struct Conflict {
     pub owner: String,
 }
 
+/// Whether claimants of one key want different values.
+fn disputed(v: &[(String, String)]) -> bool {
+    v.split_first()
+        .is_some_and(|((_, first), rest)| rest.iter().any(|(_, val)| val != first))
+}
+
 /// Services, slices and what the kernel holds.
 pub struct Proxy {
     node: NodeFacts,
@@ -76,6 +82,8 @@ pub struct Proxy {
     by_service: HashMap<String, BTreeSet<String>>,
     applied: HashMap<String, Fragment>,
     claims: HashMap<(Shared, String), Vec<(String, String)>>,
+    /// claimed keys whose claimants want different values (conflicts)
+    contested: BTreeSet<(Shared, String)>,
     dirty: BTreeSet<String>,
     ids: Ids,
     full: bool,
@@ -96,6 +104,7 @@ impl Proxy {
             by_service: HashMap::new(),
             applied: HashMap::new(),
             claims: HashMap::new(),
+            contested: BTreeSet::new(),
             dirty: BTreeSet::new(),
             ids: Ids::default(),
             full: true,
@@ -141,6 +150,12 @@ impl Proxy {
             }
             self.applied.insert(key, f);
         }
+        self.contested = self
+            .claims
+            .iter()
+            .filter(|(_, v)| disputed(v))
+            .map(|(k, _)| k.clone())
+            .collect();
         self.ids.settle();
         self.full = false;
         // every known Service is compared with what the kernel holds
@@ -282,6 +297,11 @@ impl Proxy {
         for key in &keys {
             let new = self.render(key);
             let old = self.applied.get(key);
+            // rendered again but unchanged (a relist, a restart): nothing
+            // to apply, record or release
+            if !full && new.as_ref() == old {
+                continue;
+            }
             // affinity ids of chains that went are free again
             if let Some(o) = old {
                 for c in &o.affinity_chains {
@@ -406,6 +426,7 @@ impl Proxy {
         if plan.full {
             self.applied.clear();
             self.claims.clear();
+            self.contested.clear();
             self.full = false;
         }
         for (key, f) in plan.fragments {
@@ -419,6 +440,11 @@ impl Proxy {
             }
         }
         for (k, v) in plan.claims {
+            if disputed(&v) {
+                self.contested.insert(k.clone());
+            } else {
+                self.contested.remove(&k);
+            }
             if v.is_empty() {
                 self.claims.remove(&k);
             } else {
@@ -473,7 +499,11 @@ impl Proxy {
     /// Shared keys a Service claims but another has.
     pub fn conflicts(&self) -> Vec<Conflict> {
         let mut out = Vec::new();
-        for ((kind, key), v) in &self.claims {
+        let contested = self
+            .contested
+            .iter()
+            .filter_map(|k| self.claims.get(k).map(|v| (k, v)));
+        for ((kind, key), v) in contested {
             if let Some((owner, value)) = v.first() {
                 for (svc, val) in &v[1..] {
                     if val != value && svc != owner {

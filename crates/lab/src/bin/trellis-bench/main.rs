@@ -35,9 +35,12 @@ fn main() -> anyhow::Result<()> {
         Some("bgp-converge") => bgp::converge(flag(&args, "--nodes", 50)?),
         Some("bgp-ingest") => bgp::ingest(flag(&args, "--prefixes", 100_000)?, flag(&args, "--rounds", 3)?),
         Some("k8s-converge") => k8s::run(flag(&args, "--nodes", 1000)?),
-        Some("proxy-sync") => proxy::sync(flag(&args, "--small", 1000)?, flag(&args, "--large", 5000)?, flag(&args, "--huge", 30000)?),
+        Some("proxy-sync") => match flag(&args, "--trellis-only", 0)? {
+            0 => proxy::sync(flag(&args, "--small", 1000)?, flag(&args, "--large", 5000)?, flag(&args, "--huge", 30000)?),
+            n => proxy::trellis_only(n),
+        },
         Some("proxy-latency") => proxy::latency(flag(&args, "--small", 10)?, flag(&args, "--large", 10000)?, flag(&args, "--connects", 2000)?),
         Some("throughput") => throughput::run(flag(&args, "--runs", 9)?, flag(&args, "--seconds", 2)?),
-        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R] | proxy-sync [--small N] [--large N] [--huge N] | proxy-latency [--small N] [--large N] [--connects N]"),
+        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R] | proxy-sync [--small N] [--large N] [--huge N] [--trellis-only N] | proxy-latency [--small N] [--large N] [--connects N]"),
     }
 }

@@ -367,8 +367,35 @@ fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
             one.map(ms).unwrap_or(f64::NAN)
         );
     }
+    keep_logs(&lab)?;
     lab.destroy()?;
     Ok(out)
+}
+
+/// With `TRELLIS_BENCH_LOGS=DIR`, the lab's agent logs are copied there
+/// before it goes (profiling: `TRELLIS_LOG=info,trellis_agent=debug`).
+fn keep_logs(lab: &Lab) -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os("TRELLIS_BENCH_LOGS") else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir)?;
+    for node in [KP, TR] {
+        let to = std::path::Path::new(&dir).join(format!("{node}.log"));
+        std::fs::copy(lab.agent_log(node), &to)
+            .with_context(|| format!("copy {node}'s log to {}", to.display()))?;
+    }
+    Ok(())
+}
+
+/// `proxy-sync --trellis-only N`: trellis alone at one size (profiling).
+pub fn trellis_only(n: usize) -> anyhow::Result<()> {
+    trellis_lab::k8s::bin_dir()?;
+    let f = one_size(n, &[Proxy::Trellis])?;
+    println!(
+        "services={n} bulk_ms={:.0} restart_ms={:.0} one_ms={:.1} rss_mb={:.0}",
+        f[0].bulk_ms, f[0].restart_ms, f[0].one_ms, f[0].rss_mb
+    );
+    Ok(())
 }
 
 /// `proxy-sync`: prints the result line.
