@@ -328,7 +328,7 @@ impl ProxyController {
                 let mut all: std::collections::BTreeSet<String> =
                     self.reported.keys().cloned().collect();
                 all.extend(self.health.keys().cloned());
-                all.extend(self.proxy.summaries().into_iter().map(|s| s.0));
+                all.extend(self.proxy.programmed_keys().cloned());
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 all.extend(st.services.keys().cloned());
                 all.into_iter().collect()

@@ -168,7 +168,10 @@ impl Journal {
 
     /// The kernel took the transaction; `all` gives everything applied,
     /// for a rewrite when the journal has grown.
-    pub fn done<'a>(&mut self, full: bool, all: impl FnOnce() -> Vec<(&'a String, &'a Fragment)>) {
+    pub fn done<'a, I>(&mut self, full: bool, all: impl FnOnce() -> I)
+    where
+        I: IntoIterator<Item = (&'a String, Fragment)>,
+    {
         let mut buf = Vec::new();
         line(&mut buf, &Rec::Done);
         self.append(&buf);
@@ -186,11 +189,11 @@ impl Journal {
         self.append(&buf);
     }
 
-    fn compact(&mut self, all: Vec<(&String, &Fragment)>) {
+    fn compact<'a>(&mut self, all: impl IntoIterator<Item = (&'a String, Fragment)>) {
         let mut buf = Vec::new();
         line(&mut buf, &Rec::Full(self.stamp));
         for (k, f) in all {
-            line(&mut buf, &Rec::Svc(k, Some(f)));
+            line(&mut buf, &Rec::Svc(k, Some(&f)));
         }
         line(&mut buf, &Rec::Done);
         let tmp = self.path.with_extension("journal.tmp");
@@ -259,7 +262,7 @@ mod tests {
         j.done(true, Vec::new);
         for _ in 0..40 {
             j.begin(None, &[(key.clone(), Some(big.clone()))]);
-            j.done(false, || vec![(&key, &big)]);
+            j.done(false, || vec![(&key, big.clone())]);
         }
         let size = std::fs::metadata(&path).expect("meta").len();
         assert!(size < 3 * 1024 * 1024, "rewritten: {size} bytes");

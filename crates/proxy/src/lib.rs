@@ -18,6 +18,7 @@ pub mod model;
 pub mod render;
 pub mod script;
 pub mod state;
+pub mod stored;
 
 pub use model::{
     Endpoint, NodeFacts, Protocol, Service, ServicePort, ServiceType, Slice, SlicePort,

@@ -4,19 +4,25 @@
 
 use crate::base;
 use crate::model::{NodeFacts, Protocol, Service, Slice};
-use crate::render::{self, Fragment, Ids, PortSummary, Shared};
+use crate::render::{self, Fragment, Ids, Shared};
 use crate::script::{self, Script};
+use crate::stored::Stored;
 use crate::TABLE;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-/// A shared map's key and the Services claiming it, sorted by Service:
-/// (Service, value); the first one has it.
-type Claims = Vec<((Shared, String), Vec<(String, String)>)>;
+/// A Service claiming a shared key: its `namespace/name`, one allocation
+/// shared by all its claims.
+type Claimant = Arc<str>;
 
-/// One programmed Service for listings: (key, ports, problems, notes).
-pub type Summary<'a> = (String, &'a [PortSummary], &'a [String], &'a [String]);
+/// The Services claiming one shared key, sorted by Service: (Service,
+/// value); the first one has it.
+type Claimants = Vec<(Claimant, String)>;
+
+/// A shared map's key and its claimants.
+type Claims = Vec<((Shared, String), Claimants)>;
 
 /// UDP flows to delete from conntrack, as kube-proxy chooses them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +75,7 @@ pub struct Conflict {
 }
 
 /// Whether claimants of one key want different values.
-fn disputed(v: &[(String, String)]) -> bool {
+fn disputed(v: &[(Claimant, String)]) -> bool {
     v.split_first()
         .is_some_and(|((_, first), rest)| rest.iter().any(|(_, val)| val != first))
 }
@@ -80,8 +86,9 @@ pub struct Proxy {
     services: HashMap<String, Service>,
     slices: HashMap<String, Slice>,
     by_service: HashMap<String, BTreeSet<String>>,
-    applied: HashMap<String, Fragment>,
-    claims: HashMap<(Shared, String), Vec<(String, String)>>,
+    /// what the kernel holds, per Service, compact
+    applied: HashMap<String, Stored>,
+    claims: HashMap<(Shared, String), Claimants>,
     /// claimed keys whose claimants want different values (conflicts)
     contested: BTreeSet<(Shared, String)>,
     dirty: BTreeSet<String>,
@@ -126,11 +133,12 @@ impl Proxy {
         self.claims.clear();
         self.ids = Ids::default();
         for (key, f) in fragments {
+            let who: Claimant = Arc::from(key.as_str());
             for (kind, k, v) in &f.shared {
                 let e = self.claims.entry((*kind, k.clone())).or_default();
-                match e.binary_search_by(|(svc, _)| svc.as_str().cmp(key.as_str())) {
+                match e.binary_search_by(|(svc, _)| (**svc).cmp(key.as_str())) {
                     Ok(i) => e[i].1 = v.clone(),
-                    Err(i) => e.insert(i, (key.clone(), v.clone())),
+                    Err(i) => e.insert(i, (who.clone(), v.clone())),
                 }
                 // affinity ids: mark -> `goto rec-ID` (chain svc-ID) or
                 // `goto lrec-ID` (chain local-ID)
@@ -148,7 +156,7 @@ impl Proxy {
                     }
                 }
             }
-            self.applied.insert(key, f);
+            self.applied.insert(key, Stored::new(&f));
         }
         self.contested = self
             .claims
@@ -248,8 +256,13 @@ impl Proxy {
     }
 
     /// Every Service as the kernel holds it.
-    pub fn applied_fragments(&self) -> Vec<(&String, &Fragment)> {
-        self.applied.iter().collect()
+    pub fn applied_fragments(&self) -> impl Iterator<Item = (&String, Fragment)> + '_ {
+        self.applied.iter().map(|(k, f)| (k, f.get()))
+    }
+
+    /// The Services programmed now.
+    pub fn programmed_keys(&self) -> impl Iterator<Item = &String> + '_ {
+        self.applied.keys()
     }
 
     /// Whether something waits to be applied.
@@ -292,16 +305,18 @@ impl Proxy {
         // the claims of the keys this plan touches (a full plan: of all,
         // from nothing); each key's claimants sorted by Service, the first
         // owns it — whatever the order things happened in
-        let mut claims: HashMap<(Shared, String), Vec<(String, String)>> = HashMap::new();
+        let mut claims: HashMap<(Shared, String), Claimants> = HashMap::new();
         let empty = Fragment::default();
         for key in &keys {
             let new = self.render(key);
-            let old = self.applied.get(key);
             // rendered again but unchanged (a relist, a restart): nothing
             // to apply, record or release
-            if !full && new.as_ref() == old {
+            if !full && new.as_ref().map(Stored::new).as_ref() == self.applied.get(key) {
                 continue;
             }
+            let old = self.applied.get(key).map(Stored::get);
+            let old = old.as_ref();
+            let who: Claimant = Arc::from(key.as_str());
             // affinity ids of chains that went are free again
             if let Some(o) = old {
                 for c in &o.affinity_chains {
@@ -330,7 +345,7 @@ impl Proxy {
                     &mut touched,
                     (*kind, k.clone()),
                 )
-                .retain(|(svc, _)| svc != key);
+                .retain(|(svc, _)| **svc != **key);
             }
             for (kind, k, val) in new
                 .as_ref()
@@ -344,9 +359,9 @@ impl Proxy {
                     &mut touched,
                     (*kind, k.clone()),
                 );
-                match v.binary_search_by(|(svc, _)| svc.as_str().cmp(key.as_str())) {
+                match v.binary_search_by(|(svc, _)| (**svc).cmp(key.as_str())) {
                     Ok(i) => v[i].1 = val.clone(),
-                    Err(i) => v.insert(i, (key.clone(), val.clone())),
+                    Err(i) => v.insert(i, (who.clone(), val.clone())),
                 }
             }
             plan.fragments.push((key.clone(), new));
@@ -378,7 +393,7 @@ impl Proxy {
     fn full_script(
         &self,
         fragments: &[(String, Option<Fragment>)],
-        claims: &HashMap<(Shared, String), Vec<(String, String)>>,
+        claims: &HashMap<(Shared, String), Claimants>,
     ) -> String {
         let mut decl = base::sets(&self.node);
         let mut rules = String::new();
@@ -432,7 +447,7 @@ impl Proxy {
         for (key, f) in plan.fragments {
             match f {
                 Some(f) => {
-                    self.applied.insert(key, f);
+                    self.applied.insert(key, Stored::new(&f));
                 }
                 None => {
                     self.applied.remove(&key);
@@ -461,7 +476,7 @@ impl Proxy {
             let kept = self
                 .applied
                 .get(&key)
-                .map(|a| a.affinity_chains.clone())
+                .map(|a| a.get().affinity_chains)
                 .unwrap_or_default();
             for c in f.iter().flat_map(|f| f.affinity_chains.iter()) {
                 if !kept.contains(c) {
@@ -474,26 +489,8 @@ impl Proxy {
     }
 
     /// What is programmed for Service `key`.
-    pub fn programmed(&self, key: &str) -> Option<&Fragment> {
-        self.applied.get(key)
-    }
-
-    /// Every programmed Service with its port summaries, problems and notes.
-    pub fn summaries(&self) -> Vec<Summary<'_>> {
-        let mut v: Vec<_> = self
-            .applied
-            .iter()
-            .map(|(k, f)| {
-                (
-                    k.clone(),
-                    f.ports.as_slice(),
-                    f.problems.as_slice(),
-                    f.notes.as_slice(),
-                )
-            })
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+    pub fn programmed(&self, key: &str) -> Option<Fragment> {
+        self.applied.get(key).map(Stored::get)
     }
 
     /// Shared keys a Service claims but another has.
@@ -508,9 +505,9 @@ impl Proxy {
                 for (svc, val) in &v[1..] {
                     if val != value && svc != owner {
                         out.push(Conflict {
-                            service: svc.clone(),
+                            service: svc.to_string(),
                             what: format!("{} {key}", kind.name()),
-                            owner: owner.clone(),
+                            owner: owner.to_string(),
                         });
                     }
                 }
@@ -534,12 +531,12 @@ impl Proxy {
 /// The claimants of shared key `t` as this plan changes them: taken from
 /// what is applied on first use (from nothing in a full plan).
 fn claim_entry<'a>(
-    claims: &'a mut HashMap<(Shared, String), Vec<(String, String)>>,
-    applied: &HashMap<(Shared, String), Vec<(String, String)>>,
+    claims: &'a mut HashMap<(Shared, String), Claimants>,
+    applied: &HashMap<(Shared, String), Claimants>,
     full: bool,
     touched: &mut BTreeSet<(Shared, String)>,
     t: (Shared, String),
-) -> &'a mut Vec<(String, String)> {
+) -> &'a mut Claimants {
     touched.insert(t.clone());
     claims.entry(t.clone()).or_insert_with(|| {
         if full {

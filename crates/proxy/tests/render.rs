@@ -523,9 +523,8 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
     let (s, e) = shapes();
     let (before, text) = full(s.clone(), e.clone());
     let saved: Vec<(String, trellis_proxy::render::Fragment)> = before
-        .summaries()
-        .iter()
-        .map(|(k, ..)| (k.clone(), before.programmed(k).expect("programmed").clone()))
+        .applied_fragments()
+        .map(|(k, f)| (k.clone(), f))
         .collect();
     // through JSON, as the journal keeps them
     let saved: Vec<(String, trellis_proxy::render::Fragment)> =

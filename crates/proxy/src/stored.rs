@@ -1,0 +1,53 @@
+//! A programmed Service as the proxy keeps it between syncs: its
+//! fragment serialized (one allocation instead of a few hundred small
+//! strings — at 5,000 Services x 10 endpoints, 10 MB instead of 23 MB,
+//! before the allocator's own overhead). Unchanged Services are found by
+//! comparing these bytes; only changed ones are read back.
+
+use crate::render::Fragment;
+
+/// A fragment in its compact form. Serialization is deterministic (maps
+/// are ordered), so equal fragments have equal bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored(Box<[u8]>);
+
+impl Stored {
+    /// `f`, compact.
+    pub fn new(f: &Fragment) -> Self {
+        // a Fragment is strings, numbers and ordered maps with string
+        // keys: serde_json cannot fail on it
+        Self(serde_json::to_vec(f).unwrap_or_default().into_boxed_slice())
+    }
+
+    /// The fragment back.
+    pub fn get(&self) -> Fragment {
+        let f = serde_json::from_slice(&self.0);
+        debug_assert!(f.is_ok(), "a stored fragment reads back");
+        f.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::SetDef;
+
+    #[test]
+    fn a_fragment_reads_back_and_equal_fragments_have_equal_bytes() {
+        let mut f = Fragment::default();
+        f.chains.insert("svc-x".into(), vec!["counter".into()]);
+        f.sets.insert(
+            "eps-x".into(),
+            SetDef {
+                decl: "type ipv4_addr;".into(),
+                elements: [("1".into(), "2".into()), ("0".into(), "3".into())].into(),
+            },
+        );
+        f.local_endpoints = 3;
+        let s = Stored::new(&f);
+        assert_eq!(s.get(), f);
+        assert_eq!(Stored::new(&f.clone()), s);
+        f.local_endpoints = 2;
+        assert_ne!(Stored::new(&f), s);
+    }
+}
