@@ -62,6 +62,9 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Addresses of this node's Services to advertise as /32 (from the
+    /// proxy; never changes when it does not run).
+    pub service_addrs: crate::proxy::LocalAddrs,
 }
 
 /// Connects to the configured etcd.

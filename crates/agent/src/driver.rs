@@ -305,7 +305,8 @@ mod tests {
             revision: 9,
         }))
         .expect("send");
-        tx.try_send(WatchItem::Events(vec![put("d")])).expect("send");
+        tx.try_send(WatchItem::Events(vec![put("d")]))
+            .expect("send");
         let (events, relist) = drain(&mut rx, vec![put("a")]);
         assert_eq!(keys(&events), ["a", "b", "c"]);
         assert_eq!(relist.map(|l| l.revision), Some(9));

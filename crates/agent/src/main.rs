@@ -115,11 +115,15 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     tracing::info!(address = %http, "serving /healthz, /readyz and /metrics");
+    // the proxy tells the BGP speaker which Service addresses it serves
+    // with local endpoints
+    let (service_addrs_tx, service_addrs) = tokio::sync::watch::channel(Default::default());
     let shared = Shared {
         dp: dp.clone(),
         view: view.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
+        service_addrs,
     };
     // the node's subnet: leased from the datastore, or set in the config
     let mut facts = trellis_agent::status::NodeFacts {
@@ -177,6 +181,7 @@ fn main() -> anyhow::Result<()> {
                     health.clone(),
                     metrics.clone(),
                     status,
+                    service_addrs_tx,
                 ));
             }
             runtime.spawn(trellis_agent::kube::keep_published(

@@ -16,11 +16,14 @@ use k8s_openapi::api::core::v1::Service as KService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::watcher;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use trellis_dataplane::Dataplane;
 use trellis_kube::source::{Role, Shown};
 use trellis_kube::{KubeSource, Reporter};
+use trellis_model::bgp::ServiceAddrKind;
 use trellis_model::status::{ProxyService, ProxyStatus};
 use trellis_proxy::{NodeFacts, Proxy, Service, Slice};
 use trellis_store::{Event, KeyValue};
@@ -91,6 +94,12 @@ impl StatusView {
     }
 }
 
+/// Service addresses this node advertises as /32 when the BGP
+/// configuration asks for their range: those of `externalTrafficPolicy:
+/// Local` Services with a ready endpoint here (Calico's rule; the ranges
+/// themselves go from every node).
+pub type LocalAddrs = tokio::sync::watch::Receiver<Arc<BTreeMap<IpAddr, ServiceAddrKind>>>;
+
 /// The status view, shared with the status socket. Cheap to clone.
 pub type SharedStatus = Arc<Mutex<StatusView>>;
 
@@ -116,7 +125,11 @@ struct ProxyController {
     /// problems already logged, per Service
     reported: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     /// health-check node ports: Service -> (port, local endpoints)
-    health: std::collections::BTreeMap<String, (u16, usize)>,
+    health: BTreeMap<String, (u16, usize)>,
+    /// per Service, its addresses to advertise from this node
+    local_addrs: BTreeMap<String, Vec<(IpAddr, ServiceAddrKind)>>,
+    /// ... all of them, for the BGP speaker
+    local_addrs_tx: tokio::sync::watch::Sender<Arc<BTreeMap<IpAddr, ServiceAddrKind>>>,
     /// after a refused sync: no new attempt before this (backoff)
     retry_at: Option<Instant>,
     failures: u32,
@@ -172,6 +185,27 @@ fn restore(
             tracing::warn!(error = %e, "proxy: cannot read the table's stamp; loading it whole")
         }
     }
+}
+
+/// A Service's addresses, each with what it is.
+fn advertised(s: &Service) -> Vec<(IpAddr, ServiceAddrKind)> {
+    let mut v: Vec<(IpAddr, ServiceAddrKind)> = Vec::new();
+    v.extend(
+        s.cluster_ips
+            .iter()
+            .map(|a| (*a, ServiceAddrKind::ClusterIp)),
+    );
+    v.extend(
+        s.external_ips
+            .iter()
+            .map(|a| (*a, ServiceAddrKind::ExternalIp)),
+    );
+    v.extend(
+        s.lb_ips
+            .iter()
+            .map(|a| (*a, ServiceAddrKind::LoadBalancerIp)),
+    );
+    v
 }
 
 /// Returns the heap's free pages to the system after a listing or a
@@ -336,13 +370,27 @@ impl ProxyController {
         };
         let mut rows = Vec::with_capacity(keys.len());
         let mut health_changed = false;
+        let mut addrs_changed = false;
         for key in keys {
             let Some(f) = self.proxy.programmed(&key) else {
                 self.reported.remove(&key);
                 health_changed |= self.health.remove(&key).is_some();
+                addrs_changed |= self.local_addrs.remove(&key).is_some();
                 rows.push((key, None));
                 continue;
             };
+            let ads = self
+                .proxy
+                .service(&key)
+                .filter(|s| s.external_local && f.local_endpoints > 0 && f.problems.is_empty())
+                .map(advertised)
+                .unwrap_or_default();
+            let before = if ads.is_empty() {
+                self.local_addrs.remove(&key)
+            } else {
+                self.local_addrs.insert(key.clone(), ads.clone())
+            };
+            addrs_changed |= before.unwrap_or_default() != ads;
             let seen = self.reported.entry(key.clone()).or_default();
             for p in f.problems.iter().chain(&f.notes) {
                 if seen.insert(p.clone()) {
@@ -383,6 +431,11 @@ impl ProxyController {
                     .map(|(k, (port, n))| (*port, k.clone(), *n))
                     .collect(),
             );
+        }
+        if addrs_changed {
+            let all: BTreeMap<IpAddr, ServiceAddrKind> =
+                self.local_addrs.values().flatten().copied().collect();
+            self.local_addrs_tx.send_replace(Arc::new(all));
         }
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.synced = true;
@@ -493,6 +546,7 @@ pub async fn run(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     status: SharedStatus,
+    local_addrs_tx: tokio::sync::watch::Sender<Arc<BTreeMap<IpAddr, ServiceAddrKind>>>,
 ) {
     let (journal, saved) = crate::proxy_journal::Journal::open(data_dir.join("proxy.journal"));
     let mut proxy = Proxy::new(node);
@@ -509,6 +563,8 @@ pub async fn run(
         listed: false,
         reported: Default::default(),
         health: Default::default(),
+        local_addrs: Default::default(),
+        local_addrs_tx,
         retry_at: None,
         failures: 0,
         checked: None,

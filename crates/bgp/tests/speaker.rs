@@ -694,3 +694,54 @@ async fn a_route_refused_for_a_while_returns_when_the_policy_admits_it() {
     let st = a.speaker.status().await;
     assert_eq!(st[0].established_count, 1, "session kept: {st:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_prefixes_go_to_external_peers_only() {
+    let base = 21;
+    // node 1 peers with node 2 (mesh) and with router 3 (external)
+    let n1 = start(1, base, None, node_policy(base, &[1, 2], 1)).await;
+    let mut n2 = start(2, base, None, node_policy(base, &[1, 2], 2)).await;
+    let anything = ImportPolicy {
+        inside: vec![],
+        owners: None,
+        own: vec![],
+        max_prefixes: 0,
+    };
+    let mut r3 = start(3, base, None, anything).await;
+    n1.speaker.announce(subnet(1)).await;
+    let vip = net("10.96.0.10/32");
+    assert!(n1.speaker.announce_external(vip).await);
+    n1.speaker
+        .set_peers(vec![
+            peer(2, base, 1, PeerKind::Mesh),
+            peer(3, base, 1, PeerKind::External),
+        ])
+        .await;
+    n2.speaker
+        .set_peers(vec![peer(1, base, 2, PeerKind::Mesh)])
+        .await;
+    r3.speaker
+        .set_peers(vec![peer(1, base, 3, PeerKind::External)])
+        .await;
+    r3.wait_for("the router gets the subnet and the service", |r| {
+        r.contains_key(&subnet(1)) && r.contains_key(&vip)
+    })
+    .await;
+    n2.wait_for("the mesh peer gets the subnet", |r| {
+        r.contains_key(&subnet(1))
+    })
+    .await;
+    assert!(!n2.routes.contains_key(&vip), "mesh peers never get it");
+    // nothing refused at the mesh peer: it was never sent
+    let st = n2.speaker.status().await;
+    assert_eq!(st[0].accepted, 1, "{st:?}");
+    // announced to everyone now (node 2's policy refuses it), then withdrawn
+    assert!(n1.speaker.announce(vip).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n2.speaker.status().await[0].received < 2 {
+        assert!(Instant::now() < deadline, "node 2 was never offered it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(n1.speaker.withdraw(vip).await);
+    r3.wait_for("withdrawn", |r| !r.contains_key(&vip)).await;
+}

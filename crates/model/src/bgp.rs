@@ -33,6 +33,68 @@ pub struct BgpConfiguration {
     /// Most prefixes accepted from one peer (0: no limit).
     #[serde(default = "default_max_prefixes")]
     pub max_prefixes: usize,
+    /// Service cluster IP ranges to advertise to external peers (opt-in,
+    /// as Calico's): each range from every node; the address of a Service
+    /// with `externalTrafficPolicy: Local` also as a /32 from the nodes
+    /// that have a ready endpoint of it.
+    #[serde(
+        default,
+        rename = "serviceClusterIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub service_cluster_ips: Vec<ServiceCidr>,
+    /// `spec.externalIPs` ranges to advertise, likewise.
+    #[serde(
+        default,
+        rename = "serviceExternalIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub service_external_ips: Vec<ServiceCidr>,
+    /// LoadBalancer ingress ranges to advertise, likewise.
+    #[serde(
+        default,
+        rename = "serviceLoadBalancerIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub service_load_balancer_ips: Vec<ServiceCidr>,
+}
+
+/// One Service address range to advertise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCidr {
+    /// The range (IPv4).
+    pub cidr: ipnet::IpNet,
+}
+
+impl BgpConfiguration {
+    /// Every Service range to advertise: (range, which addresses it is for).
+    pub fn service_ranges(&self) -> Vec<(ipnet::IpNet, ServiceAddrKind)> {
+        let mut v = Vec::new();
+        for (list, kind) in [
+            (&self.service_cluster_ips, ServiceAddrKind::ClusterIp),
+            (&self.service_external_ips, ServiceAddrKind::ExternalIp),
+            (
+                &self.service_load_balancer_ips,
+                ServiceAddrKind::LoadBalancerIp,
+            ),
+        ] {
+            v.extend(list.iter().map(|c| (c.cidr.trunc(), kind)));
+        }
+        v
+    }
+}
+
+/// Which of a Service's addresses: its cluster IPs, external IPs or load
+/// balancer ingress IPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ServiceAddrKind {
+    /// `spec.clusterIPs`
+    ClusterIp,
+    /// `spec.externalIPs`
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip`
+    LoadBalancerIp,
 }
 
 fn default_as() -> u32 {
@@ -59,6 +121,9 @@ impl Default for BgpConfiguration {
             hold_time_seconds: default_hold(),
             graceful_restart_seconds: default_restart(),
             max_prefixes: default_max_prefixes(),
+            service_cluster_ips: vec![],
+            service_external_ips: vec![],
+            service_load_balancer_ips: vec![],
         }
     }
 }
@@ -221,6 +286,26 @@ fn validate(r: &Resource) -> Result<(), String> {
             }
             if c.graceful_restart_seconds > 4095 {
                 return Err("spec.gracefulRestartSeconds: at most 4095".into());
+            }
+            for (field, list) in [
+                ("serviceClusterIPs", &c.service_cluster_ips),
+                ("serviceExternalIPs", &c.service_external_ips),
+                ("serviceLoadBalancerIPs", &c.service_load_balancer_ips),
+            ] {
+                for (i, r) in list.iter().enumerate() {
+                    if !r.cidr.addr().is_ipv4() {
+                        return Err(format!(
+                            "spec.{field}[{i}].cidr: {}: only IPv4 ranges are advertised (the cluster is IPv4)",
+                            r.cidr
+                        ));
+                    }
+                    if r.cidr.prefix_len() == 0 {
+                        return Err(format!(
+                            "spec.{field}[{i}].cidr: {}: a default route is not a Service range",
+                            r.cidr
+                        ));
+                    }
+                }
             }
         }
         Resource::Peer(_, p) => {
@@ -454,6 +539,8 @@ metadata: {name: default}
 spec:
   asNumber: 64512
   nodeToNodeMeshEnabled: false
+  serviceClusterIPs: [{cidr: 10.96.0.0/12}]
+  serviceLoadBalancerIPs: [{cidr: 198.51.100.7/24}]
 ---
 apiVersion: trellis.dev/v1
 kind: BGPPeer
@@ -483,6 +570,19 @@ spec:
         );
         assert!(errs.is_empty());
         assert!(!res.config.node_to_node_mesh_enabled);
+        assert_eq!(
+            res.config.service_ranges(),
+            vec![
+                (
+                    "10.96.0.0/12".parse().expect("net"),
+                    ServiceAddrKind::ClusterIp
+                ),
+                (
+                    "198.51.100.0/24".parse().expect("net"),
+                    ServiceAddrKind::LoadBalancerIp
+                ),
+            ]
+        );
         assert_eq!(res.config.graceful_restart_seconds, 120);
         assert_eq!(
             res.nodes["n1"].route_reflector_cluster_id,
@@ -501,6 +601,9 @@ spec:
             ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: other}", "\"default\""),
             ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {holdTimeSeconds: 2}", "holdTimeSeconds"),
             ("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: Bad_Name}", "metadata.name"),
+            ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {serviceExternalIPs: [{cidr: 10.0.0.0/8}, {cidr: 'fd00::/64'}]}", "spec.serviceExternalIPs[1].cidr"),
+            ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {serviceClusterIPs: [{cidr: 0.0.0.0/0}]}", "default route"),
+            ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {serviceClusterIPs: [{range: 10.96.0.0/12}]}", "range"),
             ("---\n", "no resources"),
             ("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: a}\n---\nkind: [", "document 2"),
         ] {

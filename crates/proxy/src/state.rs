@@ -488,6 +488,11 @@ impl Proxy {
         self.full = true;
     }
 
+    /// Service `key` as last seen.
+    pub fn service(&self, key: &str) -> Option<&Service> {
+        self.services.get(key)
+    }
+
     /// What is programmed for Service `key`.
     pub fn programmed(&self, key: &str) -> Option<Fragment> {
         self.applied.get(key).map(Stored::get)

@@ -5,6 +5,10 @@
 //! a change touches only the sessions it changes. After an agent restart
 //! the kernel routes stay until every peer has sent its routes again
 //! (End-of-RIB) or the restart time passes, then stale ones are pruned.
+//! When the `BGPConfiguration` lists Service ranges, they go to external
+//! peers from every node, and the addresses of `externalTrafficPolicy:
+//! Local` Services inside them as /32 from the nodes with a ready
+//! endpoint (from the proxy), as Calico does.
 
 pub mod plan;
 
@@ -15,7 +19,7 @@ use crate::masq;
 use crate::routes::RouteReconciler;
 use ipnet::{IpNet, Ipv4Net};
 use plan::{learned_routes, plan, BgpPlan, SpeakerSettings};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -26,6 +30,14 @@ use trellis_store::{Event, KeyValue, Source};
 
 /// Route-event batches queued between the speaker and the controller.
 const EVENT_QUEUE: usize = 64;
+
+/// What reaches the controller besides the datastore.
+enum Input {
+    /// Best-path changes of speaker generation `.0`.
+    Routes(u64, Vec<RouteEvent>),
+    /// The proxy's Service addresses changed.
+    Services,
+}
 
 struct Running {
     speaker: Speaker,
@@ -47,7 +59,10 @@ struct BgpController {
     next_gen: u64,
     plan: Option<BgpPlan>,
     learned: BTreeMap<Ipv4Net, Ipv4Addr>,
-    events: mpsc::Sender<(u64, Vec<RouteEvent>)>,
+    events: mpsc::Sender<Input>,
+    /// Service prefixes the speaker originates now; `None`: to be set
+    /// (a new speaker, a failed command)
+    service_prefixes: Option<BTreeSet<IpNet>>,
     rec: RouteReconciler,
     ruleset: String,
     shared: Shared,
@@ -123,6 +138,56 @@ impl BgpController {
             }
         }
         self.plan = Some(p);
+        self.advertise_services().await;
+    }
+
+    /// The Service prefixes to originate: the configured ranges (not
+    /// overlapping the cluster network), and inside them the proxy's
+    /// local-endpoint addresses as /32.
+    fn wanted_service_prefixes(&self) -> BTreeSet<IpNet> {
+        let cluster = IpNet::V4(self.joined.cfg.network);
+        let ranges: Vec<_> = self
+            .res
+            .config
+            .service_ranges()
+            .into_iter()
+            .filter(|(r, _)| !(r.contains(&cluster) || cluster.contains(r)))
+            .collect();
+        let mut want: BTreeSet<IpNet> = ranges.iter().map(|(r, _)| *r).collect();
+        let addrs = self.shared.service_addrs.borrow().clone();
+        for (ip, kind) in addrs.iter() {
+            if ranges.iter().any(|(r, k)| k == kind && r.contains(ip)) {
+                want.insert(IpNet::from(*ip));
+            }
+        }
+        want
+    }
+
+    /// Brings the speaker's Service prefixes in line.
+    async fn advertise_services(&mut self) {
+        let Some(r) = &self.running else { return };
+        let want = self.wanted_service_prefixes();
+        let have = self.service_prefixes.take().unwrap_or_default();
+        if want == have {
+            self.service_prefixes = Some(have);
+            return;
+        }
+        let mut ok = true;
+        for p in want.difference(&have) {
+            ok &= r.speaker.announce_external(*p).await;
+        }
+        for p in have.difference(&want) {
+            // never the node's own subnet (ranges overlapping the cluster
+            // network are left out above)
+            ok &= r.speaker.withdraw(*p).await;
+        }
+        if ok {
+            tracing::debug!(prefixes = want.len(), "bgp: Service prefixes advertised");
+            self.service_prefixes = Some(want);
+        } else {
+            // again at the next housekeeping tick, from nothing
+            tracing::warn!("bgp: the speaker did not take the Service prefixes; retrying");
+        }
     }
 
     async fn start(&mut self, p: &BgpPlan) -> std::io::Result<Running> {
@@ -164,13 +229,14 @@ impl BgpController {
         let tx = self.events.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                if tx.send((gen, ev)).await.is_err() {
+                if tx.send(Input::Routes(gen, ev)).await.is_err() {
                     return;
                 }
             }
         });
         // a new speaker learns everything again
         self.learned.clear();
+        self.service_prefixes = None;
         tracing::info!(
             asn = p.speaker.asn,
             router_id = %self.joined.local.public_ip,
@@ -205,6 +271,16 @@ impl BgpController {
             RouteEvent::Gone { .. } => {}
             RouteEvent::EndOfRib { peer } => {
                 self.end_of_rib.insert(peer);
+            }
+        }
+    }
+
+    fn warn_overlapping_ranges(&self) {
+        let cluster = IpNet::V4(self.joined.cfg.network);
+        for (r, _) in self.res.config.service_ranges() {
+            if r.contains(&cluster) || cluster.contains(&r) {
+                tracing::warn!(range = %r, cluster = %cluster,
+                    "bgp: a Service range overlapping the cluster network is not advertised");
             }
         }
     }
@@ -273,7 +349,7 @@ impl BgpController {
 }
 
 impl Controller for BgpController {
-    type Input = (u64, Vec<RouteEvent>);
+    type Input = Input;
 
     async fn on_listing(&mut self, items: Vec<KeyValue>) {
         self.nodes.replace(&items);
@@ -285,6 +361,7 @@ impl Controller for BgpController {
             }
         }
         self.replan().await;
+        self.warn_overlapping_ranges();
         self.publish_problems();
         self.resync();
     }
@@ -300,9 +377,16 @@ impl Controller for BgpController {
         self.publish_problems();
     }
 
-    async fn on_inputs(&mut self, batches: Vec<(u64, Vec<RouteEvent>)>) {
-        for (gen, evs) in batches {
-            evs.into_iter().for_each(|ev| self.route_event(gen, ev));
+    async fn on_inputs(&mut self, batches: Vec<Input>) {
+        let mut services = false;
+        for b in batches {
+            match b {
+                Input::Routes(gen, evs) => evs.into_iter().for_each(|ev| self.route_event(gen, ev)),
+                Input::Services => services = true,
+            }
+        }
+        if services {
+            self.advertise_services().await;
         }
         let want = learned_routes(&self.joined.local, &self.learned);
         set_view(&self.shared.view, &self.nodes.nodes, &want.problems);
@@ -318,6 +402,8 @@ impl Controller for BgpController {
             // the speaker could not start (port taken?) or did not take
             // its peers: again
             self.replan().await;
+        } else if self.service_prefixes.is_none() {
+            self.advertise_services().await;
         }
         if self.check_synced() {
             self.resync();
@@ -360,7 +446,8 @@ pub async fn run<S: Source>(
         next_gen: 1,
         plan: None,
         learned: BTreeMap::new(),
-        events: ev_tx,
+        events: ev_tx.clone(),
+        service_prefixes: None,
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), cluster),
         ruleset: masq::ruleset(&joined.cfg, masq::pods_tracked(&agent)),
         shared: shared.clone(),
@@ -370,6 +457,15 @@ pub async fn run<S: Source>(
         end_of_rib: HashSet::new(),
         joined,
     };
+    // the proxy's changes wake the loop (a watch coalesces bursts)
+    let mut addrs = shared.service_addrs.clone();
+    tokio::spawn(async move {
+        while addrs.changed().await.is_ok() {
+            if ev_tx.send(Input::Services).await.is_err() {
+                return;
+            }
+        }
+    });
     let settings = LoopSettings {
         name: "bgp",
         prefix,

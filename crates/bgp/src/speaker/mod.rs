@@ -153,6 +153,8 @@ pub(crate) enum FromSession {
 enum Cmd {
     SetPeers(Vec<PeerSpec>),
     Announce(IpNet),
+    /// Originate, to external peers only.
+    AnnounceExternal(IpNet),
     Withdraw(IpNet),
     SetPolicy(ImportPolicy),
     Status(oneshot::Sender<Vec<PeerStatus>>),
@@ -212,6 +214,14 @@ impl Speaker {
     /// command deadline): the caller must try again.
     pub async fn announce(&self, prefix: IpNet) -> bool {
         self.cmd(Cmd::Announce(prefix)).await
+    }
+
+    /// Originates `prefix` to external peers only (routers outside the
+    /// cluster; never to mesh peers, reflectors or their clients): a
+    /// Service address, which nodes serve themselves.
+    /// False when the speaker did not take it: the caller must try again.
+    pub async fn announce_external(&self, prefix: IpNet) -> bool {
+        self.cmd(Cmd::AnnounceExternal(prefix)).await
     }
 
     /// Stops originating `prefix`.

@@ -111,6 +111,8 @@ struct Core {
     exporter: Exporter,
     rib: Rib,
     local: BTreeSet<IpNet>,
+    /// of those, the ones only external peers get
+    external_only: BTreeSet<IpNet>,
     peers: HashMap<IpAddr, Peer>,
     next_gen: u64,
     /// Times each peer's session reached Established (kept across session
@@ -171,6 +173,7 @@ pub(super) async fn run(
         cfg,
         rib: Rib::new(),
         local: BTreeSet::new(),
+        external_only: BTreeSet::new(),
         peers: HashMap::new(),
         next_gen: 1,
         established: HashMap::new(),
@@ -224,11 +227,19 @@ impl Core {
         match c {
             Cmd::SetPeers(specs) => self.set_peers(specs),
             Cmd::Announce(p) => {
-                if self.local.insert(p) {
+                let moved = self.external_only.remove(&p);
+                if self.local.insert(p) || moved {
+                    self.export_prefixes(&[p], None);
+                }
+            }
+            Cmd::AnnounceExternal(p) => {
+                let moved = self.external_only.insert(p);
+                if self.local.insert(p) || moved {
                     self.export_prefixes(&[p], None);
                 }
             }
             Cmd::Withdraw(p) => {
+                self.external_only.remove(&p);
                 if self.local.remove(&p) {
                     self.export_prefixes(&[p], None);
                 }

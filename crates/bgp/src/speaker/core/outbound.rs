@@ -66,23 +66,29 @@ impl Core {
     /// Brings the Adj-RIB-Out of `only` (or of every established peer) in
     /// line for `prefixes`, sending the differences.
     pub(super) fn export_prefixes(&mut self, prefixes: &[IpNet], only: Option<IpAddr>) {
-        let targets: Vec<(IpAddr, Target, bool)> = self
+        let targets: Vec<(IpAddr, Target, bool, bool)> = self
             .peers
             .iter()
             .filter(|(a, p)| p.established() && only.is_none_or(|o| o == **a))
-            .filter_map(|(a, p)| Some((*a, p.target()?, p.remote.as_ref()?.v6)))
+            .filter_map(|(a, p)| {
+                let external = p.spec.kind == PeerKind::External;
+                Some((*a, p.target()?, p.remote.as_ref()?.v6, external))
+            })
             .collect();
         let mut batches: Vec<(IpAddr, Batch)> = Vec::with_capacity(targets.len());
-        for (addr, target, v6) in targets {
+        for (addr, target, v6, external) in targets {
             let mut batch = Batch::default();
             let mut set = Vec::new();
             for prefix in prefixes {
                 if prefix.addr().is_ipv6() && !v6 {
                     continue;
                 }
-                let want = self
-                    .source_of(prefix)
-                    .and_then(|src| self.exporter.export(prefix, src, &target));
+                let want = if !external && self.external_only.contains(prefix) {
+                    None
+                } else {
+                    self.source_of(prefix)
+                        .and_then(|src| self.exporter.export(prefix, src, &target))
+                };
                 set.push((*prefix, want));
             }
             let Some(p) = self.peers.get_mut(&addr) else {
