@@ -44,7 +44,22 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// Two malloc arenas instead of glibc's 8 per core: the agent's threads
+/// mostly wait, and every arena keeps its own freed memory (RSS).
+/// `MALLOC_ARENA_MAX` in the environment still wins.
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first in main, before any other thread exists
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
         .unwrap_or_else(|_| "info".into());

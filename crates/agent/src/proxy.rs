@@ -73,7 +73,8 @@ pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
 #[derive(Debug, Default)]
 pub struct StatusView {
     synced: bool,
-    services: std::collections::BTreeMap<String, ProxyService>,
+    /// each Service's row, serialized (one allocation, not dozens)
+    services: BTreeMap<String, Box<[u8]>>,
     conflicts: Vec<String>,
     last_sync_us: u64,
     syncs: u64,
@@ -85,7 +86,11 @@ impl StatusView {
     pub fn snapshot(&self) -> ProxyStatus {
         ProxyStatus {
             synced: self.synced,
-            services: self.services.values().cloned().collect(),
+            services: self
+                .services
+                .values()
+                .filter_map(|r| serde_json::from_slice(r).ok())
+                .collect(),
             conflicts: self.conflicts.clone(),
             last_sync_us: self.last_sync_us,
             syncs: self.syncs,
@@ -137,6 +142,12 @@ struct ProxyController {
     checked: Option<Instant>,
     /// how long the last successful sync took
     last_took: Duration,
+    /// when free heap pages were last given back, and whether syncs
+    /// freed memory since
+    trimmed: Instant,
+    untrimmed: bool,
+    /// the next successful sync publishes every Service (the first one)
+    publish_all: bool,
     /// what the kernel holds, on disk
     journal: crate::proxy_journal::Journal,
 }
@@ -220,6 +231,9 @@ fn give_back_memory() {
     }
 }
 
+/// Free heap pages go back to the system at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
 /// The longest gap the last sync's duration imposes before the next.
 const MAX_GAP: Duration = Duration::from_secs(2);
 
@@ -296,7 +310,9 @@ impl ProxyController {
         match result {
             Ok(()) => {
                 let journaled = !plan.script.is_empty();
-                let changed = if plan_full {
+                // the first sync of a restored proxy changes only what
+                // changed while it was down: the rest is published too
+                let changed = if plan_full || std::mem::take(&mut self.publish_all) {
                     Changed::All
                 } else {
                     Changed::Some(plan.fragments().iter().map(|(k, _)| k.clone()).collect())
@@ -320,8 +336,10 @@ impl ProxyController {
                 let took = t0.elapsed();
                 if plan_full {
                     give_back_memory();
+                    self.trimmed = Instant::now();
                 } else {
                     self.last_took = took;
+                    self.untrimmed = true;
                 }
                 self.metrics
                     .proxy_sync(kind, took, self.proxy.len(), deleted);
@@ -418,6 +436,9 @@ impl ProxyController {
                     .collect(),
                 problems: f.problems.iter().chain(&f.notes).cloned().collect(),
             };
+            let row = serde_json::to_vec(&row)
+                .unwrap_or_default()
+                .into_boxed_slice();
             rows.push((key, Some(row)));
         }
         let conflicts = self.proxy.conflicts();
@@ -531,6 +552,13 @@ impl Controller for ProxyController {
 
     async fn on_housekeeping(&mut self) {
         self.maybe_sync();
+        // what a burst of syncs freed goes back to the system once it is
+        // over (glibc keeps it otherwise)
+        if self.untrimmed && self.trimmed.elapsed() >= TRIM_EVERY && !self.proxy.pending() {
+            give_back_memory();
+            self.trimmed = Instant::now();
+            self.untrimmed = false;
+        }
     }
 }
 
@@ -569,6 +597,9 @@ pub async fn run(
         failures: 0,
         checked: None,
         last_took: Duration::ZERO,
+        trimmed: Instant::now(),
+        untrimmed: false,
+        publish_all: true,
     };
     let settings = LoopSettings {
         name: "proxy",
