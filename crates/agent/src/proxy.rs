@@ -148,6 +148,8 @@ struct ProxyController {
     untrimmed: bool,
     /// the next successful sync publishes every Service (the first one)
     publish_all: bool,
+    /// a health-check port could not be bound: try again
+    health_retry: bool,
     /// what the kernel holds, on disk
     journal: crate::proxy_journal::Journal,
 }
@@ -216,6 +218,8 @@ fn advertised(s: &Service) -> Vec<(IpAddr, ServiceAddrKind)> {
             .iter()
             .map(|a| (*a, ServiceAddrKind::LoadBalancerIp)),
     );
+    // the proxy serves IPv4 only
+    v.retain(|(a, _)| a.is_ipv4());
     v
 }
 
@@ -370,6 +374,18 @@ impl ProxyController {
         }
     }
 
+    /// Listens on the health-check ports; what could not be bound is
+    /// tried again at housekeeping.
+    fn set_health_ports(&mut self) {
+        let all = self.health_ports.set(
+            self.health
+                .iter()
+                .map(|(k, (port, n))| (*port, k.clone(), *n))
+                .collect(),
+        );
+        self.health_retry = !all;
+    }
+
     /// Status, health-check ports and the log of problems, for the
     /// Services a sync changed.
     fn publish(&mut self, error: Option<String>, took: Duration, changed: Changed) {
@@ -445,13 +461,8 @@ impl ProxyController {
         for c in &conflicts {
             tracing::debug!(service = %c.service, what = %c.what, owner = %c.owner, "proxy: address and port taken by another Service");
         }
-        if health_changed {
-            self.health_ports.set(
-                self.health
-                    .iter()
-                    .map(|(k, (port, n))| (*port, k.clone(), *n))
-                    .collect(),
-            );
+        if health_changed || self.health_retry {
+            self.set_health_ports();
         }
         if addrs_changed {
             let all: BTreeMap<IpAddr, ServiceAddrKind> =
@@ -506,8 +517,12 @@ impl Controller for ProxyController {
         );
         self.listed = true;
         // a listing is applied at once (the first one: the whole table)
+        let full = self.proxy.will_replace();
         self.sync();
-        give_back_memory();
+        if !full {
+            // (a whole-table load gave back its memory itself)
+            give_back_memory();
+        }
     }
 
     async fn on_events(&mut self, events: Vec<Event>) {
@@ -552,6 +567,9 @@ impl Controller for ProxyController {
 
     async fn on_housekeeping(&mut self) {
         self.maybe_sync();
+        if self.health_retry {
+            self.set_health_ports();
+        }
         // what a burst of syncs freed goes back to the system once it is
         // over (glibc keeps it otherwise)
         if self.untrimmed && self.trimmed.elapsed() >= TRIM_EVERY && !self.proxy.pending() {
@@ -600,6 +618,7 @@ pub async fn run(
         trimmed: Instant::now(),
         untrimmed: false,
         publish_all: true,
+        health_retry: false,
     };
     let settings = LoopSettings {
         name: "proxy",

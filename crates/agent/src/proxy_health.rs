@@ -31,12 +31,17 @@ struct Listener {
 #[derive(Default)]
 pub struct HealthPorts {
     ports: BTreeMap<u16, Listener>,
+    /// ports whose bind failed (logged once)
+    failed: std::collections::BTreeSet<u16>,
 }
 
 impl HealthPorts {
     /// The ports to answer now: (port, `namespace/name`, local endpoints).
     /// New ports start listening on every address, gone ones stop.
-    pub fn set(&mut self, wanted: Vec<(u16, String, usize)>) {
+    /// Returns whether every wanted port listens (a port that could not be
+    /// bound, e.g. still held by a listener that is stopping, is tried
+    /// again by the next call; its failure is logged once).
+    pub fn set(&mut self, wanted: Vec<(u16, String, usize)>) -> bool {
         let keep: BTreeMap<u16, (String, usize)> =
             wanted.into_iter().map(|(p, s, n)| (p, (s, n))).collect();
         self.ports.retain(|port, l| {
@@ -46,6 +51,8 @@ impl HealthPorts {
             }
             stay
         });
+        self.failed.retain(|p| keep.contains_key(p));
+        let mut all = true;
         for (port, answer) in keep {
             if let Some(l) = self.ports.get(&port) {
                 *l.answer.lock().unwrap_or_else(|p| p.into_inner()) = answer;
@@ -60,11 +67,18 @@ impl HealthPorts {
                     let (a, s) = (l.answer.clone(), l.stop.clone());
                     std::thread::spawn(move || serve(listener, a, s));
                     self.ports.insert(port, l);
+                    self.failed.remove(&port);
                 }
-                Err(e) => tracing::warn!(port, service = %answer.0, error = %e,
-                    "proxy: cannot listen on the health-check node port"),
+                Err(e) => {
+                    all = false;
+                    if self.failed.insert(port) {
+                        tracing::warn!(port, service = %answer.0, error = %e,
+                            "proxy: cannot listen on the health-check node port; trying again");
+                    }
+                }
             }
         }
+        all
     }
 }
 

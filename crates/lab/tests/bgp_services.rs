@@ -149,5 +149,20 @@ fn service_addresses_are_advertised_and_follow_local_endpoints() {
     wait_for("traffic follows", Duration::from_secs(10), || {
         lab.probe_tcp(&fabric, sa("203.0.113.10", 80), T).by() == Some("solo-n3")
     });
+
+    // the external IP range leaves the configuration (nothing else
+    // changes): its routes are withdrawn, the cluster IP range stays
+    lab.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\n\
+         spec: {nodeToNodeMeshEnabled: false, holdTimeSeconds: 9, serviceClusterIPs: [{cidr: 10.96.0.0/12}]}\n",
+    )
+    .expect("apply the smaller configuration");
+    wait_for("the external IP routes go", Duration::from_secs(30), || {
+        advertised_by(&bird, "203.0.113.10/32").is_empty()
+            && advertised_by(&bird, "203.0.113.0/24").is_empty()
+    });
+    assert_eq!(advertised_by(&bird, "10.96.0.0/12"), ["n1", "n2", "n3"]);
+    assert_eq!(advertised_by(&bird, &solo_32), ["n3"]);
     drop(backends);
 }

@@ -31,6 +31,12 @@ use trellis_store::{Event, KeyValue, Source};
 /// Route-event batches queued between the speaker and the controller.
 const EVENT_QUEUE: usize = 64;
 
+/// The speaker did not take a Service prefix command: again later.
+fn service_retry(dirty: &mut bool) {
+    *dirty = true;
+    tracing::warn!("bgp: the speaker did not take the Service prefixes; retrying");
+}
+
 /// What reaches the controller besides the datastore.
 enum Input {
     /// Best-path changes of speaker generation `.0`.
@@ -60,9 +66,14 @@ struct BgpController {
     plan: Option<BgpPlan>,
     learned: BTreeMap<Ipv4Net, Ipv4Addr>,
     events: mpsc::Sender<Input>,
-    /// Service prefixes the speaker originates now; `None`: to be set
-    /// (a new speaker, a failed command)
-    service_prefixes: Option<BTreeSet<IpNet>>,
+    /// Service prefixes the speaker may originate now (those a failed
+    /// command left uncertain included)
+    service_prefixes: BTreeSet<IpNet>,
+    /// they may differ from what is wanted (a failed command, a new
+    /// speaker): compare again at housekeeping
+    service_dirty: bool,
+    /// the ranges whose overlaps were last logged
+    warned_ranges: Vec<IpNet>,
     rec: RouteReconciler,
     ruleset: String,
     shared: Shared,
@@ -163,31 +174,39 @@ impl BgpController {
         want
     }
 
-    /// Brings the speaker's Service prefixes in line.
+    /// Brings the speaker's Service prefixes in line. Stops at the first
+    /// command the speaker does not take (housekeeping tries again; what
+    /// it left uncertain counts as announced, so it is withdrawn later).
     async fn advertise_services(&mut self) {
-        let Some(r) = &self.running else { return };
-        let want = self.wanted_service_prefixes();
-        let have = self.service_prefixes.take().unwrap_or_default();
-        if want == have {
-            self.service_prefixes = Some(have);
+        if self.running.is_none() {
             return;
         }
-        let mut ok = true;
-        for p in want.difference(&have) {
-            ok &= r.speaker.announce_external(*p).await;
+        self.warn_overlapping_ranges();
+        let want = self.wanted_service_prefixes();
+        let Some(r) = &self.running else { return };
+        if want == self.service_prefixes {
+            self.service_dirty = false;
+            return;
         }
-        for p in have.difference(&want) {
+        let add: Vec<IpNet> = want.difference(&self.service_prefixes).copied().collect();
+        let gone: Vec<IpNet> = self.service_prefixes.difference(&want).copied().collect();
+        for p in add {
+            // counted before the command: a timeout may still have taken it
+            self.service_prefixes.insert(p);
+            if !r.speaker.announce_external(p).await {
+                return service_retry(&mut self.service_dirty);
+            }
+        }
+        for p in gone {
             // never the node's own subnet (ranges overlapping the cluster
             // network are left out above)
-            ok &= r.speaker.withdraw(*p).await;
+            if !r.speaker.withdraw(p).await {
+                return service_retry(&mut self.service_dirty);
+            }
+            self.service_prefixes.remove(&p);
         }
-        if ok {
-            tracing::debug!(prefixes = want.len(), "bgp: Service prefixes advertised");
-            self.service_prefixes = Some(want);
-        } else {
-            // again at the next housekeeping tick, from nothing
-            tracing::warn!("bgp: the speaker did not take the Service prefixes; retrying");
-        }
+        self.service_dirty = false;
+        tracing::debug!(prefixes = want.len(), "bgp: Service prefixes advertised");
     }
 
     async fn start(&mut self, p: &BgpPlan) -> std::io::Result<Running> {
@@ -236,7 +255,8 @@ impl BgpController {
         });
         // a new speaker learns everything again
         self.learned.clear();
-        self.service_prefixes = None;
+        self.service_prefixes.clear();
+        self.service_dirty = true;
         tracing::info!(
             asn = p.speaker.asn,
             router_id = %self.joined.local.public_ip,
@@ -275,14 +295,27 @@ impl BgpController {
         }
     }
 
-    fn warn_overlapping_ranges(&self) {
+    /// Logs configured ranges that overlap the cluster network, once per
+    /// configuration.
+    fn warn_overlapping_ranges(&mut self) {
+        let ranges: Vec<IpNet> = self
+            .res
+            .config
+            .service_ranges()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        if ranges == self.warned_ranges {
+            return;
+        }
         let cluster = IpNet::V4(self.joined.cfg.network);
-        for (r, _) in self.res.config.service_ranges() {
-            if r.contains(&cluster) || cluster.contains(&r) {
+        for r in &ranges {
+            if r.contains(&cluster) || cluster.contains(r) {
                 tracing::warn!(range = %r, cluster = %cluster,
                     "bgp: a Service range overlapping the cluster network is not advertised");
             }
         }
+        self.warned_ranges = ranges;
     }
 
     fn check_synced(&mut self) -> bool {
@@ -361,7 +394,7 @@ impl Controller for BgpController {
             }
         }
         self.replan().await;
-        self.warn_overlapping_ranges();
+        self.advertise_services().await;
         self.publish_problems();
         self.resync();
     }
@@ -374,6 +407,9 @@ impl Controller for BgpController {
             }
         }
         self.replan().await;
+        // the Service ranges are not part of the plan: a change of only
+        // them is applied here
+        self.advertise_services().await;
         self.publish_problems();
     }
 
@@ -402,7 +438,7 @@ impl Controller for BgpController {
             // the speaker could not start (port taken?) or did not take
             // its peers: again
             self.replan().await;
-        } else if self.service_prefixes.is_none() {
+        } else if self.service_dirty {
             self.advertise_services().await;
         }
         if self.check_synced() {
@@ -447,7 +483,9 @@ pub async fn run<S: Source>(
         plan: None,
         learned: BTreeMap::new(),
         events: ev_tx.clone(),
-        service_prefixes: None,
+        service_prefixes: BTreeSet::new(),
+        service_dirty: true,
+        warned_ranges: Vec::new(),
         rec: RouteReconciler::new(shared.dp.clone(), joined.local.clone(), cluster),
         ruleset: masq::ruleset(&joined.cfg, masq::pods_tracked(&agent)),
         shared: shared.clone(),
