@@ -121,14 +121,11 @@ impl Writer {
                     let (svcs, slices) = (svcs.clone(), slices.clone());
                     async move {
                         let eps: Vec<String> = (0..10).map(|j| ep(i, j)).collect();
-                        within(
-                            format!("create {}", svc_name(i)),
-                            svcs.create(&PostParams::default(), &service(i)?),
-                        )
-                        .await?;
-                        within(
-                            format!("create slice of {}", svc_name(i)),
-                            slices.create(&PostParams::default(), &slice(i, &eps)?),
+                        create(&svcs, &service(i)?, &svc_name(i)).await?;
+                        create(
+                            &slices,
+                            &slice(i, &eps)?,
+                            &format!("slice of {}", svc_name(i)),
                         )
                         .await?;
                         anyhow::Ok(())
@@ -171,6 +168,45 @@ impl Writer {
             within(format!("get {}", svc_name(i)), svcs.get(&svc_name(i))).await
         })?;
         s.spec.and_then(|s| s.cluster_ip).context("no clusterIP")
+    }
+}
+
+/// Creates `obj`; an API server that does not answer in time (30,000
+/// Services saturate it) or asks to slow down is asked again, up to 5
+/// times with a growing pause; "already exists" after a retry means an
+/// earlier attempt landed.
+async fn create<K>(api: &Api<K>, obj: &K, what: &str) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let mut pause = Duration::from_millis(500);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match within(
+            format!("create {what}"),
+            api.create(&PostParams::default(), obj),
+        )
+        .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let code = e.downcast_ref::<kube::Error>().and_then(|k| match k {
+                    kube::Error::Api(s) => Some(s.code),
+                    _ => None,
+                });
+                if attempt > 1 && code == Some(409) {
+                    return Ok(());
+                }
+                let transient = code.is_none_or(|c| c == 429 || c >= 500);
+                if !transient || attempt == 5 {
+                    return Err(e);
+                }
+                eprintln!("{e:#}; again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
     }
 }
 
