@@ -19,6 +19,7 @@ pub mod pods;
 pub mod proxy;
 pub mod proxy_health;
 pub mod proxy_journal;
+pub mod proxy_status;
 pub mod reaper;
 pub mod routes;
 pub mod server;

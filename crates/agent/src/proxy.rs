@@ -18,15 +18,18 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis_dataplane::Dataplane;
 use trellis_kube::source::{Role, Shown};
 use trellis_kube::{KubeSource, Reporter};
 use trellis_model::bgp::ServiceAddrKind;
-use trellis_model::status::{ProxyService, ProxyStatus};
+use trellis_model::status::ProxyService;
 use trellis_proxy::{NodeFacts, Proxy, Service, Slice};
 use trellis_store::{Event, KeyValue};
+
+use crate::proxy_status::advertised;
+pub use crate::proxy_status::{LocalAddrs, SharedStatus, StatusView};
 
 /// Where the proxy's inputs live in the key space.
 pub const PREFIX: &str = "/trellis/services/";
@@ -67,46 +70,6 @@ pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
         report,
     );
 }
-
-/// What the status document shows of the proxy, kept per Service: a
-/// sync updates the rows of the Services it touched, not all of them.
-#[derive(Debug, Default)]
-pub struct StatusView {
-    synced: bool,
-    /// each Service's row, serialized (one allocation, not dozens)
-    services: BTreeMap<String, Box<[u8]>>,
-    conflicts: Vec<String>,
-    last_sync_us: u64,
-    syncs: u64,
-    error: Option<String>,
-}
-
-impl StatusView {
-    /// The status document's section.
-    pub fn snapshot(&self) -> ProxyStatus {
-        ProxyStatus {
-            synced: self.synced,
-            services: self
-                .services
-                .values()
-                .filter_map(|r| serde_json::from_slice(r).ok())
-                .collect(),
-            conflicts: self.conflicts.clone(),
-            last_sync_us: self.last_sync_us,
-            syncs: self.syncs,
-            error: self.error.clone(),
-        }
-    }
-}
-
-/// Service addresses this node advertises as /32 when the BGP
-/// configuration asks for their range: those of `externalTrafficPolicy:
-/// Local` Services with a ready endpoint here (Calico's rule; the ranges
-/// themselves go from every node).
-pub type LocalAddrs = tokio::sync::watch::Receiver<Arc<BTreeMap<IpAddr, ServiceAddrKind>>>;
-
-/// The status view, shared with the status socket. Cheap to clone.
-pub type SharedStatus = Arc<Mutex<StatusView>>;
 
 /// Which Services a sync changed.
 enum Changed {
@@ -198,29 +161,6 @@ fn restore(
             tracing::warn!(error = %e, "proxy: cannot read the table's stamp; loading it whole")
         }
     }
-}
-
-/// A Service's addresses, each with what it is.
-fn advertised(s: &Service) -> Vec<(IpAddr, ServiceAddrKind)> {
-    let mut v: Vec<(IpAddr, ServiceAddrKind)> = Vec::new();
-    v.extend(
-        s.cluster_ips
-            .iter()
-            .map(|a| (*a, ServiceAddrKind::ClusterIp)),
-    );
-    v.extend(
-        s.external_ips
-            .iter()
-            .map(|a| (*a, ServiceAddrKind::ExternalIp)),
-    );
-    v.extend(
-        s.lb_ips
-            .iter()
-            .map(|a| (*a, ServiceAddrKind::LoadBalancerIp)),
-    );
-    // the proxy serves IPv4 only
-    v.retain(|(a, _)| a.is_ipv4());
-    v
 }
 
 /// Returns the heap's free pages to the system after a listing or a

@@ -7,9 +7,8 @@
 mod common;
 use common::bgp::*;
 use common::*;
-use std::net::SocketAddr;
 use std::time::Duration;
-use trellis_lab::{Lab, Outcome};
+use trellis_lab::Outcome;
 
 const T: Duration = Duration::from_secs(2);
 
@@ -49,13 +48,6 @@ spec:
   ports: [{name: http, port: 80, targetPort: 8080}]
 ";
 
-fn cluster_ip(lab: &Lab, name: &str) -> String {
-    lab.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])
-        .expect("clusterIP")
-        .trim()
-        .to_string()
-}
-
 /// BIRD's paths to `net`: the names of the nodes (its protocols) that
 /// advertise it (birdc fails when it has none).
 fn advertised_by(bird: &trellis_lab::bird::Bird, net: &str) -> Vec<String> {
@@ -70,10 +62,6 @@ fn advertised_by(bird: &trellis_lab::bird::Bird, net: &str) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    format!("{ip}:{port}").parse().expect("address")
 }
 
 #[test]

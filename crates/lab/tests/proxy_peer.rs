@@ -211,13 +211,6 @@ fn shapes() -> Vec<Shape> {
     ]
 }
 
-fn cluster_ip(lab: &Lab, svc: &str) -> String {
-    lab.kubectl(&["get", "service", svc, "-o", "jsonpath={.spec.clusterIP}"])
-        .expect("clusterIP")
-        .trim()
-        .to_string()
-}
-
 fn pod_ip(lab: &Lab, node: &str, pod: &str) -> String {
     lab.pod_ip(node, pod).expect("pod")
 }

@@ -47,10 +47,6 @@ fn wait_endpoints(lab: &Lab, svc: &str, n: usize) {
     }
 }
 
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("ip"), port)
-}
-
 /// Who answers `n` connections from `ns` to `to`.
 fn answering(lab: &Lab, ns: &str, to: SocketAddr, udp: bool, n: usize) -> BTreeSet<String> {
     let mut by = BTreeSet::new();

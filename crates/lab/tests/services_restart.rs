@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use std::net::SocketAddr;
 use std::time::Duration;
 use trellis_lab::Outcome;
 
@@ -25,17 +24,6 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 81, targetPort: 8080}]
 ";
-
-fn cluster_ip(lab: &trellis_lab::Lab, name: &str) -> String {
-    lab.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])
-        .expect("clusterIP")
-        .trim()
-        .to_string()
-}
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    format!("{ip}:{port}").parse().expect("address")
-}
 
 /// `kind`'s count of proxy syncs in `node`'s metrics.
 fn syncs(lab: &trellis_lab::Lab, node: &str, kind: &str) -> u64 {

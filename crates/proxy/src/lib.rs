@@ -12,6 +12,7 @@
 //! (`no_endpoints`, `cluster_ips`).
 
 pub mod base;
+mod claims;
 pub mod endpoints;
 pub mod k8s;
 pub mod model;

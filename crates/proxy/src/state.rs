@@ -3,6 +3,7 @@
 //! since the last apply into one nft transaction.
 
 use crate::base;
+use crate::claims::{claim_entry, conflicts, disputed, Claimant, Claimants, Claims};
 use crate::model::{NodeFacts, Protocol, Service, Slice};
 use crate::render::{self, Fragment, Ids, Shared};
 use crate::script::{self, Script};
@@ -13,16 +14,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// A Service claiming a shared key: its `namespace/name`, one allocation
-/// shared by all its claims.
-type Claimant = Arc<str>;
-
-/// The Services claiming one shared key, sorted by Service: (Service,
-/// value); the first one has it.
-type Claimants = Vec<(Claimant, String)>;
-
-/// A shared map's key and its claimants.
-type Claims = Vec<((Shared, String), Claimants)>;
+pub use crate::claims::Conflict;
 
 /// UDP flows to delete from conntrack, as kube-proxy chooses them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +43,8 @@ pub struct Plan {
     /// before, e.g. while the agent was down).
     pub stale_udp: Vec<UdpFlows>,
     fragments: Vec<(String, Option<Fragment>)>,
+    /// the same, compact (what [`Proxy::applied`] keeps)
+    stored: Vec<Option<Stored>>,
     claims: Claims,
 }
 
@@ -60,24 +54,6 @@ impl Plan {
     pub fn fragments(&self) -> &[(String, Option<Fragment>)] {
         &self.fragments
     }
-}
-
-/// A shared key claimed by more than one Service with different values:
-/// the first by `namespace/name` keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Conflict {
-    /// The Service that does not get it.
-    pub service: String,
-    /// The shared map and key.
-    pub what: String,
-    /// The Service that has it.
-    pub owner: String,
-}
-
-/// Whether claimants of one key want different values.
-fn disputed(v: &[(Claimant, String)]) -> bool {
-    v.split_first()
-        .is_some_and(|((_, first), rest)| rest.iter().any(|(_, val)| val != first))
 }
 
 /// Services, slices and what the kernel holds.
@@ -311,7 +287,8 @@ impl Proxy {
             let new = self.render(key);
             // rendered again but unchanged (a relist, a restart): nothing
             // to apply, record or release
-            if !full && new.as_ref().map(Stored::new).as_ref() == self.applied.get(key) {
+            let stored = new.as_ref().map(Stored::new);
+            if !full && stored.as_ref() == self.applied.get(key) {
                 continue;
             }
             let old = self.applied.get(key).map(Stored::get);
@@ -365,6 +342,7 @@ impl Proxy {
                 }
             }
             plan.fragments.push((key.clone(), new));
+            plan.stored.push(stored);
         }
         if full {
             plan.script = self.full_script(&plan.fragments, &claims);
@@ -444,10 +422,10 @@ impl Proxy {
             self.contested.clear();
             self.full = false;
         }
-        for (key, f) in plan.fragments {
-            match f {
+        for ((key, _), stored) in plan.fragments.into_iter().zip(plan.stored) {
+            match stored {
                 Some(f) => {
-                    self.applied.insert(key, Stored::new(&f));
+                    self.applied.insert(key, f);
                 }
                 None => {
                     self.applied.remove(&key);
@@ -500,26 +478,7 @@ impl Proxy {
 
     /// Shared keys a Service claims but another has.
     pub fn conflicts(&self) -> Vec<Conflict> {
-        let mut out = Vec::new();
-        let contested = self
-            .contested
-            .iter()
-            .filter_map(|k| self.claims.get(k).map(|v| (k, v)));
-        for ((kind, key), v) in contested {
-            if let Some((owner, value)) = v.first() {
-                for (svc, val) in &v[1..] {
-                    if val != value && svc != owner {
-                        out.push(Conflict {
-                            service: svc.to_string(),
-                            what: format!("{} {key}", kind.name()),
-                            owner: owner.to_string(),
-                        });
-                    }
-                }
-            }
-        }
-        out.sort_by(|a, b| (&a.service, &a.what).cmp(&(&b.service, &b.what)));
-        out
+        conflicts(&self.contested, &self.claims)
     }
 
     /// Number of Services known (programmed or not).
@@ -531,25 +490,6 @@ impl Proxy {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
     }
-}
-
-/// The claimants of shared key `t` as this plan changes them: taken from
-/// what is applied on first use (from nothing in a full plan).
-fn claim_entry<'a>(
-    claims: &'a mut HashMap<(Shared, String), Claimants>,
-    applied: &HashMap<(Shared, String), Claimants>,
-    full: bool,
-    touched: &mut BTreeSet<(Shared, String)>,
-    t: (Shared, String),
-) -> &'a mut Claimants {
-    touched.insert(t.clone());
-    claims.entry(t.clone()).or_insert_with(|| {
-        if full {
-            Vec::new()
-        } else {
-            applied.get(&t).cloned().unwrap_or_default()
-        }
-    })
 }
 
 /// Where Service port `id` of `f` is served: (address:port, node ports).

@@ -149,20 +149,18 @@ impl BgpController {
             }
         }
         self.plan = Some(p);
-        self.advertise_services().await;
     }
 
     /// The Service prefixes to originate: the configured ranges (not
     /// overlapping the cluster network), and inside them the proxy's
     /// local-endpoint addresses as /32.
     fn wanted_service_prefixes(&self) -> BTreeSet<IpNet> {
-        let cluster = IpNet::V4(self.joined.cfg.network);
         let ranges: Vec<_> = self
             .res
             .config
             .service_ranges()
             .into_iter()
-            .filter(|(r, _)| !(r.contains(&cluster) || cluster.contains(r)))
+            .filter(|(r, _)| !self.overlaps_cluster(r))
             .collect();
         let mut want: BTreeSet<IpNet> = ranges.iter().map(|(r, _)| *r).collect();
         let addrs = self.shared.service_addrs.borrow().clone();
@@ -295,6 +293,13 @@ impl BgpController {
         }
     }
 
+    /// Whether Service range `r` overlaps the cluster network (never
+    /// advertised: the node subnets are inside it).
+    fn overlaps_cluster(&self, r: &IpNet) -> bool {
+        let cluster = IpNet::V4(self.joined.cfg.network);
+        r.contains(&cluster) || cluster.contains(r)
+    }
+
     /// Logs configured ranges that overlap the cluster network, once per
     /// configuration.
     fn warn_overlapping_ranges(&mut self) {
@@ -308,12 +313,9 @@ impl BgpController {
         if ranges == self.warned_ranges {
             return;
         }
-        let cluster = IpNet::V4(self.joined.cfg.network);
-        for r in &ranges {
-            if r.contains(&cluster) || cluster.contains(r) {
-                tracing::warn!(range = %r, cluster = %cluster,
-                    "bgp: a Service range overlapping the cluster network is not advertised");
-            }
+        for r in ranges.iter().filter(|r| self.overlaps_cluster(r)) {
+            tracing::warn!(range = %r, cluster = %self.joined.cfg.network,
+                "bgp: a Service range overlapping the cluster network is not advertised");
         }
         self.warned_ranges = ranges;
     }
@@ -438,7 +440,8 @@ impl Controller for BgpController {
             // the speaker could not start (port taken?) or did not take
             // its peers: again
             self.replan().await;
-        } else if self.service_dirty {
+        }
+        if self.service_dirty {
             self.advertise_services().await;
         }
         if self.check_synced() {

@@ -237,3 +237,16 @@ pub fn kube_lab(backend: &str, nodes: usize) -> Lab {
     })
     .expect("kubernetes lab")
 }
+
+/// Service `name`'s ClusterIP (namespace default).
+pub fn cluster_ip(lab: &Lab, name: &str) -> String {
+    lab.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])
+        .expect("clusterIP")
+        .trim()
+        .to_string()
+}
+
+/// `ip:port`.
+pub fn sa(ip: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip.parse().expect("ip"), port)
+}
