@@ -202,15 +202,40 @@ fn show_node(prefix: String) -> impl Fn(&Node) -> Shown + Send + 'static {
     }
 }
 
+/// Where the watch snapshot is kept (`trellis_kube::snapshot`): written
+/// when the agent stops on a signal, read (and removed) when it starts.
+pub fn snapshot_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("watch.snapshot")
+}
+
+/// Which build of the agent wrote a snapshot: what the watches show may
+/// change between builds, so only the same binary (version, size and
+/// modification time of the executable) uses it.
+pub fn build_identity() -> String {
+    let exe = std::fs::metadata("/proc/self/exe").ok();
+    let size = exe.as_ref().map(|m| m.len()).unwrap_or_default();
+    let mtime = exe
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}:{size}:{mtime}", env!("CARGO_PKG_VERSION"))
+}
+
 /// Starts the watches the backend needs (the table of this node's Pods,
-/// and Services and EndpointSlices when `proxy`) and returns the source
-/// the controllers read.
+/// and Services and EndpointSlices when `proxy`, starting from the watch
+/// snapshot in `data_dir` if there is one) and returns the source the
+/// controllers read.
 pub fn source(
     kj: &KubeJoined,
     health: Arc<Health>,
     proxy: bool,
+    data_dir: &std::path::Path,
 ) -> (KubeSource, crate::pods::LocalPods) {
     let src = KubeSource::new(&kj.server);
+    if proxy {
+        src.load_snapshot(&snapshot_path(data_dir), &build_identity());
+    }
     let report: Reporter = Arc::new(move |e| health.set_datastore_error(e));
     let nodes: Api<Node> = Api::all(kj.client.clone());
     src.watch_kind(

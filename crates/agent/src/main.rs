@@ -149,6 +149,8 @@ fn main() -> anyhow::Result<()> {
         public_ip: cfg.public_ip.map(|i| i.to_string()),
     };
     let mut local_pods = None;
+    // saved at a clean stop: the next start resumes its watches
+    let mut kube_source: Option<trellis_kube::KubeSource> = None;
     let mut proxy_status = None;
     let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
         (Some(etcd), _) => {
@@ -174,8 +176,12 @@ fn main() -> anyhow::Result<()> {
             ))?;
             let _rt = runtime.enter();
             let proxy_on = k.proxy.enabled;
-            let (source, pods) = trellis_agent::kube::source(&kj, health.clone(), proxy_on);
+            let (source, pods) =
+                trellis_agent::kube::source(&kj, health.clone(), proxy_on, &cfg.data_dir);
             local_pods = Some(pods);
+            if proxy_on {
+                kube_source = Some(source.clone());
+            }
             if proxy_on {
                 let status = trellis_agent::proxy::SharedStatus::default();
                 proxy_status = Some(status.clone());
@@ -257,6 +263,17 @@ fn main() -> anyhow::Result<()> {
     match why {
         Exit::Signal(sig) => {
             tracing::info!(signal = %sig, "shutting down");
+            // a sync under way ends first: the journal stays usable
+            let quiet = trellis_agent::proxy::quiesce(std::time::Duration::from_secs(3));
+            if quiet.is_none() {
+                tracing::warn!("a proxy sync still running after 3 s; stopping anyway");
+            }
+            if let Some(src) = kube_source {
+                let path = trellis_agent::kube::snapshot_path(&cfg.data_dir);
+                if let Err(e) = src.save_snapshot(&path, &trellis_agent::kube::build_identity()) {
+                    tracing::warn!(error = %e, "watch snapshot not saved; the next start lists everything");
+                }
+            }
             std::process::exit(0)
         }
         Exit::Fatal(msg) => {

@@ -15,7 +15,6 @@ use crate::metrics::Metrics;
 use k8s_openapi::api::core::v1::Service as KService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::watcher;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,12 +39,13 @@ const SLICES: &str = "/trellis/services/eps/";
 /// them (`!service.kubernetes.io/service-proxy-name`,
 /// `!service.kubernetes.io/headless`).
 pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
-    let selector = watcher::Config::default().labels(trellis_proxy::k8s::LABEL_SELECTOR);
-    src.watch_kind(
+    // resumable: after a clean stop they start from the watch snapshot
+    // (`trellis_kube::snapshot`) instead of listing every object again
+    src.watch_resumable(
         "services",
         Role::Listed(SERVICES),
         Api::<KService>::all(client.clone()),
-        selector.clone(),
+        trellis_proxy::k8s::LABEL_SELECTOR,
         |s: &KService| -> Shown {
             let v = trellis_proxy::k8s::service(s);
             Some((
@@ -55,11 +55,11 @@ pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
         },
         report.clone(),
     );
-    src.watch_kind(
+    src.watch_resumable(
         "endpointslices",
         Role::Listed(SLICES),
         Api::<EndpointSlice>::all(client),
-        selector,
+        trellis_proxy::k8s::LABEL_SELECTOR,
         |s: &EndpointSlice| -> Shown {
             let v = trellis_proxy::k8s::slice(s)?;
             Some((
@@ -69,6 +69,25 @@ pub fn watch(src: &KubeSource, client: kube::Client, report: Reporter) {
         },
         report,
     );
+}
+
+/// Held while a sync writes the journal and the kernel: see [`quiesce`].
+static IN_SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// For a clean stop: waits (at most `deadline`) for a sync in progress to
+/// end; no sync starts while the guard is held (the process exits with it).
+pub fn quiesce(deadline: Duration) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let end = Instant::now() + deadline;
+    loop {
+        match IN_SYNC.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
 }
 
 /// Which Services a sync changed.
@@ -216,6 +235,9 @@ impl ProxyController {
     }
 
     fn sync(&mut self) {
+        // a stop waits for the sync to end: the journal then says what the
+        // kernel holds (a sync cut short makes the next start load it whole)
+        let _quiet = IN_SYNC.lock().unwrap_or_else(|p| p.into_inner());
         let t0 = Instant::now();
         // a whole-table load writes a new stamp (the journal names it)
         let stamp = self.proxy.will_replace().then(new_stamp);

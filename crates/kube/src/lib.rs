@@ -7,6 +7,8 @@
 pub mod backoff;
 pub mod node;
 pub mod requests;
+mod resume;
+pub mod snapshot;
 pub mod source;
 
 pub use source::{KubeSource, Reporter};

@@ -38,22 +38,26 @@ pub type Shown = Option<(String, Vec<u8>)>;
 pub type Reporter = Arc<dyn Fn(Option<String>) + Send + Sync>;
 
 #[derive(Default)]
-struct Kind {
-    name: String,
-    synced: bool,
+pub(crate) struct Kind {
+    pub(crate) name: String,
+    pub(crate) synced: bool,
     /// object name -> what it shows
-    objects: HashMap<String, (String, Vec<u8>)>,
+    pub(crate) objects: HashMap<String, (String, Vec<u8>)>,
     /// objects of a relist in progress
-    relist: Option<HashMap<String, (String, Vec<u8>)>>,
+    pub(crate) relist: Option<HashMap<String, (String, Vec<u8>)>>,
     /// its watch's last failure, while it lasts; `true`: the API server
     /// answered it (a 403, a 404), so reaching the server does not end it
-    error: Option<(String, bool)>,
+    pub(crate) error: Option<(String, bool)>,
     /// a table other parts read (this node's Pods): listings do not wait
     /// for it, its failures are reported all the same
-    table: bool,
+    pub(crate) table: bool,
     /// the key prefix its objects show under: a listing waits only for
     /// the kinds it can contain
-    prefix: String,
+    pub(crate) prefix: String,
+    /// a kind watched by [`KubeSource::watch_resumable`]: what names it in
+    /// a snapshot (`what|labels`), and the resourceVersion its objects
+    /// are at (`None` until it has listed)
+    pub(crate) resumable: Option<(String, Option<String>)>,
 }
 
 struct Subscriber {
@@ -62,10 +66,12 @@ struct Subscriber {
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     revision: i64,
-    kinds: Vec<Kind>,
+    pub(crate) kinds: Vec<Kind>,
     subscribers: Vec<Subscriber>,
+    /// what a snapshot held, per resumable kind, until its watch takes it
+    pub(crate) seeds: HashMap<String, crate::snapshot::Seed>,
 }
 
 impl State {
@@ -87,7 +93,7 @@ impl State {
     }
 
     /// Object `name` of kind `k` now shows `now`: the events that follow.
-    fn set(&mut self, k: usize, name: &str, now: Shown, out: &mut Vec<Event>) {
+    pub(crate) fn set(&mut self, k: usize, name: &str, now: Shown, out: &mut Vec<Event>) {
         let before = match &now {
             Some(v) => self.kinds[k].objects.insert(name.to_string(), v.clone()),
             None => self.kinds[k].objects.remove(name),
@@ -119,7 +125,7 @@ impl State {
     }
 
     /// The first watch failure, if any.
-    fn error(&self) -> Option<String> {
+    pub(crate) fn error(&self) -> Option<String> {
         self.kinds.iter().find_map(|k| {
             k.error
                 .as_ref()
@@ -127,7 +133,31 @@ impl State {
         })
     }
 
-    fn publish(&mut self, events: Vec<Event>) {
+    /// Kind `k` holds `fresh` now (a listing): the events that follow.
+    /// First every object that vanished or whose key moved goes, then the
+    /// new state comes: a key that changed hands is never deleted after
+    /// its new holder's put.
+    pub(crate) fn replace(
+        &mut self,
+        k: usize,
+        fresh: HashMap<String, (String, Vec<u8>)>,
+        out: &mut Vec<Event>,
+    ) {
+        let leaving: Vec<String> = self.kinds[k]
+            .objects
+            .iter()
+            .filter(|(n, (key, _))| fresh.get(*n).is_none_or(|(k2, _)| k2 != key))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in leaving {
+            self.set(k, &name, None, out);
+        }
+        for (name, v) in fresh {
+            self.set(k, &name, Some(v), out);
+        }
+    }
+
+    pub(crate) fn publish(&mut self, events: Vec<Event>) {
         if events.is_empty() {
             return;
         }
@@ -171,8 +201,8 @@ pub enum Role<'a> {
 #[derive(Clone)]
 pub struct KubeSource {
     state: Arc<Mutex<State>>,
-    synced: Arc<Notify>,
-    server: String,
+    pub(crate) synced: Arc<Notify>,
+    pub(crate) server: String,
 }
 
 impl KubeSource {
@@ -186,7 +216,7 @@ impl KubeSource {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -261,14 +291,6 @@ impl KubeSource {
     }
 
     fn on_event<K: kube::Resource, F: Fn(&K) -> Shown>(&self, k: usize, ev: WEvent<K>, show: &F) {
-        // namespace/name: two namespaces may hold one name
-        let name_of = |o: &K| {
-            let m = o.meta();
-            match &m.namespace {
-                Some(ns) => format!("{ns}/{}", m.name.as_deref().unwrap_or_default()),
-                None => m.name.clone().unwrap_or_default(),
-            }
-        };
         let mut st = self.lock();
         let mut out = Vec::new();
         match ev {
@@ -282,21 +304,7 @@ impl KubeSource {
             }
             WEvent::InitDone => {
                 let fresh = st.kinds[k].relist.take().unwrap_or_default();
-                // first every object that vanished or whose key moved goes,
-                // then the new state comes: a key that changed hands is
-                // never deleted after its new holder's put
-                let leaving: Vec<String> = st.kinds[k]
-                    .objects
-                    .iter()
-                    .filter(|(n, (key, _))| fresh.get(*n).is_none_or(|(k2, _)| k2 != key))
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in leaving {
-                    st.set(k, &name, None, &mut out);
-                }
-                for (name, v) in fresh {
-                    st.set(k, &name, Some(v), &mut out);
-                }
+                st.replace(k, fresh, &mut out);
                 if !st.kinds[k].synced {
                     st.kinds[k].synced = true;
                     self.synced.notify_waiters();
@@ -306,7 +314,7 @@ impl KubeSource {
         st.publish(out);
     }
 
-    fn on_error(&self, k: usize, e: &str, answered: bool, report: &Reporter) {
+    pub(crate) fn on_error(&self, k: usize, e: &str, answered: bool, report: &Reporter) {
         let all = {
             let mut st = self.lock();
             let changed = st.kinds[k].error.as_ref().map(|(m, _)| m.as_str()) != Some(e);
@@ -405,6 +413,16 @@ impl KubeSource {
     }
 }
 
+/// How an object is named in a kind: namespace/name (two namespaces may
+/// hold one name), or its name.
+pub(crate) fn name_of<K: kube::Resource>(o: &K) -> String {
+    let m = o.meta();
+    match &m.namespace {
+        Some(ns) => format!("{ns}/{}", m.name.as_deref().unwrap_or_default()),
+        None => m.name.clone().unwrap_or_default(),
+    }
+}
+
 /// A watch whose resourceVersion the API server no longer has (410
 /// Expired/Gone, e.g. after it restarted): the watcher lists again.
 fn expired(e: &watcher::Error) -> bool {
@@ -413,7 +431,7 @@ fn expired(e: &watcher::Error) -> bool {
 
 /// Whether the API server itself answered with this failure (a status
 /// such as 403 or 404), as opposed to not being reached at all.
-fn answered(e: &watcher::Error) -> bool {
+pub(crate) fn answered(e: &watcher::Error) -> bool {
     match e {
         watcher::Error::WatchError(_) => true,
         watcher::Error::InitialListFailed(e)
