@@ -278,7 +278,10 @@ impl ProxyController {
                 let journaled = !plan.script.is_empty();
                 // the first sync of a restored proxy changes only what
                 // changed while it was down: the rest is published too
-                let changed = if plan_full || std::mem::take(&mut self.publish_all) {
+                // ... and it re-rendered every Service: like a whole-table
+                // load it does not set the pace of later syncs
+                let whole = plan_full || std::mem::take(&mut self.publish_all);
+                let changed = if whole {
                     Changed::All
                 } else {
                     Changed::Some(plan.fragments().iter().map(|(k, _)| k.clone()).collect())
@@ -300,7 +303,7 @@ impl ProxyController {
                     }
                 }
                 let took = t0.elapsed();
-                if plan_full {
+                if whole {
                     give_back_memory();
                     self.trimmed = Instant::now();
                 } else {

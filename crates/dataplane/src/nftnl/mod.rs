@@ -71,26 +71,102 @@ fn line_of(lines: &[(u32, String)], seq: u32) -> &str {
     lines.get(i).map(|(_, l)| l.as_str()).unwrap_or("(batch)")
 }
 
+/// The socket batches go through, kept open between batches: closing a
+/// NETLINK_NETFILTER socket makes the kernel wait for the previous
+/// transaction's deferred release (an RCU grace period: 4-16 ms here,
+/// measured with strace), which a one-element change would pay every time.
+/// Only a socket whose batch ended cleanly (final acknowledgement read,
+/// nothing left queued) goes back. A socket belongs to the network
+/// namespace it was opened in (and keeps it alive): only sockets of the
+/// process's own namespace are kept, and used only by a thread in it
+/// (tests and the CNI side enter namespaces per thread).
+type Pooled = ((u64, u64), Socket);
+static SOCKET: std::sync::Mutex<Option<Pooled>> = std::sync::Mutex::new(None);
+
+/// The calling thread's network namespace (device, inode), when it is
+/// the process's own (the main thread's).
+fn netns_id() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mine = id("/proc/thread-self/ns/net")?;
+    (id("/proc/self/ns/net")? == mine).then_some(mine)
+}
+
+fn open_socket() -> Result<Socket, NlError> {
+    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(transport)?;
+    sock.bind_auto().map_err(transport)?;
+    sock.connect(&NlAddr::new(0, 0)).map_err(transport)?;
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(&sock, sockopt::RcvBufForce, &(1 << 22)).map_err(NlError::Kernel)?;
+    // every socket write and read has a deadline
+    let tv = nix::sys::time::TimeVal::new(1, 0);
+    setsockopt(&sock, sockopt::SendTimeout, &tv).map_err(NlError::Kernel)?;
+    setsockopt(&sock, sockopt::ReceiveTimeout, &tv).map_err(NlError::Kernel)?;
+    Ok(sock)
+}
+
+/// Reads what is still queued on `sock` without waiting: `true` when
+/// nothing was.
+fn drained(sock: &Socket) -> bool {
+    let mut buf = Vec::with_capacity(1 << 16);
+    !matches!(sock.recv(&mut buf, libc_dontwait()), Ok(n) if n > 0)
+}
+
+fn libc_dontwait() -> i32 {
+    nix::sys::socket::MsgFlags::MSG_DONTWAIT.bits()
+}
+
 /// Sends `batch` and waits for the kernel's verdict, at most `deadline`.
 /// The first error names the command it came from.
 pub fn send(batch: &[u8], lines: &[(u32, String)], deadline: Duration) -> Result<(), NlError> {
     if lines.is_empty() {
         return Ok(());
     }
+    let ns = netns_id();
+    let pooled = {
+        let mut pool = SOCKET.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.take() {
+            Some((id, s)) if Some(id) == ns => Some(s),
+            other => {
+                *pool = other;
+                None
+            }
+        }
+    };
+    let sock = match pooled {
+        Some(s) => s,
+        None => open_socket()?,
+    };
+    let (result, clean) = exchange(&sock, batch, lines, deadline);
+    if let (true, Some(id)) = (clean && drained(&sock), ns) {
+        *SOCKET.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, sock));
+    }
+    result
+}
+
+/// One batch over `sock`: the verdict, and whether the exchange ended
+/// cleanly (the final acknowledgement read).
+fn exchange(
+    sock: &Socket,
+    batch: &[u8],
+    lines: &[(u32, String)],
+    deadline: Duration,
+) -> (Result<(), NlError>, bool) {
     let last_seq = lines.last().map(|(s, _)| *s).unwrap_or(0);
-    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(transport)?;
-    sock.bind_auto().map_err(transport)?;
-    sock.connect(&NlAddr::new(0, 0)).map_err(transport)?;
     use nix::sys::socket::{setsockopt, sockopt};
     // one send of the whole batch (the kernel takes a batch per message)
-    setsockopt(&sock, sockopt::SndBufForce, &(batch.len() + (1 << 16))).map_err(NlError::Kernel)?;
-    setsockopt(&sock, sockopt::RcvBufForce, &(1 << 22)).map_err(NlError::Kernel)?;
-    let tv = nix::sys::time::TimeVal::new(1, 0);
-    setsockopt(&sock, sockopt::SendTimeout, &tv).map_err(NlError::Kernel)?;
-    setsockopt(&sock, sockopt::ReceiveTimeout, &tv).map_err(NlError::Kernel)?;
-    let sent = sock.send(batch, 0).map_err(transport)?;
-    if sent != batch.len() {
-        return Err(transport(format!("sent {sent} of {} bytes", batch.len())));
+    if let Err(e) = setsockopt(sock, sockopt::SndBufForce, &(batch.len() + (1 << 16))) {
+        return (Err(NlError::Kernel(e)), false);
+    }
+    match sock.send(batch, 0) {
+        Ok(sent) if sent == batch.len() => {}
+        Ok(sent) => {
+            return (
+                Err(transport(format!("sent {sent} of {} bytes", batch.len()))),
+                false,
+            )
+        }
+        Err(e) => return (Err(transport(e)), false),
     }
     let end = Instant::now() + deadline;
     let mut first_error: Option<String> = None;
@@ -106,13 +182,16 @@ pub fn send(batch: &[u8], lines: &[(u32, String)], deadline: Duration) -> Result
                 ) =>
             {
                 if Instant::now() > end {
-                    return Err(transport(format!(
-                        "the kernel did not answer the nf_tables batch within {deadline:?}"
-                    )));
+                    return (
+                        Err(transport(format!(
+                            "the kernel did not answer the nf_tables batch within {deadline:?}"
+                        ))),
+                        false,
+                    );
                 }
                 continue;
             }
-            Err(e) => return Err(transport(e)),
+            Err(e) => return (Err(transport(e)), false),
         }
         let mut b = buf.as_slice();
         while b.len() >= 16 {
@@ -133,7 +212,10 @@ pub fn send(batch: &[u8], lines: &[(u32, String)], deadline: Duration) -> Result
                     }
                 }
                 if seq >= last_seq {
-                    return match first_error {
+                    // anything after the final acknowledgement in this
+                    // read makes the socket unfit for the next batch
+                    let rest = b.len() > ((len + 3) & !3);
+                    let verdict = match first_error {
                         None => Ok(()),
                         Some(e) => Err(NlError::Transport(if errors > 1 {
                             format!("{e} (and {} more errors; nothing was applied)", errors - 1)
@@ -141,6 +223,7 @@ pub fn send(batch: &[u8], lines: &[(u32, String)], deadline: Duration) -> Result
                             format!("{e} (nothing was applied)")
                         })),
                     };
+                    return (verdict, !rest);
                 }
             }
             b = &b[((len + 3) & !3).min(b.len())..];
