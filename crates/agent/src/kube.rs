@@ -208,18 +208,30 @@ pub fn snapshot_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("watch.snapshot")
 }
 
-/// Which build of the agent wrote a snapshot: what the watches show may
-/// change between builds, so only the same binary (version, size and
-/// modification time of the executable) uses it.
-pub fn build_identity() -> String {
-    let exe = std::fs::metadata("/proc/self/exe").ok();
-    let size = exe.as_ref().map(|m| m.len()).unwrap_or_default();
-    let mtime = exe
-        .and_then(|m| m.modified().ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
+/// What a watch snapshot must have been written by to be used here: the
+/// same build of the agent (version; size, times and inode of the
+/// executable: what the watches show may change between builds), the same
+/// boot (after a reboot the kernel's tables are gone) and the same API
+/// server (`server`).
+pub fn snapshot_identity(server: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::fs::metadata("/proc/self/exe")
+        .map(|m| {
+            format!(
+                "{}.{}.{}.{}",
+                m.len(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                m.ctime(),
+                m.ino()
+            )
+        })
         .unwrap_or_default();
-    format!("{}:{size}:{mtime}", env!("CARGO_PKG_VERSION"))
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!(
+        "{}:{exe}:{}:{server}",
+        env!("CARGO_PKG_VERSION"),
+        boot.trim()
+    )
 }
 
 /// Starts the watches the backend needs (the table of this node's Pods,
@@ -234,7 +246,7 @@ pub fn source(
 ) -> (KubeSource, crate::pods::LocalPods) {
     let src = KubeSource::new(&kj.server);
     if proxy {
-        src.load_snapshot(&snapshot_path(data_dir), &build_identity());
+        src.load_snapshot(&snapshot_path(data_dir), &snapshot_identity(&kj.server));
     }
     let report: Reporter = Arc::new(move |e| health.set_datastore_error(e));
     let nodes: Api<Node> = Api::all(kj.client.clone());

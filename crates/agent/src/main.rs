@@ -115,6 +115,8 @@ fn main() -> anyhow::Result<()> {
     std::thread::spawn(move || match signals.wait() {
         Ok(sig) if !on_signal.cni_is_up() => {
             tracing::info!(signal = ?sig, "stopped before serving");
+            // the proxy may already be syncing: its journal stays usable
+            let _quiet = trellis_agent::proxy::quiesce(std::time::Duration::from_secs(3));
             std::process::exit(0)
         }
         Ok(sig) => on_signal.send(Exit::Signal(format!("{sig:?}"))),
@@ -150,7 +152,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut local_pods = None;
     // saved at a clean stop: the next start resumes its watches
-    let mut kube_source: Option<trellis_kube::KubeSource> = None;
+    let mut kube_source: Option<(trellis_kube::KubeSource, String)> = None;
     let mut proxy_status = None;
     let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
         (Some(etcd), _) => {
@@ -180,7 +182,7 @@ fn main() -> anyhow::Result<()> {
                 trellis_agent::kube::source(&kj, health.clone(), proxy_on, &cfg.data_dir);
             local_pods = Some(pods);
             if proxy_on {
-                kube_source = Some(source.clone());
+                kube_source = Some((source.clone(), kj.server.clone()));
             }
             if proxy_on {
                 let status = trellis_agent::proxy::SharedStatus::default();
@@ -268,9 +270,10 @@ fn main() -> anyhow::Result<()> {
             if quiet.is_none() {
                 tracing::warn!("a proxy sync still running after 3 s; stopping anyway");
             }
-            if let Some(src) = kube_source {
+            if let Some((src, server)) = kube_source {
                 let path = trellis_agent::kube::snapshot_path(&cfg.data_dir);
-                if let Err(e) = src.save_snapshot(&path, &trellis_agent::kube::build_identity()) {
+                let identity = trellis_agent::kube::snapshot_identity(&server);
+                if let Err(e) = src.save_snapshot(&path, &identity) {
                     tracing::warn!(error = %e, "watch snapshot not saved; the next start lists everything");
                 }
             }

@@ -5,7 +5,8 @@
 //! transaction per sync — the whole `inet trellis-proxy` table after the
 //! first listing, afterwards only what changed — at most one sync per
 //! `minSyncIntervalMs` (a lone change goes at once, a burst together).
-//! Nothing is programmed before both watches have listed. UDP flows to
+//! Nothing is programmed before both watches have listed (or started from
+//! the watch snapshot a clean stop saved: `trellis_kube::snapshot`). UDP flows to
 //! endpoints that went are deleted from conntrack; the health-check node
 //! ports of `externalTrafficPolicy: Local` Services answer over HTTP.
 
@@ -280,7 +281,8 @@ impl ProxyController {
                 // changed while it was down: the rest is published too
                 // ... and it re-rendered every Service: like a whole-table
                 // load it does not set the pace of later syncs
-                let whole = plan_full || std::mem::take(&mut self.publish_all);
+                let first = std::mem::take(&mut self.publish_all);
+                let whole = plan_full || first;
                 let changed = if whole {
                     Changed::All
                 } else {
@@ -482,10 +484,11 @@ impl Controller for ProxyController {
         );
         self.listed = true;
         // a listing is applied at once (the first one: the whole table)
-        let full = self.proxy.will_replace();
+        // (a whole-table load, or the first sync after a journal restart)
+        let whole = self.proxy.will_replace() || self.publish_all;
         self.sync();
-        if !full {
-            // (a whole-table load gave back its memory itself)
+        if !whole {
+            // (a whole sync gave back its memory itself)
             give_back_memory();
         }
     }

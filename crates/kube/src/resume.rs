@@ -5,8 +5,9 @@
 //! itself, so these kinds are watched here: list (pages of 500, the most
 //! recent state, as the watcher does), then watch from the listing's
 //! resourceVersion with bookmarks; a watch that ends is resumed from the
-//! last resourceVersion seen; 410 Expired lists again; other failures are
-//! reported and retried with the watches' backoff.
+//! last resourceVersion seen; 410 Expired, or a resourceVersion the
+//! server has not reached (a snapshot of another etcd), lists again;
+//! other failures are reported and retried with the watches' backoff.
 
 use crate::source::{name_of, KubeSource, Reporter, Role, Shown};
 use futures::StreamExt;
@@ -24,16 +25,31 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What one round of the loop ended with.
 enum Outcome {
-    /// the watch ended or failed after working: watch again from here
+    /// the watch ended (the server's timeout, a silent connection): watch
+    /// again from the last resourceVersion seen
     Again,
-    /// the resourceVersion is gone (410): list
+    /// the resourceVersion is gone (410), or ahead of the server: list
     Expired,
-    /// it failed: report, wait, retry from the same resourceVersion
+    /// it failed (whether the server answered): report, wait, watch again
+    /// from the last resourceVersion seen
     Failed(String, bool),
 }
 
+/// A status that asks for a relist: 410 Expired/Gone, or "Too large
+/// resource version" (the server waited for a revision it has not
+/// reached: the resourceVersion comes from another etcd).
+fn relist_status(s: &kube::core::Status) -> bool {
+    s.code == 410
+        || s.details.as_ref().is_some_and(|d| {
+            d.causes
+                .iter()
+                .any(|c| c.reason == "ResourceVersionTooLarge")
+        })
+        || s.message.contains("Too large resource version")
+}
+
 fn is_gone(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 410)
+    matches!(e, kube::Error::Api(s) if relist_status(s))
 }
 
 impl KubeSource {
@@ -62,10 +78,17 @@ impl KubeSource {
         let labels = labels.to_string();
         tokio::spawn(async move {
             let mut backoff = crate::backoff::WatchBackoff::default();
+            // a second relist in a row waits like a failure: no hot loop
+            let mut expired_in_a_row = 0u32;
             loop {
                 if rv.is_none() {
                     match me.list_into(k, &api, &labels, &show, &report).await {
                         Ok(v) => rv = Some(v),
+                        // a continue token that expired: list again at once
+                        Err(e) if is_gone(&e) && expired_in_a_row == 0 => {
+                            expired_in_a_row += 1;
+                            continue;
+                        }
                         Err(e) => {
                             me.failed(k, &e, &report);
                             tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5)))
@@ -84,11 +107,27 @@ impl KubeSource {
                     Outcome::Again if began.elapsed() < Duration::from_secs(1) => {
                         tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))).await;
                     }
-                    Outcome::Again => backoff.reset(),
+                    Outcome::Again => {
+                        backoff.reset();
+                        expired_in_a_row = 0;
+                    }
                     Outcome::Expired => {
                         tracing::info!(kind = %what, resource_version = %from,
                             "the API server no longer has this resourceVersion; listing");
                         rv = None;
+                        // a stop meanwhile saves no seed that cannot be used
+                        if let Some((_, at)) = me.lock().kinds[k].resumable.as_mut() {
+                            *at = None;
+                        }
+                        // after a watch that worked a while, a 410 is news
+                        if began.elapsed() >= Duration::from_secs(1) {
+                            expired_in_a_row = 0;
+                        }
+                        expired_in_a_row += 1;
+                        if expired_in_a_row > 1 {
+                            tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5)))
+                                .await;
+                        }
                     }
                     Outcome::Failed(e, answered) => {
                         me.on_error(k, &e, answered, &report);
@@ -132,7 +171,8 @@ impl KubeSource {
         self.on_error(k, &e.to_string(), matches!(e, kube::Error::Api(_)), report);
     }
 
-    /// A watch request or event worked: a failure being reported ends.
+    /// A listing, a watch request, an event or a bookmark worked: a
+    /// failure being reported ends.
     fn worked(&self, k: usize, report: &Reporter) {
         let cleared = {
             let mut st = self.lock();
@@ -175,6 +215,11 @@ impl KubeSource {
                 })??;
             if token.is_none() {
                 rv = page.metadata.resource_version.clone().unwrap_or_default();
+                if rv.is_empty() {
+                    return Err(kube::Error::Service(
+                        "a listing without a resourceVersion".into(),
+                    ));
+                }
             }
             for o in &page.items {
                 if let Some(v) = show(o) {
@@ -240,15 +285,33 @@ impl KubeSource {
             }
             Ok(Ok(s)) => s,
         };
+        self.worked(k, report);
         let mut stream = std::pin::pin!(stream);
-        // the server sends a bookmark about every minute: a watch silent
-        // for longer than its own timeout is dead
+        // the server sends a bookmark about every minute and ends the
+        // watch after its timeout: silence past that is a dead connection
         let silence = Duration::from_secs(u64::from(WATCH_TIMEOUT_S) + 30);
+        let mut undecodable = 0u64;
         loop {
             let ev = match tokio::time::timeout(silence, stream.next()).await {
-                Err(_) => return Outcome::Failed("the watch went silent".into(), false),
+                Err(_) => {
+                    tracing::debug!("watch silent past its timeout; watching again");
+                    return Outcome::Again;
+                }
                 Ok(None) => return Outcome::Again,
-                Ok(Some(Err(e))) => return Outcome::Failed(e.to_string(), false),
+                Ok(Some(Err(e))) if is_gone(&e) => return Outcome::Expired,
+                // one object this build cannot read: skipped (as
+                // kube-runtime does), the watch goes on
+                Ok(Some(Err(kube::Error::SerdeError(e)))) => {
+                    undecodable += 1;
+                    if undecodable.is_power_of_two() {
+                        tracing::warn!(error = %e, skipped = undecodable, "watch event not readable; skipped");
+                    }
+                    continue;
+                }
+                Ok(Some(Err(e))) => {
+                    let answered = matches!(e, kube::Error::Api(_));
+                    return Outcome::Failed(e.to_string(), answered);
+                }
                 Ok(Some(Ok(ev))) => ev,
             };
             let (name, now, at) = match ev {
@@ -257,14 +320,18 @@ impl KubeSource {
                 }
                 WatchEvent::Deleted(o) => (name_of(&o), None, o.meta().resource_version.clone()),
                 WatchEvent::Bookmark(b) => {
-                    let mut st = self.lock();
-                    if let Some((_, at)) = st.kinds[k].resumable.as_mut() {
-                        *at = Some(b.metadata.resource_version.clone());
+                    let at = b.metadata.resource_version;
+                    if !at.is_empty() {
+                        let mut st = self.lock();
+                        if let Some((_, kept)) = st.kinds[k].resumable.as_mut() {
+                            *kept = Some(at.clone());
+                        }
+                        *rv = Some(at);
                     }
-                    *rv = Some(b.metadata.resource_version);
+                    self.worked(k, report);
                     continue;
                 }
-                WatchEvent::Error(s) if s.code == 410 => return Outcome::Expired,
+                WatchEvent::Error(s) if relist_status(&s) => return Outcome::Expired,
                 WatchEvent::Error(s) => {
                     return Outcome::Failed(format!("{} ({})", s.message, s.code), true)
                 }
@@ -273,7 +340,9 @@ impl KubeSource {
             let mut st = self.lock();
             let mut out = Vec::new();
             st.set(k, &name, now, &mut out);
-            if let Some(at) = at {
+            // an event without a resourceVersion changes the objects but
+            // not where a resumed watch starts: replaying it is harmless
+            if let Some(at) = at.filter(|a| !a.is_empty()) {
                 if let Some((_, kept)) = st.kinds[k].resumable.as_mut() {
                     *kept = Some(at.clone());
                 }

@@ -6,13 +6,18 @@
 //! Services and their EndpointSlices the listing alone takes seconds).
 //!
 //! A watch from a resourceVersion gets every change after it, or 410
-//! Expired when the API server no longer has that history: then the kind
-//! lists as if there were no snapshot. So a snapshot is never wrong, at
-//! worst useless. It is used once (removed when read) and only by the
-//! same build of the agent (`identity`: what it shows may change between
-//! builds).
+//! Expired when the API server no longer has that history (or "too large
+//! resource version" when the server never had it): then the kind lists
+//! as if there were no snapshot. Until that answer comes the kind shows
+//! the snapshot's objects, so a snapshot is trusted only where it can be
+//! right: written by the same build (`identity`: what a kind shows may
+//! change between builds), on the same boot (after a reboot the kernel's
+//! tables are gone and pods have other addresses), for the same API
+//! server (the caller puts all three in `identity`), and at most
+//! [`MAX_AGE`] ago. It is used once (removed when read).
 //!
-//! Format, line by line: `trellis-watch-snapshot 1<TAB>identity`; per
+//! Format, line by line: `trellis-watch-snapshot 1<TAB>identity<TAB>unix
+//! seconds when written`; per
 //! kind `kind<TAB>id<TAB>resourceVersion<TAB>count`, then `count` lines
 //! `name<TAB>key<TAB>value` (values are compact JSON: no raw tab or
 //! newline); last `end` (a file cut short is refused).
@@ -23,6 +28,17 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 const MAGIC: &str = "trellis-watch-snapshot 1";
+
+/// How old a snapshot may be: a restart (an upgrade) takes seconds; older
+/// ones would most likely meet a 410 anyway.
+pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
 
 /// One kind as saved: its objects (name -> key, value) at `rv`.
 #[derive(Debug, Default, PartialEq)]
@@ -40,13 +56,21 @@ fn clean(s: &[u8]) -> bool {
 /// Writes what the resumable kinds of `st` hold; returns how many kinds
 /// and objects were written. A kind that has not listed yet, or holds a
 /// name, key or value the format cannot carry, is left out.
-fn write(st: &State, out: &mut impl Write, identity: &str) -> std::io::Result<(usize, usize)> {
-    writeln!(out, "{MAGIC}\t{identity}")?;
+fn write(
+    st: &State,
+    out: &mut impl Write,
+    identity: &str,
+    now: u64,
+) -> std::io::Result<(usize, usize)> {
+    writeln!(out, "{MAGIC}\t{identity}\t{now}")?;
     let (mut kinds, mut objects) = (0, 0);
     for k in &st.kinds {
         let Some((id, Some(rv))) = &k.resumable else {
             continue;
         };
+        if rv.is_empty() {
+            continue;
+        }
         let fits = clean(id.as_bytes())
             && clean(rv.as_bytes())
             && k.objects
@@ -72,8 +96,9 @@ fn write(st: &State, out: &mut impl Write, identity: &str) -> std::io::Result<(u
     Ok((kinds, objects))
 }
 
-/// Reads a snapshot written by [`write`] with the same `identity`.
-fn read(input: impl BufRead, identity: &str) -> Result<HashMap<String, Seed>, String> {
+/// Reads a snapshot written by [`write`] with the same `identity`, at
+/// most [`MAX_AGE`] before `now`.
+fn read(input: impl BufRead, identity: &str, now: u64) -> Result<HashMap<String, Seed>, String> {
     let mut lines = input.split(b'\n').enumerate();
     let mut next = || -> Result<(usize, Vec<u8>), String> {
         match lines.next() {
@@ -84,12 +109,23 @@ fn read(input: impl BufRead, identity: &str) -> Result<HashMap<String, Seed>, St
     };
     let (_, head) = next()?;
     let head = String::from_utf8_lossy(&head);
-    match head.split_once('\t') {
-        Some((MAGIC, id)) if id == identity => {}
-        Some((MAGIC, id)) => {
+    match head.split('\t').collect::<Vec<_>>().as_slice() {
+        [MAGIC, id, _] if *id != identity => {
             return Err(format!(
-                "written by another build of the agent ({id}, this is {identity})"
+                "written by another build, boot or API server ({id}; now {identity})"
             ))
+        }
+        [MAGIC, _, at] => {
+            let at: u64 = at
+                .parse()
+                .map_err(|_| format!("line 1: time {at:?} is not a number"))?;
+            if at > now + 60 || now.saturating_sub(at) > MAX_AGE.as_secs() {
+                return Err(format!(
+                    "written {}s ago (used within {}s)",
+                    now as i64 - at as i64,
+                    MAX_AGE.as_secs()
+                ));
+            }
         }
         _ => return Err("not a watch snapshot (first line)".into()),
     }
@@ -136,7 +172,7 @@ impl KubeSource {
         let tmp = path.with_extension("tmp");
         let written = (|| {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            let (kinds, objects) = write(&self.lock(), &mut f, identity)?;
+            let (kinds, objects) = write(&self.lock(), &mut f, identity, unix_now())?;
             f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, path)?;
             Ok::<_, std::io::Error>((kinds, objects))
@@ -166,7 +202,7 @@ impl KubeSource {
                 return 0;
             }
         };
-        let read = read(std::io::BufReader::new(f), identity);
+        let read = read(std::io::BufReader::new(f), identity, unix_now());
         let _ = std::fs::remove_file(path);
         match read {
             Ok(seeds) => {
@@ -223,8 +259,8 @@ mod tests {
     fn round_trip_keeps_listed_resumable_kinds_only() {
         let st = state();
         let mut buf = Vec::new();
-        assert_eq!(write(&st, &mut buf, "v1").expect("write"), (1, 2));
-        let seeds = read(&buf[..], "v1").expect("read");
+        assert_eq!(write(&st, &mut buf, "v1", 1000).expect("write"), (1, 2));
+        let seeds = read(&buf[..], "v1", 1000 + MAX_AGE.as_secs()).expect("read");
         assert_eq!(seeds.len(), 1);
         let s = &seeds["services|sel"];
         assert_eq!(s.rv, "42");
@@ -235,19 +271,26 @@ mod tests {
     fn refuses_other_builds_cut_files_and_garbage() {
         let st = state();
         let mut buf = Vec::new();
-        write(&st, &mut buf, "v1").expect("write");
-        let e = read(&buf[..], "v2").expect_err("other build");
+        write(&st, &mut buf, "v1", 1000).expect("write");
+        let e = read(&buf[..], "v2", 1000).expect_err("other build");
         assert!(e.contains("another build"), "{e}");
+        let e = read(&buf[..], "v1", 1001 + MAX_AGE.as_secs()).expect_err("too old");
+        assert!(e.contains("601s ago"), "{e}");
+        let e = read(&buf[..], "v1", 900).expect_err("from the future");
+        assert!(e.contains("-100s ago"), "{e}");
         let cut = &buf[..buf.len() - 4];
-        let e = read(cut, "v1").expect_err("cut");
+        let e = read(cut, "v1", 1000).expect_err("cut");
         assert!(e.contains("cut short"), "{e}");
-        let e = read(&b"hello\n"[..], "v1").expect_err("garbage");
+        let e = read(&b"hello\n"[..], "v1", 1000).expect_err("garbage");
         assert!(e.contains("not a watch snapshot"), "{e}");
-        let bad = format!("{MAGIC}\tv1\nkind\tx\t1\tmany\nend\n");
-        let e = read(bad.as_bytes(), "v1").expect_err("bad count");
+        let bad = format!("{MAGIC}\tv1\tsoon\nend\n");
+        let e = read(bad.as_bytes(), "v1", 1000).expect_err("bad time");
+        assert!(e.contains("soon"), "{e}");
+        let bad = format!("{MAGIC}\tv1\t1000\nkind\tx\t1\tmany\nend\n");
+        let e = read(bad.as_bytes(), "v1", 1000).expect_err("bad count");
         assert!(e.contains("line 2") && e.contains("many"), "{e}");
-        let bad = format!("{MAGIC}\tv1\nkind\tx\t1\t1\nonlyname\nend\n");
-        let e = read(bad.as_bytes(), "v1").expect_err("short object");
+        let bad = format!("{MAGIC}\tv1\t1000\nkind\tx\t1\t1\nonlyname\nend\n");
+        let e = read(bad.as_bytes(), "v1", 1000).expect_err("short object");
         assert!(e.contains("line 3"), "{e}");
     }
 
@@ -258,6 +301,6 @@ mod tests {
             .objects
             .insert("ns/c".into(), ("/s/ns/c".into(), b"a\tb".to_vec()));
         let mut buf = Vec::new();
-        assert_eq!(write(&st, &mut buf, "v1").expect("write"), (0, 0));
+        assert_eq!(write(&st, &mut buf, "v1", 1000).expect("write"), (0, 0));
     }
 }

@@ -139,7 +139,12 @@ pub fn send(batch: &[u8], lines: &[(u32, String)], deadline: Duration) -> Result
     };
     let (result, clean) = exchange(&sock, batch, lines, deadline);
     if let (true, Some(id)) = (clean && drained(&sock), ns) {
-        *SOCKET.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, sock));
+        // a socket it replaces closes outside the lock (closing waits)
+        let replaced = SOCKET
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((id, sock));
+        drop(replaced);
     }
     result
 }
@@ -204,6 +209,18 @@ fn exchange(
                 let code = i32::from_ne_bytes([b[16], b[17], b[18], b[19]]);
                 // the echoed request header follows the code
                 let seq = u32::from_ne_bytes([b[28], b[29], b[30], b[31]]);
+                // an error for the batch's begin (seq 0): the kernel
+                // refused the whole batch (its commit failed); no further
+                // answer comes
+                if code != 0 && seq == 0 {
+                    let errno = nix::errno::Errno::from_raw(-code);
+                    return (
+                        Err(NlError::Transport(format!(
+                            "the kernel refused the batch: {errno} (nothing was applied)"
+                        ))),
+                        false,
+                    );
+                }
                 if code != 0 {
                     errors += 1;
                     if first_error.is_none() {

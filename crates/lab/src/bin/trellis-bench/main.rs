@@ -27,8 +27,46 @@ fn flag(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
+/// The flags each benchmark takes (each with a number).
+const FLAGS: [(&str, &[&str]); 8] = [
+    ("cni-add-del", &["--cycles"]),
+    ("converge", &["--nodes"]),
+    ("bgp-converge", &["--nodes"]),
+    ("bgp-ingest", &["--prefixes", "--rounds"]),
+    ("k8s-converge", &["--nodes"]),
+    (
+        "proxy-sync",
+        &["--small", "--large", "--huge", "--trellis-only"],
+    ),
+    ("proxy-latency", &["--small", "--large", "--connects"]),
+    ("throughput", &["--runs", "--seconds"]),
+];
+
+/// Refuses flags the benchmark does not take (a typo would otherwise run
+/// a long benchmark with its defaults).
+fn check_flags(args: &[String]) -> anyhow::Result<()> {
+    let Some(cmd) = args.get(1) else {
+        return Ok(());
+    };
+    let Some((_, known)) = FLAGS.iter().find(|(c, _)| c == cmd) else {
+        return Ok(());
+    };
+    let mut rest = args[2..].iter();
+    while let Some(a) = rest.next() {
+        if !known.contains(&a.as_str()) {
+            bail!(
+                "{cmd}: unknown argument {a:?} (it takes {})",
+                known.join(", ")
+            );
+        }
+        rest.next();
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    check_flags(&args)?;
     match args.get(1).map(String::as_str) {
         Some("cni-add-del") => cni::run(flag(&args, "--cycles", 200)?),
         Some("converge") => converge::run(flag(&args, "--nodes", 200)?),
