@@ -183,8 +183,6 @@ fn main() -> anyhow::Result<()> {
             local_pods = Some(pods);
             if proxy_on {
                 kube_source = Some((source.clone(), kj.server.clone()));
-            }
-            if proxy_on {
                 let status = trellis_agent::proxy::SharedStatus::default();
                 proxy_status = Some(status.clone());
                 let node = trellis_proxy::NodeFacts {

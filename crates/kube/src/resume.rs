@@ -116,9 +116,7 @@ impl KubeSource {
                             "the API server no longer has this resourceVersion; listing");
                         rv = None;
                         // a stop meanwhile saves no seed that cannot be used
-                        if let Some((_, at)) = me.lock().kinds[k].resumable.as_mut() {
-                            *at = None;
-                        }
+                        me.lock().kinds[k].set_rv(None);
                         // after a watch that worked a while, a 410 is news
                         if began.elapsed() >= Duration::from_secs(1) {
                             expired_in_a_row = 0;
@@ -140,17 +138,14 @@ impl KubeSource {
 
     /// Registers the kind; takes its seed, if the snapshot has one.
     fn add_resumable(&self, what: &str, role: Role<'_>, id: &str) -> (usize, Option<String>) {
-        let (table, prefix) = match role {
-            Role::Listed(p) => (false, p),
-            Role::Table(p) => (true, p),
-        };
+        let (table, prefix) = role.parts();
         let mut st = self.lock();
         let seed = st.seeds.remove(id);
         let rv = seed.as_ref().map(|s| s.rv.clone());
         st.kinds.push(crate::source::Kind {
             name: what.to_string(),
             table,
-            prefix: prefix.to_string(),
+            prefix,
             resumable: Some((id.to_string(), rv.clone())),
             ..Default::default()
         });
@@ -236,9 +231,7 @@ impl KubeSource {
         let count = fresh.len();
         let mut out = Vec::new();
         st.replace(k, fresh, &mut out);
-        if let Some((_, at)) = st.kinds[k].resumable.as_mut() {
-            *at = Some(rv.clone());
-        }
+        st.kinds[k].set_rv(Some(rv.clone()));
         let first = !st.kinds[k].synced;
         st.kinds[k].synced = true;
         st.publish(out);
@@ -322,10 +315,7 @@ impl KubeSource {
                 WatchEvent::Bookmark(b) => {
                     let at = b.metadata.resource_version;
                     if !at.is_empty() {
-                        let mut st = self.lock();
-                        if let Some((_, kept)) = st.kinds[k].resumable.as_mut() {
-                            *kept = Some(at.clone());
-                        }
+                        self.lock().kinds[k].set_rv(Some(at.clone()));
                         *rv = Some(at);
                     }
                     self.worked(k, report);
@@ -343,9 +333,7 @@ impl KubeSource {
             // an event without a resourceVersion changes the objects but
             // not where a resumed watch starts: replaying it is harmless
             if let Some(at) = at.filter(|a| !a.is_empty()) {
-                if let Some((_, kept)) = st.kinds[k].resumable.as_mut() {
-                    *kept = Some(at.clone());
-                }
+                st.kinds[k].set_rv(Some(at.clone()));
                 *rv = Some(at);
             }
             st.publish(out);

@@ -60,6 +60,15 @@ pub(crate) struct Kind {
     pub(crate) resumable: Option<(String, Option<String>)>,
 }
 
+impl Kind {
+    /// A resumable kind's objects are at `rv` now (`None`: unknown).
+    pub(crate) fn set_rv(&mut self, rv: Option<String>) {
+        if let Some((_, at)) = self.resumable.as_mut() {
+            *at = rv;
+        }
+    }
+}
+
 struct Subscriber {
     prefix: String,
     tx: mpsc::Sender<WatchItem>,
@@ -197,6 +206,16 @@ pub enum Role<'a> {
     Table(&'a str),
 }
 
+impl Role<'_> {
+    /// (whether it is a table, its key prefix)
+    pub(crate) fn parts(self) -> (bool, String) {
+        match self {
+            Role::Listed(p) => (false, p.to_string()),
+            Role::Table(p) => (true, p.to_string()),
+        }
+    }
+}
+
 /// The adapter. Cheap to clone.
 #[derive(Clone)]
 pub struct KubeSource {
@@ -238,17 +257,14 @@ impl KubeSource {
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> Shown + Send + 'static,
     {
-        let (table, prefix) = match role {
-            Role::Listed(p) => (false, p),
-            Role::Table(p) => (true, p),
-        };
+        let (table, prefix) = role.parts();
         let what_owned = what.to_string();
         let k = {
             let mut st = self.lock();
             st.kinds.push(Kind {
                 name: what.to_string(),
                 table,
-                prefix: prefix.to_string(),
+                prefix,
                 ..Default::default()
             });
             st.kinds.len() - 1

@@ -12,37 +12,18 @@ use trellis_lab::Outcome;
 
 const T: Duration = Duration::from_secs(2);
 
-const A: &str = "apiVersion: v1
+/// A Service `name` of the web pods on `port`.
+fn service(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1
 kind: Service
-metadata: {name: a, namespace: default}
+metadata: {{name: {name}, namespace: default}}
 spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080}]
-";
-
-const C: &str = "apiVersion: v1
-kind: Service
-metadata: {name: c, namespace: default}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 82, targetPort: 8080}]
-";
-
-const D: &str = "apiVersion: v1
-kind: Service
-metadata: {name: d, namespace: default}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 83, targetPort: 8080}]
-";
-
-const B: &str = "apiVersion: v1
-kind: Service
-metadata: {name: b, namespace: default}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 81, targetPort: 8080}]
-";
+  selector: {{app: web}}
+  ports: [{{name: http, port: {port}, targetPort: 8080}}]
+"
+    )
+}
 
 /// `kind`'s count of proxy syncs in `node`'s metrics.
 fn syncs(lab: &trellis_lab::Lab, node: &str, kind: &str) -> u64 {
@@ -105,7 +86,7 @@ fn a_restarted_proxy_applies_only_what_changed_while_it_was_down() {
     }
     lab.add_pod("n1", "cli", "").expect("client");
     let cli = lab.pod_ns("n1", "cli");
-    lab.kubectl_stdin(&["apply", "-f", "-"], A)
+    lab.kubectl_stdin(&["apply", "-f", "-"], &service("a", 80))
         .expect("apply a");
     let a = cluster_ip(&lab, "a");
     wait_for("a answers", Duration::from_secs(30), || {
@@ -118,7 +99,7 @@ fn a_restarted_proxy_applies_only_what_changed_while_it_was_down() {
 
     // down: b comes, a goes
     lab.stop_agent("n1").expect("stop n1's agent");
-    lab.kubectl_stdin(&["apply", "-f", "-"], B)
+    lab.kubectl_stdin(&["apply", "-f", "-"], &service("b", 81))
         .expect("apply b");
     let b = cluster_ip(&lab, "b");
     lab.kubectl(&["delete", "service", "a"]).expect("delete a");
@@ -173,7 +154,7 @@ fn a_restarted_proxy_applies_only_what_changed_while_it_was_down() {
         })
         .collect();
     std::fs::write(&snap, old.join("\n") + "\n").expect("age the snapshot");
-    lab.kubectl_stdin(&["apply", "-f", "-"], C)
+    lab.kubectl_stdin(&["apply", "-f", "-"], &service("c", 82))
         .expect("apply c");
     let c = cluster_ip(&lab, "c");
     lab.kubectl(&["delete", "service", "b"]).expect("delete b");
@@ -208,7 +189,7 @@ fn a_restarted_proxy_applies_only_what_changed_while_it_was_down() {
     lab.stop_agent("n1").expect("stop n1's agent");
     let text = std::fs::read_to_string(&snap).expect("the stop saved a snapshot");
     std::fs::write(&snap, &text[..text.len() / 2]).expect("cut the snapshot");
-    lab.kubectl_stdin(&["apply", "-f", "-"], D)
+    lab.kubectl_stdin(&["apply", "-f", "-"], &service("d", 83))
         .expect("apply d");
     let d = cluster_ip(&lab, "d");
     lab.start_agent("n1").expect("start n1's agent");
