@@ -141,6 +141,7 @@ pub async fn drive<D, C>(
     let mut outage = Outage::new();
     let mut first = true;
     loop {
+        let t0 = tokio::time::Instant::now();
         let listing = match store.list(&s.prefix).await {
             Ok(l) => l,
             Err(e) => {
@@ -150,6 +151,12 @@ pub async fn drive<D, C>(
             }
         };
         outage.ok(&s);
+        tracing::debug!(
+            controller = s.name,
+            items = listing.items.len(),
+            took_us = t0.elapsed().as_micros() as u64,
+            "listed"
+        );
         ctl.on_listing(listing.items).await;
         if first {
             if s.marks_synced {

@@ -214,6 +214,13 @@ pub fn snapshot_path(data_dir: &std::path::Path) -> std::path::PathBuf {
 /// boot (after a reboot the kernel's tables are gone) and the same API
 /// server (`server`).
 pub fn snapshot_identity(server: &str) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!("{}:{}:{server}", exe_identity(), boot.trim())
+}
+
+/// The running program: its version and its executable file (size, times,
+/// inode) — another build has another identity.
+pub fn exe_identity() -> String {
     use std::os::unix::fs::MetadataExt;
     let exe = std::fs::metadata("/proc/self/exe")
         .map(|m| {
@@ -226,12 +233,7 @@ pub fn snapshot_identity(server: &str) -> String {
             )
         })
         .unwrap_or_default();
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    format!(
-        "{}:{exe}:{}:{server}",
-        env!("CARGO_PKG_VERSION"),
-        boot.trim()
-    )
+    format!("{}:{exe}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Starts the watches the backend needs (the table of this node's Pods,

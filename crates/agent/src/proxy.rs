@@ -248,8 +248,8 @@ impl ProxyController {
         let plan = self.proxy.plan();
         let planned = t0.elapsed();
         let plan_full = plan.full;
-        if !plan.script.is_empty() {
-            self.journal.begin(stamp, plan.fragments());
+        if !plan.script.is_empty() || !plan.refreshed().is_empty() {
+            self.journal.begin(stamp, plan.records(), plan.refreshed());
         }
         let kind = if plan_full { "full" } else { "incremental" };
         let services = plan.services;
@@ -276,7 +276,7 @@ impl ProxyController {
             .collect();
         match result {
             Ok(()) => {
-                let journaled = !plan.script.is_empty();
+                let journaled = !plan.script.is_empty() || !plan.refreshed().is_empty();
                 // the first sync of a restored proxy changes only what
                 // changed while it was down: the rest is published too
                 // ... and it re-rendered every Service: like a whole-table
@@ -562,9 +562,18 @@ pub async fn run(
     status: SharedStatus,
     local_addrs_tx: tokio::sync::watch::Sender<Arc<BTreeMap<IpAddr, ServiceAddrKind>>>,
 ) {
+    let t0 = Instant::now();
     let (journal, saved) = crate::proxy_journal::Journal::open(data_dir.join("proxy.journal"));
+    let read = t0.elapsed();
     let mut proxy = Proxy::new(node);
+    // fingerprints of inputs hold only within one build
+    proxy.set_build(&crate::kube::exe_identity());
     tokio::task::block_in_place(|| restore(&mut proxy, dp.as_ref(), saved));
+    tracing::debug!(
+        read_us = read.as_micros() as u64,
+        restored_us = (t0.elapsed() - read).as_micros() as u64,
+        "proxy: journal"
+    );
     let mut ctl = ProxyController {
         journal,
         proxy,

@@ -4,9 +4,13 @@
 //! the whole table again (kube-proxy: 12 s at 5,000 Services).
 //!
 //! One JSON record per line: `Full` (a whole-table load with the stamp it
-//! wrote into the table's `stamp` set), `Svc` (a Service as the kernel
-//! holds it after the sync, `null`: gone), `Done` (the kernel took the
-//! records before it), `Abort` (it refused them). Records are written
+//! wrote into the table's `stamp` set), `Put` (a Service as the kernel
+//! holds it after the sync, `null`: gone, with the fingerprint of what it
+//! was rendered from: `trellis_proxy::stored::inputs`), `Same` (a Service
+//! rendered again to what the kernel holds, from inputs with this new
+//! fingerprint), `Done` (the kernel took the records before it), `Abort`
+//! (it refused them). `Svc` (a `Put` without fingerprint, written before
+//! fingerprints existed) is still read. Records are written
 //! before the transaction and `Done` after it: a journal whose last
 //! records have no `Done` does not say what the kernel holds and is not
 //! used. It grows by what changes; once it is twice the size of the state
@@ -19,12 +23,15 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use trellis_proxy::render::Fragment;
+use trellis_proxy::stored::Inputs;
 
 /// A record as read.
 #[derive(serde::Deserialize)]
 enum Record {
     Full(u32),
     Svc(String, Option<Box<Fragment>>),
+    Put(String, Inputs, Option<Box<Fragment>>),
+    Same(String, Inputs),
     Done,
     Abort,
 }
@@ -33,14 +40,22 @@ enum Record {
 #[derive(serde::Serialize)]
 enum Rec<'a> {
     Full(u32),
-    Svc(&'a str, Option<&'a Fragment>),
+    Put(&'a str, Inputs, Option<&'a Fragment>),
+    Same(&'a str, Inputs),
     Done,
     Abort,
 }
 
 /// What a journal says the kernel holds: the table's stamp and every
-/// Service's objects.
-pub type Saved = (u32, Vec<(String, Fragment)>);
+/// Service's objects, with the fingerprint of what they were rendered
+/// from (`(0, 0)`: unknown).
+pub type Saved = (u32, Vec<(String, Inputs, Fragment)>);
+
+/// A confirmed change of a Service's record.
+enum Pending {
+    Put(String, Inputs, Option<Box<Fragment>>),
+    Same(String, Inputs),
+}
 
 /// The open journal.
 pub struct Journal {
@@ -61,8 +76,8 @@ fn read(path: &PathBuf) -> Result<Option<Saved>, String> {
         Err(e) => return Err(e.to_string()),
     };
     let mut stamp = None;
-    let mut state: BTreeMap<String, Fragment> = BTreeMap::new();
-    let mut pending: Vec<(String, Option<Box<Fragment>>)> = Vec::new();
+    let mut state: BTreeMap<String, (Inputs, Fragment)> = BTreeMap::new();
+    let mut pending: Vec<Pending> = Vec::new();
     for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| e.to_string())?;
         let rec: Record =
@@ -73,13 +88,24 @@ fn read(path: &PathBuf) -> Result<Option<Saved>, String> {
                 state.clear();
                 pending.clear();
             }
-            Record::Svc(k, f) => pending.push((k, f)),
+            Record::Svc(k, f) => pending.push(Pending::Put(k, (0, 0), f)),
+            Record::Put(k, i, f) => pending.push(Pending::Put(k, i, f)),
+            Record::Same(k, i) => pending.push(Pending::Same(k, i)),
             Record::Done => {
-                for (k, f) in pending.drain(..) {
-                    match f {
-                        Some(f) => state.insert(k, *f),
-                        None => state.remove(&k),
-                    };
+                for p in pending.drain(..) {
+                    match p {
+                        Pending::Put(k, i, Some(f)) => {
+                            state.insert(k, (i, *f));
+                        }
+                        Pending::Put(k, _, None) => {
+                            state.remove(&k);
+                        }
+                        Pending::Same(k, i) => {
+                            if let Some(s) = state.get_mut(&k) {
+                                s.0 = i;
+                            }
+                        }
+                    }
                 }
             }
             Record::Abort => {
@@ -91,7 +117,10 @@ fn read(path: &PathBuf) -> Result<Option<Saved>, String> {
     if !pending.is_empty() {
         return Err("its last records were never confirmed (the agent stopped mid-sync)".into());
     }
-    Ok(stamp.map(|s| (s, state.into_iter().collect())))
+    Ok(stamp.map(|s| {
+        let all = state.into_iter().map(|(k, (i, f))| (k, i, f)).collect();
+        (s, all)
+    }))
 }
 
 fn line(out: &mut Vec<u8>, r: &Rec) {
@@ -147,8 +176,15 @@ impl Journal {
     }
 
     /// Before a transaction: `full` (with the stamp it writes) starts the
-    /// journal over; `fragments` are the Services it changes.
-    pub fn begin(&mut self, full: Option<u32>, fragments: &[(String, Option<Fragment>)]) {
+    /// journal over; `puts` are the Services it changes (with their
+    /// inputs' fingerprint), `same` those rendered again unchanged from
+    /// inputs with a new fingerprint.
+    pub fn begin<'a>(
+        &mut self,
+        full: Option<u32>,
+        puts: impl IntoIterator<Item = (&'a str, Inputs, Option<&'a Fragment>)>,
+        same: &[(String, Inputs)],
+    ) {
         let mut buf = Vec::new();
         if let Some(stamp) = full {
             self.stamp = stamp;
@@ -160,8 +196,11 @@ impl Journal {
             self.bytes = 0;
             line(&mut buf, &Rec::Full(stamp));
         }
-        for (k, f) in fragments {
-            line(&mut buf, &Rec::Svc(k, f.as_ref()));
+        for (k, i, f) in puts {
+            line(&mut buf, &Rec::Put(k, i, f));
+        }
+        for (k, i) in same {
+            line(&mut buf, &Rec::Same(k, *i));
         }
         self.append(&buf);
     }
@@ -170,7 +209,7 @@ impl Journal {
     /// for a rewrite when the journal has grown.
     pub fn done<'a, I>(&mut self, full: bool, all: impl FnOnce() -> I)
     where
-        I: IntoIterator<Item = (&'a String, Fragment)>,
+        I: IntoIterator<Item = (&'a String, Inputs, Fragment)>,
     {
         let mut buf = Vec::new();
         line(&mut buf, &Rec::Done);
@@ -189,11 +228,11 @@ impl Journal {
         self.append(&buf);
     }
 
-    fn compact<'a>(&mut self, all: impl IntoIterator<Item = (&'a String, Fragment)>) {
+    fn compact<'a>(&mut self, all: impl IntoIterator<Item = (&'a String, Inputs, Fragment)>) {
         let mut buf = Vec::new();
         line(&mut buf, &Rec::Full(self.stamp));
-        for (k, f) in all {
-            line(&mut buf, &Rec::Svc(k, Some(&f)));
+        for (k, i, f) in all {
+            line(&mut buf, &Rec::Put(k, i, Some(&f)));
         }
         line(&mut buf, &Rec::Done);
         let tmp = self.path.with_extension("journal.tmp");
@@ -226,20 +265,46 @@ mod tests {
         let path = dir.path().join("proxy.journal");
         let (mut j, saved) = Journal::open(path.clone());
         assert_eq!(saved, Ok(None));
+        let (f1, f2, f3, f5) = (frag(1), frag(2), frag(3), frag(5));
         j.begin(
             Some(7),
-            &[("a/x".into(), Some(frag(1))), ("a/y".into(), Some(frag(2)))],
+            [("a/x", (1, 1), Some(&f1)), ("a/y", (2, 2), Some(&f2))],
+            &[],
         );
         j.done(true, Vec::new);
-        j.begin(None, &[("a/x".into(), None)]);
+        j.begin(None, [("a/x", (0, 0), None)], &[]);
         j.done(false, Vec::new);
-        j.begin(None, &[("a/y".into(), Some(frag(5)))]);
+        j.begin(None, [("a/y", (5, 5), Some(&f5))], &[]);
         j.abort();
         let (_, saved) = Journal::open(path.clone());
-        assert_eq!(saved, Ok(Some((7, vec![("a/y".to_string(), frag(2))]))));
+        assert_eq!(
+            saved,
+            Ok(Some((7, vec![("a/y".to_string(), (2, 2), frag(2))])))
+        );
+        // a Service rendered again unchanged from new inputs: its new
+        // fingerprint counts once confirmed
+        let (mut j, _) = Journal::open(path.clone());
+        j.begin(None, [], &[("a/y".to_string(), (9, 9))]);
+        j.done(false, Vec::new);
+        let (_, saved) = Journal::open(path.clone());
+        assert_eq!(
+            saved,
+            Ok(Some((7, vec![("a/y".to_string(), (9, 9), frag(2))])))
+        );
+        // a journal written before fingerprints: read, inputs unknown
+        let old = format!(
+            "{{\"Full\":4}}\n{{\"Svc\":[\"a/q\",null]}}\n{{\"Svc\":[\"a/w\",{}]}}\n\"Done\"\n",
+            serde_json::to_string(&frag(2)).expect("json")
+        );
+        std::fs::write(&path, old).expect("write");
+        let (_, saved) = Journal::open(path.clone());
+        assert_eq!(
+            saved,
+            Ok(Some((4, vec![("a/w".to_string(), (0, 0), frag(2))])))
+        );
         // records without their Done: the journal says nothing sure
         let (mut j, _) = Journal::open(path.clone());
-        j.begin(None, &[("a/z".into(), Some(frag(3)))]);
+        j.begin(None, [("a/z", (3, 3), Some(&f3))], &[]);
         let (_, saved) = Journal::open(path.clone());
         assert!(saved.expect_err("unconfirmed").contains("never confirmed"));
         // a damaged line names itself
@@ -258,15 +323,15 @@ mod tests {
             notes: vec!["n".repeat(100_000)],
             ..Default::default()
         };
-        j.begin(Some(3), &[(key.clone(), Some(big.clone()))]);
+        j.begin(Some(3), [(key.as_str(), (3, 3), Some(&big))], &[]);
         j.done(true, Vec::new);
         for _ in 0..40 {
-            j.begin(None, &[(key.clone(), Some(big.clone()))]);
-            j.done(false, || vec![(&key, big.clone())]);
+            j.begin(None, [(key.as_str(), (4, 4), Some(&big))], &[]);
+            j.done(false, || vec![(&key, (4, 4), big.clone())]);
         }
         let size = std::fs::metadata(&path).expect("meta").len();
         assert!(size < 3 * 1024 * 1024, "rewritten: {size} bytes");
         let (_, saved) = Journal::open(path);
-        assert_eq!(saved, Ok(Some((3, vec![(key, big)]))));
+        assert_eq!(saved, Ok(Some((3, vec![(key, (4, 4), big)]))));
     }
 }

@@ -29,7 +29,7 @@ impl Protocol {
 }
 
 /// How the Service is exposed (`spec.type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum ServiceType {
     /// Cluster-internal virtual IP only.
     #[default]
@@ -43,7 +43,7 @@ pub enum ServiceType {
 }
 
 /// One port of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServicePort {
     /// `name` (may be empty when the Service has one port).
     #[serde(default)]
@@ -58,7 +58,7 @@ pub struct ServicePort {
 }
 
 /// A Service as the proxy serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Service {
     /// Its namespace.
     pub namespace: String,
@@ -115,7 +115,7 @@ impl Service {
 }
 
 /// One port of an EndpointSlice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SlicePort {
     /// Matches the Service port's `name`.
     #[serde(default)]
@@ -127,7 +127,7 @@ pub struct SlicePort {
 }
 
 /// One endpoint of an EndpointSlice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Endpoint {
     /// Its address (the first of `addresses`, as kube-proxy uses).
     pub address: IpAddr,
@@ -143,7 +143,7 @@ pub struct Endpoint {
 }
 
 /// An EndpointSlice of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Slice {
     /// Its namespace.
     pub namespace: String,
@@ -167,7 +167,7 @@ impl Slice {
 }
 
 /// What the proxy knows of the node it runs on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeFacts {
     /// The Node's name (local endpoints have it as `nodeName`).
     pub name: String,

@@ -7,7 +7,7 @@ use crate::claims::{claim_entry, conflicts, disputed, Claimant, Claimants, Claim
 use crate::model::{NodeFacts, Protocol, Service, Slice};
 use crate::render::{self, Fragment, Ids, Shared};
 use crate::script::{self, Script};
-use crate::stored::Stored;
+use crate::stored::{self, Inputs, Stored};
 use crate::TABLE;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
@@ -45,6 +45,11 @@ pub struct Plan {
     fragments: Vec<(String, Option<Fragment>)>,
     /// the same, compact (what [`Proxy::applied`] keeps)
     stored: Vec<Option<Stored>>,
+    /// what each was rendered from
+    inputs: Vec<Inputs>,
+    /// Services rendered again to the fragment the kernel holds, from
+    /// inputs with a new fingerprint
+    refreshed: Vec<(String, Inputs)>,
     claims: Claims,
 }
 
@@ -53,6 +58,20 @@ impl Plan {
     /// it is applied (`None`: gone) — what a journal records.
     pub fn fragments(&self) -> &[(String, Option<Fragment>)] {
         &self.fragments
+    }
+
+    /// Services whose fragment did not change but whose inputs' new
+    /// fingerprint is this (a journal records it).
+    pub fn refreshed(&self) -> &[(String, Inputs)] {
+        &self.refreshed
+    }
+
+    /// The same with the fingerprint of what each was rendered from.
+    pub fn records(&self) -> impl Iterator<Item = (&str, Inputs, Option<&Fragment>)> + '_ {
+        self.fragments
+            .iter()
+            .zip(&self.inputs)
+            .map(|((k, f), i)| (k.as_str(), *i, f.as_ref()))
     }
 }
 
@@ -64,6 +83,10 @@ pub struct Proxy {
     by_service: HashMap<String, BTreeSet<String>>,
     /// what the kernel holds, per Service, compact
     applied: HashMap<String, Stored>,
+    /// ... and what it was rendered from (see [`stored::inputs`])
+    inputs: HashMap<String, Inputs>,
+    /// the fingerprints' salt: node facts and build
+    salt: u64,
     claims: HashMap<(Shared, String), Claimants>,
     /// claimed keys whose claimants want different values (conflicts)
     contested: BTreeSet<(Shared, String)>,
@@ -81,6 +104,8 @@ impl Proxy {
     /// An empty proxy for `node`; the first plan replaces the table.
     pub fn new(node: NodeFacts) -> Self {
         Self {
+            salt: stored::salt(&node, ""),
+            inputs: HashMap::new(),
             node,
             services: HashMap::new(),
             slices: HashMap::new(),
@@ -101,14 +126,26 @@ impl Proxy {
         self.stamp = stamp;
     }
 
+    /// `build` identifies the running program: what a journal says was
+    /// rendered by another build is rendered again.
+    pub fn set_build(&mut self, build: &str) {
+        self.salt = stored::salt(&self.node, build);
+    }
+
     /// The kernel holds `fragments` (from a journal whose stamp the
-    /// table carries): they count as applied, so the next plan changes
-    /// only what differs from them.
-    pub fn restore(&mut self, fragments: Vec<(String, Fragment)>) {
+    /// table carries), each rendered from inputs with the given
+    /// fingerprint: they count as applied, so the next plan changes only
+    /// what differs from them, and renders only Services whose inputs
+    /// differ.
+    pub fn restore(&mut self, fragments: Vec<(String, Inputs, Fragment)>) {
         self.applied.clear();
+        self.inputs.clear();
         self.claims.clear();
         self.ids = Ids::default();
-        for (key, f) in fragments {
+        for (key, inputs, f) in fragments {
+            if inputs != (0, 0) {
+                self.inputs.insert(key.clone(), inputs);
+            }
             let who: Claimant = Arc::from(key.as_str());
             for (kind, k, v) in &f.shared {
                 let e = self.claims.entry((*kind, k.clone())).or_default();
@@ -231,9 +268,13 @@ impl Proxy {
         self.full
     }
 
-    /// Every Service as the kernel holds it.
-    pub fn applied_fragments(&self) -> impl Iterator<Item = (&String, Fragment)> + '_ {
-        self.applied.iter().map(|(k, f)| (k, f.get()))
+    /// Every Service as the kernel holds it, with what it was rendered
+    /// from.
+    pub fn applied_fragments(&self) -> impl Iterator<Item = (&String, Inputs, Fragment)> + '_ {
+        self.applied.iter().map(|(k, f)| {
+            let inputs = self.inputs.get(k).copied().unwrap_or((0, 0));
+            (k, inputs, f.get())
+        })
     }
 
     /// The Services programmed now.
@@ -246,15 +287,32 @@ impl Proxy {
         self.full || !self.dirty.is_empty()
     }
 
-    fn render(&mut self, key: &str) -> Option<Fragment> {
-        let svc = self.services.get(key)?;
-        let slices: Vec<&Slice> = self
-            .by_service
+    /// Service `key`'s inputs: the Service and its slices.
+    fn inputs_of<'a>(
+        services: &'a HashMap<String, Service>,
+        by_service: &'a HashMap<String, BTreeSet<String>>,
+        slices: &'a HashMap<String, Slice>,
+        key: &str,
+    ) -> Option<(&'a Service, Vec<&'a Slice>)> {
+        let svc = services.get(key)?;
+        let slices: Vec<&Slice> = by_service
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.slices.get(k))
+            .filter_map(|k| slices.get(k))
             .collect();
+        Some((svc, slices))
+    }
+
+    /// The fingerprint of Service `key`'s inputs (`(0, 0)`: it has none).
+    fn fingerprint(&self, key: &str) -> Inputs {
+        Self::inputs_of(&self.services, &self.by_service, &self.slices, key)
+            .map(|(svc, slices)| stored::inputs(self.salt, svc, &slices))
+            .unwrap_or((0, 0))
+    }
+
+    fn render(&mut self, key: &str) -> Option<Fragment> {
+        let (svc, slices) = Self::inputs_of(&self.services, &self.by_service, &self.slices, key)?;
         Some(render::service(svc, &slices, &self.node, &mut self.ids))
     }
 
@@ -284,11 +342,20 @@ impl Proxy {
         let mut claims: HashMap<(Shared, String), Claimants> = HashMap::new();
         let empty = Fragment::default();
         for key in &keys {
+            let inputs = self.fingerprint(key);
+            // applied from these very inputs (a restart, a relist): the
+            // same fragment, not rendered again
+            if !full && inputs != (0, 0) && self.inputs.get(key) == Some(&inputs) {
+                continue;
+            }
             let new = self.render(key);
             // rendered again but unchanged (a relist, a restart): nothing
             // to apply, record or release
             let stored = new.as_ref().map(Stored::new);
             if !full && stored.as_ref() == self.applied.get(key) {
+                if inputs != (0, 0) {
+                    plan.refreshed.push((key.clone(), inputs));
+                }
                 continue;
             }
             let old = self.applied.get(key).map(Stored::get);
@@ -343,6 +410,7 @@ impl Proxy {
             }
             plan.fragments.push((key.clone(), new));
             plan.stored.push(stored);
+            plan.inputs.push(inputs);
         }
         if full {
             plan.script = self.full_script(&plan.fragments, &claims);
@@ -418,11 +486,19 @@ impl Proxy {
     pub fn applied(&mut self, plan: Plan) {
         if plan.full {
             self.applied.clear();
+            self.inputs.clear();
             self.claims.clear();
             self.contested.clear();
             self.full = false;
         }
-        for ((key, _), stored) in plan.fragments.into_iter().zip(plan.stored) {
+        for (((key, _), stored), inputs) in
+            plan.fragments.into_iter().zip(plan.stored).zip(plan.inputs)
+        {
+            if inputs == (0, 0) {
+                self.inputs.remove(&key);
+            } else {
+                self.inputs.insert(key.clone(), inputs);
+            }
             match stored {
                 Some(f) => {
                     self.applied.insert(key, f);
@@ -431,6 +507,9 @@ impl Proxy {
                     self.applied.remove(&key);
                 }
             }
+        }
+        for (key, inputs) in plan.refreshed {
+            self.inputs.insert(key, inputs);
         }
         for (k, v) in plan.claims {
             if disputed(&v) {

@@ -4,7 +4,36 @@
 //! before the allocator's own overhead). Unchanged Services are found by
 //! comparing these bytes; only changed ones are read back.
 
+use crate::model::{NodeFacts, Service, Slice};
 use crate::render::Fragment;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// What a Service's fragment was rendered from, as two independent 64-bit
+/// hashes of its Service, its slices, the node's facts and the build: a
+/// Service whose inputs have the fingerprint it was applied with is not
+/// rendered again (a restart: 5,000 unchanged Services cost no render).
+/// `(0, 0)`: unknown (always rendered).
+pub type Inputs = (u64, u64);
+
+/// The fingerprint of `svc` with `slices` (in the order rendered) under
+/// `salt` (the node's facts and the build, see [`salt`]).
+pub fn inputs(salt: u64, svc: &Service, slices: &[&Slice]) -> Inputs {
+    let mut a = DefaultHasher::new();
+    let mut b = DefaultHasher::new();
+    (0u8, salt, svc, slices).hash(&mut a);
+    (1u8, salt, svc, slices).hash(&mut b);
+    // (0, 0) means unknown: never produced
+    (a.finish() | 1, b.finish())
+}
+
+/// The salt of [`inputs`]: `node`'s facts and `build` (what identifies the
+/// running program: a fingerprint is not trusted across builds, whose
+/// rendering may differ; `DefaultHasher` is fixed only within one).
+pub fn salt(node: &NodeFacts, build: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    (node, build).hash(&mut h);
+    h.finish()
+}
 
 /// A fragment in its compact form. Serialization is deterministic (maps
 /// are ordered), so equal fragments have equal bytes.

@@ -522,20 +522,61 @@ fn a_batch_the_kernel_refuses_names_its_line_and_leaves_nothing() {
 fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
     let (s, e) = shapes();
     let (before, text) = full(s.clone(), e.clone());
-    let saved: Vec<(String, trellis_proxy::render::Fragment)> = before
+    type Saved = Vec<(
+        String,
+        trellis_proxy::stored::Inputs,
+        trellis_proxy::render::Fragment,
+    )>;
+    let saved: Saved = before
         .applied_fragments()
-        .map(|(k, f)| (k.clone(), f))
+        .map(|(k, i, f)| (k.clone(), i, f))
         .collect();
     // through JSON, as the journal keeps them
-    let saved: Vec<(String, trellis_proxy::render::Fragment)> =
+    let saved: Saved =
         serde_json::from_str(&serde_json::to_string(&saved).expect("ser")).expect("de");
-    // nothing changed: nothing to apply
+    assert!(
+        saved.iter().all(|(_, i, _)| *i != (0, 0)),
+        "fingerprints kept"
+    );
+    // nothing changed: nothing to apply, and nothing rendered again (the
+    // inputs' fingerprints are those applied)
     let mut p = Proxy::new(node());
     p.restore(saved.clone());
     p.replace(s.clone(), e.clone());
     let plan = p.plan();
     assert!(!plan.full);
     assert_eq!(plan.script, "", "nothing changed while down");
+    assert!(plan.fragments().is_empty() && plan.refreshed().is_empty());
+    // the fingerprint decides: a journal claiming other objects for the
+    // same inputs is believed (nothing rendered) ...
+    let mut lying = saved.clone();
+    lying[0].2.local_endpoints += 7;
+    let mut p = Proxy::new(node());
+    p.restore(lying.clone());
+    p.replace(s.clone(), e.clone());
+    assert!(p.plan().fragments().is_empty());
+    // ... while unknown fingerprints (a journal of an older version) or
+    // another build's make every Service render again: unchanged ones
+    // only get their fingerprint recorded, the changed one is applied
+    for build in ["", "another build"] {
+        let mut unknown = lying.clone();
+        if build.is_empty() {
+            unknown.iter_mut().for_each(|(_, i, _)| *i = (0, 0));
+        }
+        let mut p = Proxy::new(node());
+        p.set_build(build);
+        p.restore(unknown);
+        p.replace(s.clone(), e.clone());
+        let plan = p.plan();
+        assert_eq!(plan.fragments().len(), 1, "{build:?}");
+        assert_eq!(plan.fragments()[0].0, lying[0].0);
+        assert_eq!(plan.refreshed().len(), saved.len() - 1, "{build:?}");
+        p.applied(plan);
+        assert!(
+            p.applied_fragments().all(|(_, i, _)| i != (0, 0)),
+            "fingerprints recorded: {build:?}"
+        );
+    }
     // one Service gone and one endpoint moved while down
     let mut s2 = s.clone();
     s2.retain(|x| x.name != "term");
