@@ -419,9 +419,7 @@ impl ProxyController {
                     .collect(),
                 problems: f.problems.iter().chain(&f.notes).cloned().collect(),
             };
-            let row = serde_json::to_vec(&row)
-                .unwrap_or_default()
-                .into_boxed_slice();
+            let row = crate::proxy_status::row(&row);
             rows.push((key, Some(row)));
         }
         let conflicts = self.proxy.conflicts();

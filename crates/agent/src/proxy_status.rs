@@ -14,7 +14,8 @@ use trellis_proxy::Service;
 #[derive(Debug, Default)]
 pub struct StatusView {
     pub(crate) synced: bool,
-    /// each Service's row, serialized (one allocation, not dozens)
+    /// each Service's row, serialized and LZ4-compressed (one allocation,
+    /// not dozens: see [`row`])
     pub(crate) services: BTreeMap<String, Box<[u8]>>,
     pub(crate) conflicts: Vec<String>,
     pub(crate) last_sync_us: u64,
@@ -30,7 +31,8 @@ impl StatusView {
             services: self
                 .services
                 .values()
-                .filter_map(|r| serde_json::from_slice(r).ok())
+                .filter_map(|r| lz4_flex::decompress_size_prepended(r).ok())
+                .filter_map(|r| serde_json::from_slice(&r).ok())
                 .collect(),
             conflicts: self.conflicts.clone(),
             last_sync_us: self.last_sync_us,
@@ -38,6 +40,12 @@ impl StatusView {
             error: self.error.clone(),
         }
     }
+}
+
+/// A Service's row as [`StatusView`] keeps it.
+pub(crate) fn row(r: &trellis_model::status::ProxyService) -> Box<[u8]> {
+    let json = serde_json::to_vec(r).unwrap_or_default();
+    lz4_flex::compress_prepend_size(&json).into_boxed_slice()
 }
 
 /// Service addresses this node advertises as /32 when the BGP

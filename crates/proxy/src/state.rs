@@ -80,7 +80,9 @@ pub struct Proxy {
     node: NodeFacts,
     services: HashMap<String, Service>,
     slices: HashMap<String, Slice>,
-    by_service: HashMap<String, BTreeSet<String>>,
+    /// Service -> its slices, sorted (nearly always one: inline, where a
+    /// `BTreeSet` would allocate a node of eleven)
+    by_service: HashMap<String, SliceKeys>,
     /// what the kernel holds, per Service, compact
     applied: HashMap<String, Stored>,
     /// ... and what it was rendered from (see [`stored::inputs`])
@@ -95,6 +97,9 @@ pub struct Proxy {
     full: bool,
     stamp: u32,
 }
+
+/// A Service's slices, sorted.
+type SliceKeys = smallvec::SmallVec<[String; 1]>;
 
 fn slice_key(s: &Slice) -> String {
     format!("{}/{}", s.namespace, s.name)
@@ -150,8 +155,8 @@ impl Proxy {
             for (kind, k, v) in &f.shared {
                 let e = self.claims.entry((*kind, k.clone())).or_default();
                 match e.binary_search_by(|(svc, _)| (**svc).cmp(key.as_str())) {
-                    Ok(i) => e[i].1 = v.clone(),
-                    Err(i) => e.insert(i, (who.clone(), v.clone())),
+                    Ok(i) => e[i].1 = v.as_str().into(),
+                    Err(i) => e.insert(i, (who.clone(), v.as_str().into())),
                 }
                 // affinity ids: mark -> `goto rec-ID` (chain svc-ID) or
                 // `goto lrec-ID` (chain local-ID)
@@ -208,16 +213,21 @@ impl Proxy {
             let svc = old.service_key();
             self.dirty.insert(svc.clone());
             if let Some(set) = self.by_service.get_mut(&svc) {
-                set.remove(key);
+                if let Ok(i) = set.binary_search_by(|k| k.as_str().cmp(key)) {
+                    set.remove(i);
+                }
+                if set.is_empty() {
+                    self.by_service.remove(&svc);
+                }
             }
         }
         match slice {
             Some(s) => {
                 let svc = s.service_key();
-                self.by_service
-                    .entry(svc.clone())
-                    .or_default()
-                    .insert(key.to_string());
+                let set = self.by_service.entry(svc.clone()).or_default();
+                if let Err(i) = set.binary_search_by(|k| k.as_str().cmp(key)) {
+                    set.insert(i, key.to_string());
+                }
                 self.dirty.insert(svc);
                 self.slices.insert(key.to_string(), s);
             }
@@ -290,7 +300,7 @@ impl Proxy {
     /// Service `key`'s inputs: the Service and its slices.
     fn inputs_of<'a>(
         services: &'a HashMap<String, Service>,
-        by_service: &'a HashMap<String, BTreeSet<String>>,
+        by_service: &'a HashMap<String, SliceKeys>,
         slices: &'a HashMap<String, Slice>,
         key: &str,
     ) -> Option<(&'a Service, Vec<&'a Slice>)> {
@@ -404,8 +414,8 @@ impl Proxy {
                     (*kind, k.clone()),
                 );
                 match v.binary_search_by(|(svc, _)| (**svc).cmp(key.as_str())) {
-                    Ok(i) => v[i].1 = val.clone(),
-                    Err(i) => v.insert(i, (who.clone(), val.clone())),
+                    Ok(i) => v[i].1 = val.as_str().into(),
+                    Err(i) => v.insert(i, (who.clone(), val.as_str().into())),
                 }
             }
             plan.fragments.push((key.clone(), new));
