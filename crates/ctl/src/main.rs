@@ -416,6 +416,7 @@ fn main() -> anyhow::Result<()> {
                     )?),
                 },
                 kube_proxy,
+                routing_only: vec![],
             })?;
             println!(
                 "lab {} is up: {} node(s); state in {}",

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod node;
+mod packed;
 pub mod requests;
 mod resume;
 pub mod snapshot;

@@ -73,9 +73,9 @@ fn write(
         }
         let fits = clean(id.as_bytes())
             && clean(rv.as_bytes())
-            && k.objects
-                .iter()
-                .all(|(n, (key, v))| clean(n.as_bytes()) && clean(key.as_bytes()) && clean(v));
+            && k.objects.iter().all(|(n, (key, v))| {
+                clean(n.as_bytes()) && clean(key.as_bytes()) && clean(&v.bytes())
+            });
         if !fits {
             tracing::warn!(kind = %k.name, "not saved in the watch snapshot: a tab or newline in an object");
             continue;
@@ -86,7 +86,7 @@ fn write(
             out.write_all(b"\t")?;
             out.write_all(key.as_bytes())?;
             out.write_all(b"\t")?;
-            out.write_all(value)?;
+            out.write_all(&value.bytes())?;
             out.write_all(b"\n")?;
         }
         kinds += 1;
@@ -222,16 +222,20 @@ impl KubeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed::Packed;
     use crate::source::Kind;
 
     fn state() -> State {
         let mut st = State::default();
-        let objects: HashMap<String, (String, Vec<u8>)> = [
+        let objects: HashMap<String, (String, Packed)> = [
             (
                 "ns/a".to_string(),
-                ("/s/ns/a".to_string(), br#"{"x":"a\tb"}"#.to_vec()),
+                ("/s/ns/a".to_string(), Packed::new(br#"{"x":"a\tb"}"#)),
             ),
-            ("ns/b".to_string(), ("/s/ns/b".to_string(), b"{}".to_vec())),
+            (
+                "ns/b".to_string(),
+                ("/s/ns/b".to_string(), Packed::new(b"{}")),
+            ),
         ]
         .into();
         st.kinds.push(Kind {
@@ -264,7 +268,12 @@ mod tests {
         assert_eq!(seeds.len(), 1);
         let s = &seeds["services|sel"];
         assert_eq!(s.rv, "42");
-        assert_eq!(s.objects, st.kinds[0].objects);
+        let held: HashMap<String, (String, Vec<u8>)> = st.kinds[0]
+            .objects
+            .iter()
+            .map(|(n, (k, v))| (n.clone(), (k.clone(), v.bytes())))
+            .collect();
+        assert_eq!(s.objects, held);
     }
 
     #[test]
@@ -299,7 +308,7 @@ mod tests {
         let mut st = state();
         st.kinds[0]
             .objects
-            .insert("ns/c".into(), ("/s/ns/c".into(), b"a\tb".to_vec()));
+            .insert("ns/c".into(), ("/s/ns/c".into(), Packed::new(b"a\tb")));
         let mut buf = Vec::new();
         assert_eq!(write(&st, &mut buf, "v1", 1000).expect("write"), (0, 0));
     }

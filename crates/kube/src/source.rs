@@ -9,6 +9,7 @@
 //! again; what disappeared meanwhile becomes a delete event, so changes
 //! made while the agent could not see them are applied when it can.
 
+use crate::packed::Packed;
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::utils::Backoff;
@@ -41,8 +42,8 @@ pub type Reporter = Arc<dyn Fn(Option<String>) + Send + Sync>;
 pub(crate) struct Kind {
     pub(crate) name: String,
     pub(crate) synced: bool,
-    /// object name -> what it shows
-    pub(crate) objects: HashMap<String, (String, Vec<u8>)>,
+    /// object name -> what it shows (its value packed)
+    pub(crate) objects: HashMap<String, (String, Packed)>,
     /// objects of a relist in progress
     pub(crate) relist: Option<HashMap<String, (String, Vec<u8>)>>,
     /// its watch's last failure, while it lasts; `true`: the API server
@@ -90,7 +91,7 @@ impl State {
             .iter()
             .flat_map(|k| k.objects.values())
             .filter(|(key, _)| key.starts_with(prefix))
-            .map(|(key, value)| kv(key, value, self.revision))
+            .map(|(key, value)| kv(key, value.bytes(), self.revision))
             .collect();
         items.sort_by(|a, b| a.key.cmp(&b.key));
         // two objects showing one key (two Nodes given one podCIDR): one
@@ -103,8 +104,9 @@ impl State {
 
     /// Object `name` of kind `k` now shows `now`: the events that follow.
     pub(crate) fn set(&mut self, k: usize, name: &str, now: Shown, out: &mut Vec<Event>) {
-        let before = match &now {
-            Some(v) => self.kinds[k].objects.insert(name.to_string(), v.clone()),
+        let packed = now.as_ref().map(|(key, v)| (key.clone(), Packed::new(v)));
+        let before = match packed {
+            Some(v) => self.kinds[k].objects.insert(name.to_string(), v),
             None => self.kinds[k].objects.remove(name),
         };
         if let Some((old_key, old_value)) = &before {
@@ -117,13 +119,13 @@ impl State {
                         mod_revision: self.revision,
                     });
                 }
-            } else if now.as_ref().map(|(_, v)| v) == Some(old_value) {
+            } else if self.kinds[k].objects.get(name).map(|(_, v)| v) == Some(old_value) {
                 return;
             }
         }
         if let Some((key, value)) = now {
             self.revision += 1;
-            out.push(Event::Put(kv(&key, &value, self.revision)));
+            out.push(Event::Put(kv(&key, value, self.revision)));
         }
     }
 
@@ -185,10 +187,10 @@ impl State {
     }
 }
 
-fn kv(key: &str, value: &[u8], revision: i64) -> KeyValue {
+fn kv(key: &str, value: Vec<u8>, revision: i64) -> KeyValue {
     KeyValue {
         key: key.to_string(),
-        value: value.to_vec(),
+        value,
         create_revision: revision,
         mod_revision: revision,
         lease: 0,
@@ -390,7 +392,7 @@ impl KubeSource {
             .iter()
             .flat_map(|k| k.objects.values())
             .find(|(k2, _)| k2 == key)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.bytes())
     }
 
     /// How many objects of kind `what` it shows.

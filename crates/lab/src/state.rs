@@ -60,6 +60,9 @@ pub struct LabState {
     /// Nodes running the real kube-proxy (their agents only route).
     #[serde(default)]
     pub kube_proxy: Vec<String>,
+    /// Nodes whose agent only routes, with no proxy at all.
+    #[serde(default)]
+    pub routing_only: Vec<String>,
     /// Pod MTU of agents without a datastore.
     #[serde(default)]
     pub mtu: u32,

@@ -28,6 +28,7 @@ fn gc_sweeps_labs_of_dead_owners_only() {
         cluster: false,
         kubernetes: false,
         kube_proxy: vec![],
+        routing_only: vec![],
         mtu: 1500,
         segments: 1,
     }

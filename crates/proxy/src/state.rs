@@ -138,21 +138,27 @@ impl Proxy {
     }
 
     /// The kernel holds `fragments` (from a journal whose stamp the
-    /// table carries), each rendered from inputs with the given
-    /// fingerprint: they count as applied, so the next plan changes only
-    /// what differs from them, and renders only Services whose inputs
-    /// differ.
-    pub fn restore(&mut self, fragments: Vec<(String, Inputs, Fragment)>) {
+    /// table carries; see [`Stored::from_json`]), each rendered from
+    /// inputs with the given fingerprint: they count as applied, so the
+    /// next plan changes only what differs from them, and renders only
+    /// Services whose inputs differ.
+    pub fn restore(&mut self, fragments: Vec<stored::Restored>) {
         self.applied.clear();
         self.inputs.clear();
         self.claims.clear();
         self.ids = Ids::default();
-        for (key, inputs, f) in fragments {
+        for stored::Restored {
+            key,
+            inputs,
+            stored,
+            shared,
+        } in fragments
+        {
             if inputs != (0, 0) {
                 self.inputs.insert(key.clone(), inputs);
             }
             let who: Claimant = Arc::from(key.as_str());
-            for (kind, k, v) in &f.shared {
+            for (kind, k, v) in &shared {
                 let e = self.claims.entry((*kind, k.clone())).or_default();
                 match e.binary_search_by(|(svc, _)| (**svc).cmp(key.as_str())) {
                     Ok(i) => e[i].1 = v.as_str().into(),
@@ -174,7 +180,7 @@ impl Proxy {
                     }
                 }
             }
-            self.applied.insert(key, Stored::new(&f));
+            self.applied.insert(key, stored);
         }
         self.contested = self
             .claims

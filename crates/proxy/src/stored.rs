@@ -6,7 +6,8 @@
 //! changed ones are read back.
 
 use crate::model::{NodeFacts, Service, Slice};
-use crate::render::Fragment;
+use crate::render::{Fragment, Shared};
+use serde::de::IgnoredAny;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// What a Service's fragment was rendered from, as two independent 64-bit
@@ -50,6 +51,16 @@ impl Stored {
         Self(lz4_flex::compress_prepend_size(&json).into_boxed_slice())
     }
 
+    /// A fragment's JSON as [`Stored::new`] serializes it (as a journal
+    /// keeps it), without building the fragment: compact, with the shared
+    /// keys it claims. Refused unless it has exactly a fragment's fields
+    /// (another version's journal is not taken for this one's).
+    pub fn from_json(json: &str) -> Result<(Self, Vec<(Shared, String, String)>), String> {
+        let shape: Shape = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let bytes = lz4_flex::compress_prepend_size(json.as_bytes()).into_boxed_slice();
+        Ok((Self(bytes), shape.shared))
+    }
+
     /// The fragment back.
     pub fn get(&self) -> Fragment {
         let f = lz4_flex::decompress_size_prepended(&self.0)
@@ -58,6 +69,43 @@ impl Stored {
         debug_assert!(f.is_ok(), "a stored fragment reads back");
         f.unwrap_or_default()
     }
+}
+
+/// A Service as a journal says the kernel holds it (see
+/// [`crate::Proxy::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// `namespace/name`
+    pub key: String,
+    /// what it was rendered from
+    pub inputs: Inputs,
+    /// its fragment
+    pub stored: Stored,
+    /// the shared keys its fragment claims
+    pub shared: Vec<(Shared, String, String)>,
+}
+
+/// A fragment's fields, only `shared` read (see [`Stored::from_json`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Shape {
+    #[serde(rename = "chains")]
+    _chains: IgnoredAny,
+    #[serde(rename = "sets")]
+    _sets: IgnoredAny,
+    shared: Vec<(Shared, String, String)>,
+    #[serde(rename = "problems")]
+    _problems: IgnoredAny,
+    #[serde(rename = "notes")]
+    _notes: IgnoredAny,
+    #[serde(rename = "ports")]
+    _ports: IgnoredAny,
+    #[serde(rename = "affinity_chains")]
+    _affinity_chains: IgnoredAny,
+    #[serde(rename = "local_endpoints")]
+    _local_endpoints: IgnoredAny,
+    #[serde(rename = "health_check")]
+    _health_check: IgnoredAny,
 }
 
 #[cfg(test)]
@@ -82,5 +130,26 @@ mod tests {
         assert_eq!(Stored::new(&f.clone()), s);
         f.local_endpoints = 2;
         assert_ne!(Stored::new(&f), s);
+    }
+
+    #[test]
+    fn a_fragments_json_is_taken_as_it_is_and_another_shape_is_refused() {
+        let mut f = Fragment::default();
+        f.shared
+            .push((Shared::ClusterIps, "10.96.0.1".into(), String::new()));
+        f.health_check = Some(30001);
+        let json = serde_json::to_string(&f).expect("json");
+        let (s, shared) = Stored::from_json(&json).expect("a fragment");
+        // the same bytes as a fragment stored directly: equal compares equal
+        assert_eq!(s, Stored::new(&f));
+        assert_eq!(shared, f.shared);
+        // every field of a Fragment is known to Shape, and required
+        let json = serde_json::to_string(&Fragment::default()).expect("json");
+        assert!(Stored::from_json(&json).is_ok());
+        let renamed = json.replace("\"notes\"", "\"remarks\"");
+        assert!(Stored::from_json(&renamed).is_err());
+        let missing = json.replace(",\"health_check\":null", "");
+        assert!(Stored::from_json(&missing).is_err(), "{missing}");
+        assert!(Stored::from_json("{\"shared\": 3}").is_err());
     }
 }

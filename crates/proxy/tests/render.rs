@@ -531,17 +531,31 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
         .applied_fragments()
         .map(|(k, i, f)| (k.clone(), i, f))
         .collect();
-    // through JSON, as the journal keeps them
-    let saved: Saved =
-        serde_json::from_str(&serde_json::to_string(&saved).expect("ser")).expect("de");
     assert!(
         saved.iter().all(|(_, i, _)| *i != (0, 0)),
         "fingerprints kept"
     );
+    // through JSON, as the journal keeps them
+    let restored = |saved: &Saved| -> Vec<trellis_proxy::stored::Restored> {
+        saved
+            .iter()
+            .map(|(key, inputs, f)| {
+                let json = serde_json::to_string(f).expect("ser");
+                let (stored, shared) =
+                    trellis_proxy::stored::Stored::from_json(&json).expect("a fragment");
+                trellis_proxy::stored::Restored {
+                    key: key.clone(),
+                    inputs: *inputs,
+                    stored,
+                    shared,
+                }
+            })
+            .collect()
+    };
     // nothing changed: nothing to apply, and nothing rendered again (the
     // inputs' fingerprints are those applied)
     let mut p = Proxy::new(node());
-    p.restore(saved.clone());
+    p.restore(restored(&saved));
     p.replace(s.clone(), e.clone());
     let plan = p.plan();
     assert!(!plan.full);
@@ -552,7 +566,7 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
     let mut lying = saved.clone();
     lying[0].2.local_endpoints += 7;
     let mut p = Proxy::new(node());
-    p.restore(lying.clone());
+    p.restore(restored(&lying));
     p.replace(s.clone(), e.clone());
     assert!(p.plan().fragments().is_empty());
     // ... while unknown fingerprints (a journal of an older version) or
@@ -565,7 +579,7 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
         }
         let mut p = Proxy::new(node());
         p.set_build(build);
-        p.restore(unknown);
+        p.restore(restored(&unknown));
         p.replace(s.clone(), e.clone());
         let plan = p.plan();
         assert_eq!(plan.fragments().len(), 1, "{build:?}");
@@ -584,7 +598,7 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
     e2.retain(|x| x.service != "term");
     e2[0].endpoints[0].address = "10.244.1.99".parse().expect("ip");
     let mut p = Proxy::new(node());
-    p.restore(saved);
+    p.restore(restored(&saved));
     p.replace(s2.clone(), e2.clone());
     let plan = p.plan();
     assert!(!plan.full);

@@ -50,6 +50,9 @@ pub struct LabOptions {
     /// Kubernetes mode: nodes whose agent only routes (its Service proxy
     /// off) and that run the real kube-proxy (nftables mode) instead.
     pub kube_proxy: Vec<String>,
+    /// Kubernetes mode: nodes whose agent only routes, with no proxy at
+    /// all (a benchmark measuring one node's proxy alone).
+    pub routing_only: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -64,6 +67,7 @@ impl Default for LabOptions {
             bgp: None,
             kubernetes: None,
             kube_proxy: Vec::new(),
+            routing_only: Vec::new(),
         }
     }
 }
@@ -148,6 +152,7 @@ impl Lab {
             cluster: false,
             kubernetes: false,
             kube_proxy: vec![],
+            routing_only: vec![],
             mtu: opts.mtu,
             segments: 1,
         };
@@ -237,6 +242,7 @@ impl Lab {
             }
             self.st.kubernetes = true;
             self.st.kube_proxy = opts.kube_proxy.clone();
+            self.st.routing_only = opts.routing_only.clone();
             self.save()?;
             self.build_control_plane(conf)?;
         }
@@ -325,7 +331,8 @@ impl Lab {
                 "dataDir": self.dir.join(format!("{name}-data")),
                 "kubernetes": {
                     "kubeconfig": self.dir.join("k8s/agent.kubeconfig"),
-                    "proxy": {"enabled": !self.st.kube_proxy.contains(&name)},
+                    "proxy": {"enabled": !self.st.kube_proxy.contains(&name)
+                        && !self.st.routing_only.contains(&name)},
                 },
                 "resyncSeconds": 2,
             })

@@ -300,6 +300,13 @@ fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
     let mut lab = Lab::create(LabOptions {
         nodes: 2,
         kubernetes: Some(trellis_lab::cluster_config("vxlan")?),
+        // without kube-proxy, its node routes only: one proxy measured,
+        // not two sharing the machine's 2 cores
+        routing_only: if lab_kp.is_empty() {
+            vec![KP.to_string()]
+        } else {
+            vec![]
+        },
         kube_proxy: lab_kp,
         ..Default::default()
     })?;
