@@ -55,7 +55,7 @@ impl Stored {
     /// keeps it), without building the fragment: compact, with the shared
     /// keys it claims. Refused unless it has exactly a fragment's fields
     /// (another version's journal is not taken for this one's).
-    pub fn from_json(json: &str) -> Result<(Self, Vec<(Shared, String, String)>), String> {
+    pub fn from_json(json: &str) -> Result<(Self, SharedKeys), String> {
         let shape: Shape = serde_json::from_str(json).map_err(|e| e.to_string())?;
         let bytes = lz4_flex::compress_prepend_size(json.as_bytes()).into_boxed_slice();
         Ok((Self(bytes), shape.shared))
@@ -71,6 +71,9 @@ impl Stored {
     }
 }
 
+/// Shared keys a fragment claims: (map, key, value).
+pub type SharedKeys = Vec<(Shared, String, String)>;
+
 /// A Service as a journal says the kernel holds it (see
 /// [`crate::Proxy::restore`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +85,7 @@ pub struct Restored {
     /// its fragment
     pub stored: Stored,
     /// the shared keys its fragment claims
-    pub shared: Vec<(Shared, String, String)>,
+    pub shared: SharedKeys,
 }
 
 /// A fragment's fields, only `shared` read (see [`Stored::from_json`]).
@@ -93,7 +96,7 @@ struct Shape {
     _chains: IgnoredAny,
     #[serde(rename = "sets")]
     _sets: IgnoredAny,
-    shared: Vec<(Shared, String, String)>,
+    shared: SharedKeys,
     #[serde(rename = "problems")]
     _problems: IgnoredAny,
     #[serde(rename = "notes")]
