@@ -36,7 +36,7 @@ const FLAGS: [(&str, &[&str]); 8] = [
     ("k8s-converge", &["--nodes"]),
     (
         "proxy-sync",
-        &["--small", "--large", "--huge", "--trellis-only"],
+        &["--small", "--large", "--huge", "--trellis-only", "--cold"],
     ),
     ("proxy-latency", &["--small", "--large", "--connects"]),
     ("throughput", &["--runs", "--seconds"]),
@@ -75,10 +75,10 @@ fn main() -> anyhow::Result<()> {
         Some("k8s-converge") => k8s::run(flag(&args, "--nodes", 1000)?),
         Some("proxy-sync") => match flag(&args, "--trellis-only", 0)? {
             0 => proxy::sync(flag(&args, "--small", 1000)?, flag(&args, "--large", 5000)?, flag(&args, "--huge", 30000)?),
-            n => proxy::trellis_only(n),
+            n => proxy::trellis_only(n, flag(&args, "--cold", 0)? != 0),
         },
         Some("proxy-latency") => proxy::latency(flag(&args, "--small", 10)?, flag(&args, "--large", 10000)?, flag(&args, "--connects", 2000)?),
         Some("throughput") => throughput::run(flag(&args, "--runs", 9)?, flag(&args, "--seconds", 2)?),
-        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R] | proxy-sync [--small N] [--large N] [--huge N] [--trellis-only N] | proxy-latency [--small N] [--large N] [--connects N]"),
+        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R] | proxy-sync [--small N] [--large N] [--huge N] [--trellis-only N [--cold 1]] | proxy-latency [--small N] [--large N] [--connects N]"),
     }
 }

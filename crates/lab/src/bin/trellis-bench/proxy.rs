@@ -8,7 +8,9 @@
 //!   of Service addresses holds all of them; (b) restart with the tables
 //!   kept: the proxy stopped, one Service added, the proxy started: from
 //!   its start until that Service is in the kernel (both apply their first
-//!   sync as one transaction); (c) one endpoint changed until the new
+//!   sync as one transaction; the other proxy is stopped meanwhile, so the
+//!   marker Service's sync in one does not compete with the other's
+//!   start); (c) one endpoint changed until the new
 //!   address is in the Service's kernel object; (d) RSS. Every probe reads
 //!   the kernel (`nft -j list ...` in the node), never a proxy's log.
 //! - `proxy-latency`: TCP connection setup to a ClusterIP with 10 and with
@@ -290,8 +292,28 @@ fn pid_of(lab: &Lab, p: Proxy) -> anyhow::Result<u32> {
     }
 }
 
+/// Stops `p`.
+fn stop(lab: &mut Lab, p: Proxy) -> anyhow::Result<()> {
+    match p {
+        Proxy::KubeProxy => lab.stop_kube_proxy(KP),
+        Proxy::Trellis => lab.stop_agent(TR),
+    }
+}
+
+/// Starts `p`.
+fn start(lab: &mut Lab, p: Proxy) -> anyhow::Result<()> {
+    match p {
+        Proxy::KubeProxy => lab.start_kube_proxy(KP),
+        Proxy::Trellis => lab.start_agent(TR).map(|_| ()),
+    }
+}
+
 /// One size: a lab, `n` Services, the figures of each proxy in `who`.
-fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
+/// `cold` (trellis alone): its agent is stopped while the objects are
+/// written and starts as a new node after the last one (its state files
+/// removed), so bulk is from the last write, through the agent's start
+/// and first listing, to every Service in the kernel.
+fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>> {
     let lab_kp = if who.contains(&Proxy::KubeProxy) {
         vec![KP.to_string()]
     } else {
@@ -312,12 +334,28 @@ fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
     })?;
     let w = Writer::new(&lab)?;
     w.namespace()?;
+    if cold {
+        lab.stop_agent(TR)?;
+        let data = lab.dir().join(format!("{TR}-data"));
+        for f in ["watch.snapshot", "proxy.journal"] {
+            match std::fs::remove_file(data.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("remove {f}"))
+                }
+                _ => {}
+            }
+        }
+    }
     let t0 = Instant::now();
-    let last = w.fill(0, n)?;
+    let mut last = w.fill(0, n)?;
     eprintln!(
         "{n} Services x 10 endpoints written in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+    if cold {
+        last = Instant::now();
+        lab.start_agent(TR)?;
+    }
     let mut out = Vec::new();
     // every proxy polled in turn until each has all of them (+1: the
     // kubernetes Service), each one's time taken when it is first seen done
@@ -374,24 +412,26 @@ fn one_size(n: usize, who: &[Proxy]) -> anyhow::Result<Vec<Figures>> {
                 None
             }
         };
-        // (b) restart with the tables kept, one Service added meanwhile
-        let marker = n + 1 + k;
-        match p {
-            Proxy::KubeProxy => lab.stop_kube_proxy(KP)?,
-            Proxy::Trellis => lab.stop_agent(TR)?,
+        // (b) restart with the tables kept, one Service added meanwhile;
+        // the other proxy is stopped meanwhile (both ways): on 2 cores,
+        // kube-proxy's sync of that Service (5 s of CPU at 5,000) would
+        // otherwise run beside trellis's start
+        let others: Vec<Proxy> = who.iter().copied().filter(|o| o != p).collect();
+        for o in &others {
+            stop(&mut lab, *o)?;
         }
+        let marker = n + 1 + k;
+        stop(&mut lab, *p)?;
         w.fill(marker, marker + 1)?;
         let ip = w.cluster_ip(marker)?;
         let started = Instant::now();
-        match p {
-            Proxy::KubeProxy => lab.start_kube_proxy(KP)?,
-            Proxy::Trellis => {
-                lab.start_agent(TR)?;
-            }
-        }
+        start(&mut lab, *p)?;
         let done = wait("restart", Duration::from_secs(900), || {
             programmed(&lab, *p).contains(&format!("{ip} . tcp . 80"))
         })?;
+        for o in &others {
+            start(&mut lab, *o)?;
+        }
         out.push(Figures {
             bulk_ms: ms(bulk[k]),
             restart_ms: ms(done - started),
@@ -430,10 +470,11 @@ fn keep_logs(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `proxy-sync --trellis-only N`: trellis alone at one size (profiling).
-pub fn trellis_only(n: usize) -> anyhow::Result<()> {
+/// `proxy-sync --trellis-only N [--cold 1]`: trellis alone at one size
+/// (profiling; `cold`: as the huge size of the full run).
+pub fn trellis_only(n: usize, cold: bool) -> anyhow::Result<()> {
     trellis_lab::k8s::bin_dir()?;
-    let f = one_size(n, &[Proxy::Trellis])?;
+    let f = one_size(n, &[Proxy::Trellis], cold)?;
     println!(
         "services={n} bulk_ms={:.0} restart_ms={:.0} one_ms={:.1} rss_mb={:.0}",
         f[0].bulk_ms, f[0].restart_ms, f[0].one_ms, f[0].rss_mb
@@ -445,9 +486,11 @@ pub fn trellis_only(n: usize) -> anyhow::Result<()> {
 pub fn sync(small: usize, large: usize, huge: usize) -> anyhow::Result<()> {
     trellis_lab::k8s::bin_dir()?;
     let both = [Proxy::KubeProxy, Proxy::Trellis];
-    let s = one_size(small, &both)?;
-    let l = one_size(large, &both)?;
-    let h = one_size(huge, &[Proxy::Trellis])?;
+    let s = one_size(small, &both, false)?;
+    let l = one_size(large, &both, false)?;
+    // cold: written with the agent stopped (a running agent makes the fill
+    // of 60,000 objects take over an hour on 2 cores), bulk from its start
+    let h = one_size(huge, &[Proxy::Trellis], true)?;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     println!(
         "kp1k_bulk_ms={:.0} t1k_bulk_ms={:.0} kp1k_restart_ms={:.0} t1k_restart_ms={:.0} kp1k_one_ms={:.1} t1k_one_ms={:.1} \
