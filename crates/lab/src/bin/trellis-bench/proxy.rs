@@ -8,11 +8,12 @@
 //!   of Service addresses holds all of them; (b) restart with the tables
 //!   kept: the proxy stopped, one Service added, the proxy started: from
 //!   its start until that Service is in the kernel (both apply their first
-//!   sync as one transaction; the other proxy is stopped meanwhile, so the
-//!   marker Service's sync in one does not compete with the other's
-//!   start); (c) one endpoint changed until the new
+//!   sync as one transaction); (c) one endpoint changed until the new
 //!   address is in the Service's kernel object; (d) RSS. Every probe reads
 //!   the kernel (`nft -j list ...` in the node), never a proxy's log.
+//!   RSS is taken of both after the bulk; (c) and (b) of one proxy run
+//!   with the other stopped (on 2 cores, kube-proxy's sync of the same
+//!   change, 5 s of CPU at 5,000, would run beside trellis's).
 //! - `proxy-latency`: TCP connection setup to a ClusterIP with 10 and with
 //!   10,000 Services programmed.
 
@@ -373,9 +374,21 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         std::thread::sleep(Duration::from_millis(2));
     }
     let bulk: Vec<Duration> = bulk.into_iter().flatten().collect();
+    // (d) RSS once settled, of each before any is restarted
+    let rss = who
+        .iter()
+        .map(|p| Ok(crate::converge::rss_mb(pid_of(&lab, *p)?)))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     for (k, p) in who.iter().enumerate() {
-        // (d) RSS once settled
-        let rss = crate::converge::rss_mb(pid_of(&lab, *p)?);
+        let rss = rss[k];
+        // the other proxy is stopped while this one is measured (both
+        // ways): on 2 cores, kube-proxy's sync of the changed Service (1 s
+        // of CPU at 1,000, 5 s at 5,000) would otherwise run beside
+        // trellis's, and beside its start
+        let others: Vec<Proxy> = who.iter().copied().filter(|o| o != p).collect();
+        for o in &others {
+            stop(&mut lab, *o)?;
+        }
         // (c) one endpoint changed
         let i = n / 2;
         let kp_chain = if *p == Proxy::KubeProxy {
@@ -412,14 +425,7 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
                 None
             }
         };
-        // (b) restart with the tables kept, one Service added meanwhile;
-        // the other proxy is stopped meanwhile (both ways): on 2 cores,
-        // kube-proxy's sync of that Service (5 s of CPU at 5,000) would
-        // otherwise run beside trellis's start
-        let others: Vec<Proxy> = who.iter().copied().filter(|o| o != p).collect();
-        for o in &others {
-            stop(&mut lab, *o)?;
-        }
+        // (b) restart with the tables kept, one Service added meanwhile
         let marker = n + 1 + k;
         stop(&mut lab, *p)?;
         w.fill(marker, marker + 1)?;
