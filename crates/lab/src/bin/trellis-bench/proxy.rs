@@ -435,8 +435,16 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         let done = wait("restart", Duration::from_secs(900), || {
             programmed(&lab, *p).contains(&format!("{ip} . tcp . 80"))
         })?;
+        // the others back, and caught up (the marker Service in their
+        // kernel), before the next proxy is measured: a start still under
+        // way would be in its figures
         for o in &others {
             start(&mut lab, *o)?;
+        }
+        for o in &others {
+            wait("the other proxy back", Duration::from_secs(900), || {
+                programmed(&lab, *o).contains(&format!("{ip} . tcp . 80"))
+            })?;
         }
         out.push(Figures {
             bulk_ms: ms(bulk[k]),
