@@ -389,6 +389,10 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         for o in &others {
             stop(&mut lab, *o)?;
         }
+        // quiet first: its last sync longer ago than either proxy's
+        // minimum interval between syncs (kube-proxy 1 s, trellis 100 ms),
+        // so the change measures a sync, not the rate limit after the last
+        std::thread::sleep(Duration::from_secs(2));
         // (c) one endpoint changed
         let i = n / 2;
         let kp_chain = if *p == Proxy::KubeProxy {
