@@ -1,8 +1,7 @@
 //! A programmed Service as the proxy keeps it between syncs: its
 //! fragment serialized and LZ4-compressed (one allocation instead of a few
-//! hundred small strings — at 5,000 Services x 10 endpoints, 2.5 MB
-//! instead of 10 MB as JSON, 23 MB as strings, before the allocator's own
-//! overhead). Unchanged Services are found by comparing these bytes; only
+//! hundred small strings; a bench-shaped Service with 10 endpoints: 0.7 KB
+//! instead of 1.5 KB of JSON — at 5,000 Services, 3.6 MB instead of 7.4). Unchanged Services are found by comparing these bytes; only
 //! changed ones are read back.
 
 use crate::model::{NodeFacts, Service, Slice};
