@@ -164,13 +164,21 @@ fn restore(
     let want = format!("{stamp}");
     match dp.nft_set_elements(trellis_proxy::TABLE, trellis_proxy::base::STAMP) {
         Ok(Some(have)) if have == [want.clone()] => {
-            tracing::info!(
-                services = fragments.len(),
-                stamp,
-                "proxy: the table is the journal's; applying only what changed while down"
-            );
+            let services = fragments.len();
             proxy.set_stamp(stamp);
-            proxy.restore(fragments);
+            if proxy.restore(fragments) {
+                tracing::info!(
+                    services,
+                    stamp,
+                    "proxy: the table is the journal's; applying only what changed while down"
+                );
+            } else {
+                tracing::info!(
+                    services,
+                    stamp,
+                    "proxy: the journal's endpoint blocks overlap; loading the whole table"
+                );
+            }
         }
         Ok(have) => tracing::info!(
             journal = %want,

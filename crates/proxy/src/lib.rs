@@ -6,10 +6,12 @@
 //!
 //! The datapath: one verdict-map lookup keyed by (address, protocol, port)
 //! per new connection (`services`, `nodeports`), whatever the number of
-//! Services; one `numgen` lookup in the Service's named endpoint map picks
-//! the endpoint (no anonymous set per Service: kube-proxy v1.32's loaded
-//! quadratically); what is not served is refused in the filter hooks
-//! (`no_endpoints`, `cluster_ips`).
+//! Services; one `numgen ... offset` lookup in the table's one `endpoints`
+//! map picks the endpoint (no set per Service: kube-proxy v1.32's
+//! anonymous sets, and named sets too, load quadratically in this
+//! kernel); what is not served is refused in the filter hooks
+//! (`no_endpoints`, `cluster_ips`). Sets of a Service's own exist only for
+//! client affinity and load balancer source ranges.
 
 pub mod base;
 mod claims;
@@ -18,6 +20,7 @@ pub mod k8s;
 pub mod model;
 pub mod render;
 pub mod script;
+pub mod slots;
 pub mod state;
 pub mod stored;
 
@@ -28,6 +31,8 @@ pub use state::{Plan, Proxy, UdpFlows};
 
 /// The table the proxy owns (and only it).
 pub const TABLE: &str = "trellis-proxy";
+/// The map every endpoint chain picks its endpoint from.
+pub const ENDPOINTS: &str = "endpoints";
 /// The packet mark bit that asks for masquerade in postrouting.
 pub const MASQ_MARK: u32 = 0x2000;
 /// The packet mark bits that carry an affinity id from the DNAT to the

@@ -4,11 +4,12 @@
 //! the number of Services (kube-proxy re-lists everything per sync).
 //!
 //! Per Service port `ID` = `namespace/name/protocol/port`:
-//! - `svc-ID`: every usable endpoint (`eps-ID`: `numgen random mod N`
-//!   -> address . port, one lookup); masquerades sources outside the
-//!   cluster network;
-//! - `local-ID`: this node's endpoints (`leps-ID`), for traffic policy
-//!   Local; `drop` when it has none;
+//! - `svc-ID`: every usable endpoint (`numgen random mod N offset BASE`
+//!   -> address . port in the table's one `endpoints` map, one lookup;
+//!   the chain's block of keys is `eps-ID`, see [`crate::slots`]);
+//!   masquerades sources outside the cluster network;
+//! - `local-ID`: this node's endpoints (block `leps-ID`), for traffic
+//!   policy Local; `drop` when it has none;
 //! - `ext-ID`: what node ports, external and load balancer IPs go to:
 //!   masquerade then `svc-ID` (policy Cluster), or pods and the node
 //!   itself to `svc-ID` and the rest to `local-ID` with its source kept
@@ -20,7 +21,8 @@
 
 use crate::endpoints::{for_port, PortEndpoints};
 use crate::model::{NodeFacts, Service, ServiceType, Slice};
-use crate::{AFFINITY_MASK, MASQ_MARK};
+use crate::slots::{Block, Slots};
+use crate::{AFFINITY_MASK, ENDPOINTS, MASQ_MARK};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
@@ -105,6 +107,33 @@ pub struct SetDef {
     pub elements: BTreeMap<String, String>,
 }
 
+/// A chain's endpoints in the table's `endpoints` map: `values[i]`
+/// (`address . port`) at key `block.base + i`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    /// Its keys.
+    pub block: Block,
+    /// The endpoints, in `numgen` order.
+    pub values: Vec<String>,
+}
+
+impl Endpoints {
+    /// Its elements: (key, value).
+    pub fn elements(&self) -> impl Iterator<Item = (u64, &String)> + '_ {
+        (u64::from(self.block.base)..).zip(&self.values)
+    }
+}
+
+/// The numbers a rendering hands out: affinity ids and endpoint blocks,
+/// stable while their chain exists.
+#[derive(Debug, Default, Clone)]
+pub struct Alloc {
+    /// Affinity ids (the high 16 bits of the packet mark).
+    pub ids: Ids,
+    /// Blocks of the `endpoints` map.
+    pub slots: Slots,
+}
+
 /// How one Service port is served (for `trellisctl get services`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortSummary {
@@ -125,8 +154,12 @@ pub struct PortSummary {
 pub struct Fragment {
     /// Its chains: name -> rules.
     pub chains: BTreeMap<String, Vec<String>>,
-    /// Its sets and maps.
+    /// Its own sets and maps (client affinity, source ranges).
     pub sets: BTreeMap<String, SetDef>,
+    /// Its endpoints in the shared `endpoints` map, by block name
+    /// (`eps-ID`: chain `svc-ID`; `leps-ID`: chain `local-ID`). Keys of
+    /// one block are the Service's alone: no claims.
+    pub blocks: BTreeMap<String, Endpoints>,
     /// Its entries in the shared maps: (map, key, value).
     pub shared: Vec<(Shared, String, String)>,
     /// Why it is not served at all (nothing else is rendered then).
@@ -201,7 +234,7 @@ fn v4(ips: &[IpAddr]) -> (Vec<IpAddr>, bool) {
 }
 
 /// Renders `svc` with its `slices` for `node`.
-pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids) -> Fragment {
+pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, alloc: &mut Alloc) -> Fragment {
     let mut f = Fragment::default();
     if svc.kind == ServiceType::ExternalName {
         return f;
@@ -297,7 +330,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
         if served {
             endpoint_chain(
                 &mut f,
-                ids,
+                alloc,
                 "svc",
                 "eps",
                 "aff",
@@ -314,7 +347,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
                         .insert(format!("local-{id}"), vec!["counter drop".into()]);
                 } else {
                     endpoint_chain(
-                        &mut f, ids, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
+                        &mut f, alloc, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
                     );
                 }
             }
@@ -405,12 +438,13 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
     f
 }
 
-/// `chain-ID` DNATing to `eps` through map `map-ID`, with the client
-/// affinity of `svc` (maps `aff-ID`, recorded by `rec-ID`).
+/// `chain-ID` DNATing to `eps` through block `map-ID` of the
+/// `endpoints` map, with the client affinity of `svc` (maps `aff-ID`,
+/// recorded by `rec-ID`).
 #[allow(clippy::too_many_arguments)]
 fn endpoint_chain(
     f: &mut Fragment,
-    ids: &mut Ids,
+    alloc: &mut Alloc,
     chain: &str,
     map: &str,
     aff: &str,
@@ -431,7 +465,7 @@ fn endpoint_chain(
         ));
     }
     if let Some(timeout) = svc.affinity_timeout {
-        match ids.get(&name) {
+        match alloc.ids.get(&name) {
             Some(n) => {
                 let mark = n << 16;
                 rules.push(format!(
@@ -469,21 +503,28 @@ fn endpoint_chain(
             )),
         }
     }
-    rules.push(format!(
-        "meta l4proto {p} dnat ip to numgen random mod {} map @{map}-{id}",
-        eps.len()
-    ));
-    f.sets.insert(
-        format!("{map}-{id}"),
-        SetDef {
-            decl: crate::script::eps_decl(p),
-            elements: eps
+    let block_name = format!("{map}-{id}");
+    match alloc.slots.get(&block_name, eps.len()) {
+        Some(block) => {
+            rules.push(format!(
+                "meta l4proto {p} dnat ip to numgen random mod {} offset {} map @{ENDPOINTS}",
+                eps.len(),
+                block.base
+            ));
+            let values = eps
                 .iter()
-                .enumerate()
-                .map(|(i, e)| (i.to_string(), format!("{} . {}", e.ip(), e.port())))
-                .collect(),
-        },
-    );
+                .map(|e| format!("{} . {}", e.ip(), e.port()))
+                .collect();
+            f.blocks.insert(block_name, Endpoints { block, values });
+        }
+        None => {
+            // 2^32 keys in use: refused rather than half served
+            rules.push("reject".into());
+            f.notes.push(format!(
+                "{name}: no room left in the endpoints map: refused"
+            ));
+        }
+    }
     for e in eps {
         f.shared
             .push((Shared::Hairpin, format!("{0} . {0}", e.ip()), String::new()));

@@ -1,8 +1,8 @@
 //! nft script text: the whole table, and the changes between two
 //! renderings of the Services that changed.
 
-use crate::render::{Fragment, SetDef, Shared};
-use crate::TABLE;
+use crate::render::{Endpoints, Fragment, SetDef, Shared};
+use crate::{ENDPOINTS, TABLE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
@@ -160,10 +160,10 @@ fn users<'a>(f: &'a Fragment, set: &'a str) -> impl Iterator<Item = &'a String> 
 }
 
 /// Adds to `s` what turns `old` into `new` (one Service's own objects;
-/// the shared maps are the caller's). Returns the endpoint maps that lost
-/// endpoints (their stale UDP flows must go).
+/// the shared maps are the caller's). Returns the endpoints that left a
+/// chain's block (their stale UDP flows must go): (block, `address .
+/// port`).
 pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, String)> {
-    let mut lost = Vec::new();
     let mut changed_chains: BTreeSet<&String> = BTreeSet::new();
     for (name, def) in &new.sets {
         match old.sets.get(name) {
@@ -198,22 +198,10 @@ pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, Stri
                         s.add_element(name, k, v);
                     }
                 }
-                // values (endpoints) no longer in the set at all
-                let kept: BTreeSet<&String> = def.elements.values().collect();
-                lost.extend(
-                    o.elements
-                        .values()
-                        .filter(|v| !kept.contains(v))
-                        .map(|v| (name.clone(), v.clone())),
-                );
             }
         }
     }
-    for (name, def) in &old.sets {
-        if !new.sets.contains_key(name) {
-            lost.extend(def.elements.values().map(|v| (name.clone(), v.clone())));
-        }
-    }
+    let lost = diff_blocks(s, old, new);
     for (name, rules) in &new.chains {
         match old.chains.get(name) {
             None => {
@@ -253,6 +241,58 @@ pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, Stri
     stale
 }
 
+/// Adds to `s` what turns `old`'s elements of the `endpoints` map into
+/// `new`'s: a block that stayed changes only the keys whose endpoint
+/// changed; a block that moved (outgrown) or went loses all its keys.
+/// Returns the endpoints that left a block: (block, `address . port`).
+fn diff_blocks(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, String)> {
+    let mut lost = Vec::new();
+    let none = Endpoints {
+        block: crate::slots::Block { base: 0, cap: 0 },
+        values: Vec::new(),
+    };
+    for (name, n) in &new.blocks {
+        let o = old.blocks.get(name);
+        let kept = o.filter(|o| o.block == n.block).unwrap_or(&none);
+        if let Some(o) = o.filter(|o| o.block != n.block) {
+            for (k, _) in o.elements() {
+                s.del_element(ENDPOINTS, &k.to_string());
+            }
+        }
+        for (i, (k, v)) in n.elements().enumerate() {
+            match kept.values.get(i) {
+                Some(ov) if ov == v => {}
+                Some(_) => {
+                    s.del_element(ENDPOINTS, &k.to_string());
+                    s.add_element(ENDPOINTS, &k.to_string(), v);
+                }
+                None => s.add_element(ENDPOINTS, &k.to_string(), v),
+            }
+        }
+        for (k, _) in kept.elements().skip(n.values.len()) {
+            s.del_element(ENDPOINTS, &k.to_string());
+        }
+        if let Some(o) = o {
+            let now: BTreeSet<&String> = n.values.iter().collect();
+            lost.extend(
+                o.values
+                    .iter()
+                    .filter(|v| !now.contains(v))
+                    .map(|v| (name.clone(), v.clone())),
+            );
+        }
+    }
+    for (name, o) in &old.blocks {
+        if !new.blocks.contains_key(name) {
+            for (k, v) in o.elements() {
+                s.del_element(ENDPOINTS, &k.to_string());
+                lost.push((name.clone(), v.clone()));
+            }
+        }
+    }
+    lost
+}
+
 /// `f`'s objects as `add` commands: declarations (chains empty) into
 /// `decl`, rules into `rules`, elements collected per set.
 pub fn full(
@@ -269,6 +309,10 @@ pub fn full(
                 .or_default()
                 .extend(def.elements.iter().map(|(k, v)| element(k, v)));
         }
+    }
+    for b in f.blocks.values() {
+        let els = elements.entry(ENDPOINTS.to_string()).or_default();
+        els.extend(b.elements().map(|(k, v)| element(&k.to_string(), v)));
     }
     for (name, body) in &f.chains {
         let _ = writeln!(decl, "add chain inet {TABLE} {name}");
@@ -294,24 +338,17 @@ pub fn decl_of(name: &str) -> Option<String> {
     if name.starts_with("fw-") {
         return Some(FW_DECL.to_string());
     }
+    if name == ENDPOINTS {
+        return Some(crate::base::ENDPOINTS_DECL.to_string());
+    }
     if name.starts_with("aff-") || name.starts_with("laff-") {
         return Some("type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout;".into());
     }
-    let id = name
-        .strip_prefix("eps-")
-        .or_else(|| name.strip_prefix("leps-"))?;
-    // NAMESPACE/NAME/PROTOCOL/PORT
-    let proto = id.rsplit('/').nth(1)?;
-    Some(eps_decl(proto))
+    None
 }
 
 /// The declaration of a load balancer source range set.
 pub const FW_DECL: &str = "type ipv4_addr; flags interval;";
-
-/// The declaration of an endpoint map of protocol `proto`.
-pub fn eps_decl(proto: &str) -> String {
-    format!("typeof numgen random mod 1 : ip daddr . {proto} dport;")
-}
 
 /// `add element` lines for `elements`.
 pub fn element_lines(out: &mut String, elements: &BTreeMap<String, Vec<String>>) {

@@ -249,3 +249,50 @@ pub fn assert_same_table(a: &str, b: &str, what: &str) {
     let only_b: Vec<&&str> = lb.difference(&la).take(8).collect();
     panic!("{what}\nonly in the first:\n{only_a:#?}\nonly in the second:\n{only_b:#?}");
 }
+
+/// A [`normalize`]d table with the keys of the `endpoints` map named by
+/// the chain that uses them (`CHAIN#i`) and `numgen` offsets left out:
+/// where a chain's block lies depends on the order things happened in,
+/// what it holds must not. A key no chain uses stays a number (left
+/// behind: a difference).
+pub fn blocks_by_chain(normalized: &str) -> String {
+    let mut objs: Vec<serde_json::Value> = normalized
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("normalized json"))
+        .collect();
+    // chain -> (offset, modulus) of its numgen lookup
+    let mut blocks: Vec<(String, u64, u64)> = Vec::new();
+    for o in &mut objs {
+        let Some(r) = o.get_mut("rule") else { continue };
+        let chain = r["chain"].as_str().unwrap_or_default().to_string();
+        for e in r["expr"].as_array_mut().into_iter().flatten() {
+            let ng = e.pointer_mut("/dnat/addr/map/key/numgen");
+            if let Some(ng) = ng.and_then(|n| n.as_object_mut()) {
+                let off = ng.remove("offset").and_then(|v| v.as_u64()).unwrap_or(0);
+                let m = ng.get("mod").and_then(|v| v.as_u64()).unwrap_or(0);
+                blocks.push((chain.clone(), off, m));
+            }
+        }
+    }
+    for o in &mut objs {
+        let Some(m) = o.get_mut("map") else { continue };
+        if m["name"] != "endpoints" {
+            continue;
+        }
+        if let Some(serde_json::Value::Array(elems)) = m.get_mut("elem") {
+            for e in elems.iter_mut() {
+                let Some(k) = e[0].as_u64() else { continue };
+                if let Some((c, off, _)) = blocks
+                    .iter()
+                    .find(|(_, off, n)| (*off..off + n).contains(&k))
+                {
+                    e[0] = serde_json::json!(format!("{c}#{}", k - off));
+                }
+            }
+            elems.sort_by_key(|e| e.to_string());
+        }
+    }
+    let mut lines: Vec<String> = objs.iter().map(|o| o.to_string()).collect();
+    lines.sort();
+    lines.join("\n")
+}
