@@ -16,14 +16,19 @@ pub struct PortEndpoints {
     pub local: Vec<SocketAddr>,
     /// The ready endpoints on this node (what a health check counts).
     pub local_ready: Vec<SocketAddr>,
+    /// Of `cluster` and `local`, those that may be a pod on this node
+    /// (`nodeName` this node or unset): only they can be reached by
+    /// themselves through this node's proxy (hairpin).
+    pub here: Vec<IpAddr>,
 }
 
 /// The endpoints of port `sp` in `slices` (all of one Service), of the
 /// address family of `v4`, `node` being this node's name. Sorted, each
 /// address once.
 pub fn for_port(sp: &ServicePort, slices: &[&Slice], node: &str, v4: bool) -> PortEndpoints {
-    // (address, port) -> (ready, serving && terminating, local)
-    let mut all: Vec<(SocketAddr, bool, bool, bool)> = Vec::new();
+    // (address, port) -> (ready, serving && terminating, local, node
+    // unknown)
+    let mut all: Vec<(SocketAddr, bool, bool, bool, bool)> = Vec::new();
     let mut seen = BTreeSet::new();
     for s in slices {
         let Some(port) = s
@@ -47,6 +52,7 @@ pub fn for_port(sp: &ServicePort, slices: &[&Slice], node: &str, v4: bool) -> Po
                 e.ready,
                 e.serving && e.terminating,
                 e.node.as_deref() == Some(node),
+                e.node.is_none(),
             ));
         }
     }
@@ -63,10 +69,19 @@ pub fn for_port(sp: &ServicePort, slices: &[&Slice], node: &str, v4: bool) -> Po
     };
     let mut local_ready: Vec<SocketAddr> = all.iter().filter(|e| e.3 && e.1).map(|e| e.0).collect();
     local_ready.sort();
+    let (cluster, local) = (pick(false), pick(true));
+    let mut here: Vec<IpAddr> = all
+        .iter()
+        .filter(|e| (e.3 || e.4) && (cluster.contains(&e.0) || local.contains(&e.0)))
+        .map(|e| e.0.ip())
+        .collect();
+    here.sort();
+    here.dedup();
     PortEndpoints {
-        cluster: pick(false),
-        local: pick(true),
+        cluster,
+        local,
         local_ready,
+        here,
     }
 }
 
@@ -132,6 +147,16 @@ mod tests {
         ]);
         let e3 = for_port(&port(), &[&t], "n1", true);
         assert_eq!(e3.cluster.len(), 2);
+        // hairpin only for endpoints that may be here: n1's, not n2's
+        let ip = |a: &str| -> IpAddr { a.parse().expect("ip") };
+        assert_eq!(e3.here, vec![ip("10.244.1.3")]);
+        let mut unknown = ep("10.244.9.9", true, true, false, "x");
+        unknown.node = None;
+        let u = slice(vec![unknown, ep("10.244.2.2", true, true, false, "n2")]);
+        assert_eq!(
+            for_port(&port(), &[&u], "n1", true).here,
+            vec![ip("10.244.9.9")]
+        );
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub enum Shared {
     Affinity,
     /// `cluster_ips`: every ClusterIP (unserved ports are refused).
     ClusterIps,
-    /// `hairpin`: endpoint . endpoint (a pod reaching itself is masqueraded).
+    /// `hairpin`: endpoint . endpoint, for endpoints that may be on this node
+    /// (a pod reaching itself through a Service is masqueraded).
     Hairpin,
 }
 
@@ -322,12 +323,20 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, alloc: &mut A
             cluster,
             local,
             local_ready,
+            here,
         } = for_port(sp, slices, &node.name, true);
         local_ready_ips.extend(local_ready.iter().map(|e| e.ip()));
         let ext = external(sp);
         let need_local = svc.internal_local || (svc.external_local && ext);
         let served = !cluster.is_empty();
         if served {
+            // a pod reaching itself through the Service is masqueraded
+            // (its reply would not come back through the DNAT otherwise);
+            // only endpoints that may be on this node can
+            for ip in &here {
+                f.shared
+                    .push((Shared::Hairpin, format!("{ip} . {ip}"), String::new()));
+            }
             endpoint_chain(
                 &mut f,
                 alloc,
@@ -524,10 +533,6 @@ fn endpoint_chain(
                 "{name}: no room left in the endpoints map: refused"
             ));
         }
-    }
-    for e in eps {
-        f.shared
-            .push((Shared::Hairpin, format!("{0} . {0}", e.ip()), String::new()));
     }
     f.chains.insert(name, rules);
 }

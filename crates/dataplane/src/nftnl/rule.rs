@@ -795,7 +795,9 @@ mod tests {
             offset: 48
         }));
         let e = c("meta l4proto tcp dnat ip to numgen random mod 3 map @endpoints");
-        assert!(e.iter().any(|x| matches!(x, Expr::Numgen { offset: 0, .. })));
+        assert!(e
+            .iter()
+            .any(|x| matches!(x, Expr::Numgen { offset: 0, .. })));
         let schema =
             |_: &str| parse_decl("typeof numgen random mod 1 : ip daddr . tcp dport;").ok();
         for bad in [
