@@ -164,21 +164,13 @@ fn restore(
     let want = format!("{stamp}");
     match dp.nft_set_elements(trellis_proxy::TABLE, trellis_proxy::base::STAMP) {
         Ok(Some(have)) if have == [want.clone()] => {
-            let services = fragments.len();
+            tracing::info!(
+                services = fragments.len(),
+                stamp,
+                "proxy: the table is the journal's; applying only what changed while down"
+            );
             proxy.set_stamp(stamp);
-            if proxy.restore(fragments) {
-                tracing::info!(
-                    services,
-                    stamp,
-                    "proxy: the table is the journal's; applying only what changed while down"
-                );
-            } else {
-                tracing::info!(
-                    services,
-                    stamp,
-                    "proxy: the journal's endpoint blocks overlap; loading the whole table"
-                );
-            }
+            proxy.restore(fragments);
         }
         Ok(have) => tracing::info!(
             journal = %want,

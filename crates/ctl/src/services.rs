@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use std::fmt::Write;
 use std::process::Command;
 use trellis_model::status::{ProxyService, ProxyStatus};
-use trellis_proxy::{ENDPOINTS, TABLE};
+use trellis_proxy::TABLE;
 
 /// The proxy section of a status document, or why there is none.
 pub fn section(st: &trellis_model::status::NodeStatus) -> anyhow::Result<ProxyStatus> {
@@ -111,36 +111,6 @@ fn map(name: &str) -> Option<String> {
     ))
 }
 
-/// `numgen random mod N [offset K]` in a chain's listing: (N, K).
-fn numgen(rules: &str) -> Option<(u32, u32)> {
-    let words: Vec<&str> = rules.split_whitespace().collect();
-    let at = words
-        .windows(3)
-        .position(|w| w == ["numgen", "random", "mod"])?;
-    let n = words.get(at + 3)?.parse().ok()?;
-    let base = match (words.get(at + 4), words.get(at + 5)) {
-        (Some(&"offset"), Some(k)) => k.parse().ok()?,
-        _ => 0,
-    };
-    Some((n, base))
-}
-
-/// The `elements = { ... }` of a listing, on one line.
-fn elements_line(text: &str) -> String {
-    let joined: String = text
-        .lines()
-        .map(str::trim)
-        .skip_while(|l| !l.starts_with("elements"))
-        .take_while(|l| !l.starts_with('}'))
-        .collect::<Vec<_>>()
-        .join(" ");
-    if joined.is_empty() {
-        "(empty)".into()
-    } else {
-        joined
-    }
-}
-
 /// What serves Service `name` (`namespace/name`) in this node's kernel.
 pub fn trace(p: &ProxyStatus, name: &str) -> anyhow::Result<String> {
     let Some(s): Option<&ProxyService> = p.services.iter().find(|s| s.service == name) else {
@@ -198,25 +168,9 @@ pub fn trace(p: &ProxyStatus, name: &str) -> anyhow::Result<String> {
             if let Some(rules) = chain(&c) {
                 let _ = writeln!(out, "    chain {c}");
                 out.push_str(&rules);
-                // the chain's endpoints: its keys of the `endpoints` map
-                if let Some((n, base)) = numgen(&rules) {
-                    let keys: Vec<String> = (0..u64::from(n))
-                        .map(|i| (u64::from(base) + i).to_string())
-                        .collect();
-                    let _ = writeln!(
-                        out,
-                        "    map {ENDPOINTS} keys {base}..{}",
-                        u64::from(base) + u64::from(n)
-                    );
-                    let set = format!("{{ {} }}", keys.join(", "));
-                    let el = nft(&["get", "element", "inet", TABLE, ENDPOINTS, &set])
-                        .map(|t| elements_line(&t))
-                        .unwrap_or_else(|e| format!("(cannot read: {e})"));
-                    let _ = writeln!(out, "      {el}");
-                }
             }
         }
-        for prefix in ["aff", "laff"] {
+        for prefix in ["eps", "leps", "aff", "laff"] {
             let m = format!("{prefix}-{}", port.id);
             if let Some(els) = map(&m) {
                 let _ = writeln!(out, "    map {m}");
@@ -230,26 +184,4 @@ pub fn trace(p: &ProxyStatus, name: &str) -> anyhow::Result<String> {
         out.push_str(&rules);
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_chains_numgen_and_offset_are_read() {
-        let rules = "      counter packets 1 bytes 60\n      meta l4proto tcp dnat ip to numgen random mod 3 offset 48 map @endpoints\n";
-        assert_eq!(numgen(rules), Some((3, 48)));
-        // nft leaves out offset 0
-        assert_eq!(
-            numgen("dnat ip to numgen random mod 2 map @endpoints"),
-            Some((2, 0))
-        );
-        assert_eq!(numgen("counter drop"), None);
-        assert_eq!(numgen("numgen random mod x"), None);
-        assert_eq!(
-            elements_line("map endpoints {\n\telements = { 48 : 10.0.0.1 . 80,\n\t\t49 : 10.0.0.2 . 80 }\n}\n"),
-            "elements = { 48 : 10.0.0.1 . 80, 49 : 10.0.0.2 . 80 }"
-        );
-    }
 }

@@ -319,9 +319,9 @@ fn cluster_ip_node_port_external_and_load_balancer_addresses() {
     assert!(wide.contains(&format!("{web_eps}:8080")), "{wide}");
     let trace = run(&["trace", "svc", "default/web"]);
     assert!(trace.contains("chain svc-default/web/tcp/80"), "{trace}");
-    // the endpoint as the kernel's `endpoints` map holds it
+    // the endpoint as the kernel's rules hold it
     assert!(
-        trace.contains("map endpoints keys") && trace.contains(&format!(": {web_eps} . 8080")),
+        trace.contains(&format!("dnat ip to {web_eps}:8080")),
         "{trace}"
     );
     assert!(

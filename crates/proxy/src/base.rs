@@ -3,7 +3,7 @@
 
 use crate::model::NodeFacts;
 use crate::render::Shared;
-use crate::{AFFINITY_MASK, ENDPOINTS, MASQ_MARK, TABLE};
+use crate::{AFFINITY_MASK, MASQ_MARK, TABLE};
 use std::fmt::Write;
 
 /// The fixed chains: name -> (hook line or `""`, rules).
@@ -80,10 +80,6 @@ pub fn sets(node: &NodeFacts) -> String {
             s.decl()
         );
     }
-    let _ = writeln!(
-        out,
-        "add map inet {TABLE} {ENDPOINTS} {{ {ENDPOINTS_DECL} }}"
-    );
     let _ = writeln!(out, "add set inet {TABLE} node_ips {{ {NODE_IPS_DECL} }}");
     let _ = writeln!(out, "add set inet {TABLE} {STAMP} {{ {STAMP_DECL} }}");
     let ips: Vec<String> = node
@@ -108,10 +104,6 @@ pub fn sets(node: &NodeFacts) -> String {
 pub const STAMP: &str = "stamp";
 /// Its declaration.
 pub const STAMP_DECL: &str = "type mark;";
-
-/// The declaration of the `endpoints` map: key -> address . port (the
-/// port's type is the same for every protocol).
-pub const ENDPOINTS_DECL: &str = "typeof numgen random mod 1 : ip daddr . tcp dport;";
 
 /// The declaration of `node_ips`.
 pub const NODE_IPS_DECL: &str = "type ipv4_addr;";

@@ -6,12 +6,15 @@
 //!
 //! The datapath: one verdict-map lookup keyed by (address, protocol, port)
 //! per new connection (`services`, `nodeports`), whatever the number of
-//! Services; one `numgen ... offset` lookup in the table's one `endpoints`
-//! map picks the endpoint (no set per Service: kube-proxy v1.32's
-//! anonymous sets, and named sets too, load quadratically in this
-//! kernel); what is not served is refused in the filter hooks
-//! (`no_endpoints`, `cluster_ips`). Sets of a Service's own exist only for
-//! client affinity and load balancer source ranges.
+//! Services; the endpoint is picked by at most [`render::CASCADE_MAX`]
+//! rules of the Service port's chain (`numgen random mod N-i 0`), a map
+//! of its own only for ports with more endpoints. No set per Service
+//! otherwise: in this kernel every named set costs each later set
+//! reference a walk over the table's sets, and every element added to a
+//! map a walk over the rules bound to it — quadratic either way
+//! (FACTS.md; kube-proxy v1.32's anonymous set per Service too). What is
+//! not served is refused in the filter hooks (`no_endpoints`,
+//! `cluster_ips`).
 
 pub mod base;
 mod claims;
@@ -20,7 +23,6 @@ pub mod k8s;
 pub mod model;
 pub mod render;
 pub mod script;
-pub mod slots;
 pub mod state;
 pub mod stored;
 
@@ -31,8 +33,6 @@ pub use state::{Plan, Proxy, UdpFlows};
 
 /// The table the proxy owns (and only it).
 pub const TABLE: &str = "trellis-proxy";
-/// The map every endpoint chain picks its endpoint from.
-pub const ENDPOINTS: &str = "endpoints";
 /// The packet mark bit that asks for masquerade in postrouting.
 pub const MASQ_MARK: u32 = 0x2000;
 /// The packet mark bits that carry an affinity id from the DNAT to the

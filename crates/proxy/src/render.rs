@@ -4,12 +4,13 @@
 //! the number of Services (kube-proxy re-lists everything per sync).
 //!
 //! Per Service port `ID` = `namespace/name/protocol/port`:
-//! - `svc-ID`: every usable endpoint (`numgen random mod N offset BASE`
-//!   -> address . port in the table's one `endpoints` map, one lookup;
-//!   the chain's block of keys is `eps-ID`, see [`crate::slots`]);
-//!   masquerades sources outside the cluster network;
-//! - `local-ID`: this node's endpoints (block `leps-ID`), for traffic
-//!   policy Local; `drop` when it has none;
+//! - `svc-ID`: every usable endpoint, picked by rules (`numgen random mod
+//!   N-i 0 dnat ip to ENDPOINT_i`: each 1/N; up to [`CASCADE_MAX`]) or,
+//!   with more, by one lookup in the port's own map `eps-ID` (`numgen
+//!   random mod N` -> address . port); masquerades sources outside the
+//!   cluster network;
+//! - `local-ID`: this node's endpoints (map `leps-ID` when many), for
+//!   traffic policy Local; `drop` when it has none;
 //! - `ext-ID`: what node ports, external and load balancer IPs go to:
 //!   masquerade then `svc-ID` (policy Cluster), or pods and the node
 //!   itself to `svc-ID` and the rest to `local-ID` with its source kept
@@ -21,8 +22,7 @@
 
 use crate::endpoints::{for_port, PortEndpoints};
 use crate::model::{NodeFacts, Service, ServiceType, Slice};
-use crate::slots::{Block, Slots};
-use crate::{AFFINITY_MASK, ENDPOINTS, MASQ_MARK};
+use crate::{AFFINITY_MASK, MASQ_MARK};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
@@ -108,33 +108,6 @@ pub struct SetDef {
     pub elements: BTreeMap<String, String>,
 }
 
-/// A chain's endpoints in the table's `endpoints` map: `values[i]`
-/// (`address . port`) at key `block.base + i`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Endpoints {
-    /// Its keys.
-    pub block: Block,
-    /// The endpoints, in `numgen` order.
-    pub values: Vec<String>,
-}
-
-impl Endpoints {
-    /// Its elements: (key, value).
-    pub fn elements(&self) -> impl Iterator<Item = (u64, &String)> + '_ {
-        (u64::from(self.block.base)..).zip(&self.values)
-    }
-}
-
-/// The numbers a rendering hands out: affinity ids and endpoint blocks,
-/// stable while their chain exists.
-#[derive(Debug, Default, Clone)]
-pub struct Alloc {
-    /// Affinity ids (the high 16 bits of the packet mark).
-    pub ids: Ids,
-    /// Blocks of the `endpoints` map.
-    pub slots: Slots,
-}
-
 /// How one Service port is served (for `trellisctl get services`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortSummary {
@@ -155,12 +128,8 @@ pub struct PortSummary {
 pub struct Fragment {
     /// Its chains: name -> rules.
     pub chains: BTreeMap<String, Vec<String>>,
-    /// Its own sets and maps (client affinity, source ranges).
+    /// Its sets and maps.
     pub sets: BTreeMap<String, SetDef>,
-    /// Its endpoints in the shared `endpoints` map, by block name
-    /// (`eps-ID`: chain `svc-ID`; `leps-ID`: chain `local-ID`). Keys of
-    /// one block are the Service's alone: no claims.
-    pub blocks: BTreeMap<String, Endpoints>,
     /// Its entries in the shared maps: (map, key, value).
     pub shared: Vec<(Shared, String, String)>,
     /// Why it is not served at all (nothing else is rendered then).
@@ -235,7 +204,7 @@ fn v4(ips: &[IpAddr]) -> (Vec<IpAddr>, bool) {
 }
 
 /// Renders `svc` with its `slices` for `node`.
-pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, alloc: &mut Alloc) -> Fragment {
+pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids) -> Fragment {
     let mut f = Fragment::default();
     if svc.kind == ServiceType::ExternalName {
         return f;
@@ -339,7 +308,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, alloc: &mut A
             }
             endpoint_chain(
                 &mut f,
-                alloc,
+                ids,
                 "svc",
                 "eps",
                 "aff",
@@ -356,7 +325,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, alloc: &mut A
                         .insert(format!("local-{id}"), vec!["counter drop".into()]);
                 } else {
                     endpoint_chain(
-                        &mut f, alloc, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
+                        &mut f, ids, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
                     );
                 }
             }
@@ -447,13 +416,12 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, alloc: &mut A
     f
 }
 
-/// `chain-ID` DNATing to `eps` through block `map-ID` of the
-/// `endpoints` map, with the client affinity of `svc` (maps `aff-ID`,
-/// recorded by `rec-ID`).
+/// `chain-ID` DNATing to `eps` through map `map-ID`, with the client
+/// affinity of `svc` (maps `aff-ID`, recorded by `rec-ID`).
 #[allow(clippy::too_many_arguments)]
 fn endpoint_chain(
     f: &mut Fragment,
-    alloc: &mut Alloc,
+    ids: &mut Ids,
     chain: &str,
     map: &str,
     aff: &str,
@@ -474,7 +442,7 @@ fn endpoint_chain(
         ));
     }
     if let Some(timeout) = svc.affinity_timeout {
-        match alloc.ids.get(&name) {
+        match ids.get(&name) {
             Some(n) => {
                 let mark = n << 16;
                 rules.push(format!(
@@ -512,27 +480,42 @@ fn endpoint_chain(
             )),
         }
     }
-    let block_name = format!("{map}-{id}");
-    match alloc.slots.get(&block_name, eps.len()) {
-        Some(block) => {
-            rules.push(format!(
-                "meta l4proto {p} dnat ip to numgen random mod {} offset {} map @{ENDPOINTS}",
-                eps.len(),
-                block.base
-            ));
-            let values = eps
-                .iter()
-                .map(|e| format!("{} . {}", e.ip(), e.port()))
-                .collect();
-            f.blocks.insert(block_name, Endpoints { block, values });
+    if eps.len() <= CASCADE_MAX {
+        // rule i takes the connection with probability 1/(N-i): each
+        // endpoint 1/N; no set (a shared map costs every element added
+        // a walk over the rules bound to it, a map per Service costs a
+        // walk over the table's sets: both quadratic, FACTS.md)
+        let n = eps.len();
+        for (i, e) in eps.iter().enumerate() {
+            if i + 1 < n {
+                rules.push(format!(
+                    "meta l4proto {p} numgen random mod {} 0 dnat ip to {e}",
+                    n - i
+                ));
+            } else {
+                rules.push(format!("meta l4proto {p} dnat ip to {e}"));
+            }
         }
-        None => {
-            // 2^32 keys in use: refused rather than half served
-            rules.push("reject".into());
-            f.notes.push(format!(
-                "{name}: no room left in the endpoints map: refused"
-            ));
-        }
+    } else {
+        rules.push(format!(
+            "meta l4proto {p} dnat ip to numgen random mod {} map @{map}-{id}",
+            eps.len()
+        ));
+        f.sets.insert(
+            format!("{map}-{id}"),
+            SetDef {
+                decl: crate::script::eps_decl(p),
+                elements: eps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (i.to_string(), format!("{} . {}", e.ip(), e.port())))
+                    .collect(),
+            },
+        );
     }
     f.chains.insert(name, rules);
 }
+
+/// Up to this many endpoints, a chain picks one by rules (at most this
+/// many evaluated per new connection); more have a map of their own.
+pub const CASCADE_MAX: usize = 32;

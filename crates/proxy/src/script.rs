@@ -1,10 +1,11 @@
 //! nft script text: the whole table, and the changes between two
 //! renderings of the Services that changed.
 
-use crate::render::{Endpoints, Fragment, SetDef, Shared};
-use crate::{ENDPOINTS, TABLE};
+use crate::render::{Fragment, SetDef, Shared};
+use crate::TABLE;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
+use std::net::SocketAddr;
 
 /// Most elements per `add element` / `delete element` command.
 const CHUNK: usize = 2000;
@@ -159,11 +160,33 @@ fn users<'a>(f: &'a Fragment, set: &'a str) -> impl Iterator<Item = &'a String> 
     })
 }
 
+/// An endpoint a Service port's chain no longer sends to: (port id,
+/// whether of its `local-ID` chain, the endpoint).
+pub type Lost = (String, bool, SocketAddr);
+
+/// The endpoints of `old`'s ports that `new`'s no longer have, per chain.
+pub fn lost(old: &Fragment, new: &Fragment) -> Vec<Lost> {
+    let mut out = Vec::new();
+    for p in &old.ports {
+        let now = new.ports.iter().find(|q| q.id == p.id);
+        for (local, was, is) in [
+            (false, &p.endpoints, now.map(|q| &q.endpoints)),
+            (true, &p.local, now.map(|q| &q.local)),
+        ] {
+            for e in was {
+                if !is.is_some_and(|is| is.contains(e)) {
+                    out.push((p.id.clone(), local, *e));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Adds to `s` what turns `old` into `new` (one Service's own objects;
-/// the shared maps are the caller's). Returns the endpoints that left a
-/// chain's block (their stale UDP flows must go): (block, `address .
-/// port`).
-pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, String)> {
+/// the shared maps are the caller's). Returns the endpoints its chains
+/// no longer send to (their stale UDP flows must go).
+pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<Lost> {
     let mut changed_chains: BTreeSet<&String> = BTreeSet::new();
     for (name, def) in &new.sets {
         match old.sets.get(name) {
@@ -201,7 +224,6 @@ pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, Stri
             }
         }
     }
-    let lost = diff_blocks(s, old, new);
     for (name, rules) in &new.chains {
         match old.chains.get(name) {
             None => {
@@ -225,72 +247,15 @@ pub fn diff(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, Stri
             s.delete_set(name);
         }
     }
+    let gone = lost(old, new);
     // an endpoint that went: clients kept on it by affinity start over
-    let mut stale = Vec::new();
-    for (map, value) in &lost {
-        for (from, to) in [("eps-", "aff-"), ("leps-", "laff-")] {
-            if let Some(rest) = map.strip_prefix(from) {
-                let aff = format!("{to}{rest}");
-                if new.sets.contains_key(&aff) && old.sets.contains_key(&aff) {
-                    s.flush_map(&aff);
-                }
-            }
-        }
-        stale.push((map.clone(), value.clone()));
-    }
-    stale
-}
-
-/// Adds to `s` what turns `old`'s elements of the `endpoints` map into
-/// `new`'s: a block that stayed changes only the keys whose endpoint
-/// changed; a block that moved (outgrown) or went loses all its keys.
-/// Returns the endpoints that left a block: (block, `address . port`).
-fn diff_blocks(s: &mut Script, old: &Fragment, new: &Fragment) -> Vec<(String, String)> {
-    let mut lost = Vec::new();
-    let none = Endpoints {
-        block: crate::slots::Block { base: 0, cap: 0 },
-        values: Vec::new(),
-    };
-    for (name, n) in &new.blocks {
-        let o = old.blocks.get(name);
-        let kept = o.filter(|o| o.block == n.block).unwrap_or(&none);
-        if let Some(o) = o.filter(|o| o.block != n.block) {
-            for (k, _) in o.elements() {
-                s.del_element(ENDPOINTS, &k.to_string());
-            }
-        }
-        for (i, (k, v)) in n.elements().enumerate() {
-            match kept.values.get(i) {
-                Some(ov) if ov == v => {}
-                Some(_) => {
-                    s.del_element(ENDPOINTS, &k.to_string());
-                    s.add_element(ENDPOINTS, &k.to_string(), v);
-                }
-                None => s.add_element(ENDPOINTS, &k.to_string(), v),
-            }
-        }
-        for (k, _) in kept.elements().skip(n.values.len()) {
-            s.del_element(ENDPOINTS, &k.to_string());
-        }
-        if let Some(o) = o {
-            let now: BTreeSet<&String> = n.values.iter().collect();
-            lost.extend(
-                o.values
-                    .iter()
-                    .filter(|v| !now.contains(v))
-                    .map(|v| (name.clone(), v.clone())),
-            );
+    for (id, local, _) in &gone {
+        let aff = format!("{}-{id}", if *local { "laff" } else { "aff" });
+        if new.sets.contains_key(&aff) && old.sets.contains_key(&aff) {
+            s.flush_map(&aff);
         }
     }
-    for (name, o) in &old.blocks {
-        if !new.blocks.contains_key(name) {
-            for (k, v) in o.elements() {
-                s.del_element(ENDPOINTS, &k.to_string());
-                lost.push((name.clone(), v.clone()));
-            }
-        }
-    }
-    lost
+    gone
 }
 
 /// `f`'s objects as `add` commands: declarations (chains empty) into
@@ -309,10 +274,6 @@ pub fn full(
                 .or_default()
                 .extend(def.elements.iter().map(|(k, v)| element(k, v)));
         }
-    }
-    for b in f.blocks.values() {
-        let els = elements.entry(ENDPOINTS.to_string()).or_default();
-        els.extend(b.elements().map(|(k, v)| element(&k.to_string(), v)));
     }
     for (name, body) in &f.chains {
         let _ = writeln!(decl, "add chain inet {TABLE} {name}");
@@ -338,17 +299,24 @@ pub fn decl_of(name: &str) -> Option<String> {
     if name.starts_with("fw-") {
         return Some(FW_DECL.to_string());
     }
-    if name == ENDPOINTS {
-        return Some(crate::base::ENDPOINTS_DECL.to_string());
-    }
     if name.starts_with("aff-") || name.starts_with("laff-") {
         return Some("type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout;".into());
     }
-    None
+    let id = name
+        .strip_prefix("eps-")
+        .or_else(|| name.strip_prefix("leps-"))?;
+    // NAMESPACE/NAME/PROTOCOL/PORT
+    let proto = id.rsplit('/').nth(1)?;
+    Some(eps_decl(proto))
 }
 
 /// The declaration of a load balancer source range set.
 pub const FW_DECL: &str = "type ipv4_addr; flags interval;";
+
+/// The declaration of an endpoint map of protocol `proto`.
+pub fn eps_decl(proto: &str) -> String {
+    format!("typeof numgen random mod 1 : ip daddr . {proto} dport;")
+}
 
 /// `add element` lines for `elements`.
 pub fn element_lines(out: &mut String, elements: &BTreeMap<String, Vec<String>>) {

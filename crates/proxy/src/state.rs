@@ -5,7 +5,7 @@
 use crate::base;
 use crate::claims::{claim_entry, conflicts, disputed, Claimant, Claimants, Claims};
 use crate::model::{NodeFacts, Protocol, Service, Slice};
-use crate::render::{self, Alloc, Fragment, Shared};
+use crate::render::{self, Fragment, Ids, Shared};
 use crate::script::{self, Script};
 use crate::stored::{self, Inputs, Stored};
 use crate::TABLE;
@@ -93,7 +93,7 @@ pub struct Proxy {
     /// claimed keys whose claimants want different values (conflicts)
     contested: BTreeSet<(Shared, String)>,
     dirty: BTreeSet<String>,
-    alloc: Alloc,
+    ids: Ids,
     full: bool,
     stamp: u32,
 }
@@ -119,7 +119,7 @@ impl Proxy {
             claims: HashMap::new(),
             contested: BTreeSet::new(),
             dirty: BTreeSet::new(),
-            alloc: Alloc::default(),
+            ids: Ids::default(),
             full: true,
             stamp: 0,
         }
@@ -141,24 +141,19 @@ impl Proxy {
     /// table carries; see [`Stored::from_json`]), each rendered from
     /// inputs with the given fingerprint: they count as applied, so the
     /// next plan changes only what differs from them, and renders only
-    /// Services whose inputs differ. `false`: the fragments do not
-    /// describe one table (blocks of the `endpoints` map overlap); nothing
-    /// of them is kept and the next plan loads the whole table.
-    pub fn restore(&mut self, fragments: Vec<stored::Restored>) -> bool {
+    /// Services whose inputs differ.
+    pub fn restore(&mut self, fragments: Vec<stored::Restored>) {
         self.applied.clear();
         self.inputs.clear();
         self.claims.clear();
-        self.alloc = Alloc::default();
+        self.ids = Ids::default();
         for stored::Restored {
             key,
             inputs,
             stored,
-            claimed: stored::Claimed { shared, blocks },
+            shared,
         } in fragments
         {
-            for (name, block) in blocks {
-                self.alloc.slots.restore(&name, block);
-            }
             if inputs != (0, 0) {
                 self.inputs.insert(key.clone(), inputs);
             }
@@ -181,7 +176,7 @@ impl Proxy {
                         .map(|r| format!("local-{r}"))
                         .or_else(|| v.strip_prefix("goto rec-").map(|r| format!("svc-{r}")));
                     if let (Some(id), Some(chain)) = (id, chain) {
-                        self.alloc.ids.restore(&chain, id);
+                        self.ids.restore(&chain, id);
                     }
                 }
             }
@@ -193,22 +188,10 @@ impl Proxy {
             .filter(|(_, v)| disputed(v))
             .map(|(k, _)| k.clone())
             .collect();
-        self.alloc.ids.settle();
-        self.alloc.slots.settle();
+        self.ids.settle();
         self.full = false;
-        if self.alloc.slots.overlapping() {
-            // not one table's blocks: nothing of it is believed
-            self.applied.clear();
-            self.inputs.clear();
-            self.claims.clear();
-            self.contested.clear();
-            self.alloc = Alloc::default();
-            self.full = true;
-            return false;
-        }
         // every known Service is compared with what the kernel holds
         self.dirty.extend(self.applied.keys().cloned());
-        true
     }
 
     /// The node's facts.
@@ -346,7 +329,7 @@ impl Proxy {
 
     fn render(&mut self, key: &str) -> Option<Fragment> {
         let (svc, slices) = Self::inputs_of(&self.services, &self.by_service, &self.slices, key)?;
-        Some(render::service(svc, &slices, &self.node, &mut self.alloc))
+        Some(render::service(svc, &slices, &self.node, &mut self.ids))
     }
 
     /// The transaction that brings the kernel to the current state. Call
@@ -394,17 +377,11 @@ impl Proxy {
             let old = self.applied.get(key).map(Stored::get);
             let old = old.as_ref();
             let who: Claimant = Arc::from(key.as_str());
-            // affinity ids and endpoint blocks of chains that went are
-            // free again
+            // affinity ids of chains that went are free again
             if let Some(o) = old {
                 for c in &o.affinity_chains {
                     if !new.as_ref().is_some_and(|n| n.affinity_chains.contains(c)) {
-                        self.alloc.ids.release(c);
-                    }
-                }
-                for b in o.blocks.keys() {
-                    if !new.as_ref().is_some_and(|n| n.blocks.contains_key(b)) {
-                        self.alloc.slots.release(b);
+                        self.ids.release(c);
                     }
                 }
             }
@@ -568,18 +545,15 @@ impl Proxy {
     /// again and the next plan replaces the whole table.
     pub fn failed(&mut self, plan: Plan) {
         for (key, f) in plan.fragments {
-            // affinity ids and blocks taken by what never reached the
-            // kernel go back (the next plan loads the whole table with
-            // the numbers kept)
-            let kept = self.applied.get(&key).map(Stored::get).unwrap_or_default();
+            // affinity ids taken by what never reached the kernel go back
+            let kept = self
+                .applied
+                .get(&key)
+                .map(|a| a.get().affinity_chains)
+                .unwrap_or_default();
             for c in f.iter().flat_map(|f| f.affinity_chains.iter()) {
-                if !kept.affinity_chains.contains(c) {
-                    self.alloc.ids.release(c);
-                }
-            }
-            for b in f.iter().flat_map(|f| f.blocks.keys()) {
-                if !kept.blocks.contains_key(b) {
-                    self.alloc.slots.release(b);
+                if !kept.contains(c) {
+                    self.ids.release(c);
                 }
             }
             self.dirty.insert(key);
@@ -638,27 +612,26 @@ fn is_udp(id: &str) -> bool {
     id.rsplit('/').nth(1) == Some(Protocol::Udp.as_str())
 }
 
-/// The UDP flows to endpoints that left `old`'s endpoint maps (`lost`).
-fn udp_endpoints(old: Option<&Fragment>, lost: &[(String, String)]) -> Vec<UdpFlows> {
+/// The UDP flows to endpoints `old`'s chains no longer send to.
+fn udp_endpoints(old: Option<&Fragment>, lost: &[script::Lost]) -> Vec<UdpFlows> {
     let Some(old) = old else { return Vec::new() };
-    lost.iter()
-        .filter_map(|(map, v)| {
-            let id = map
-                .strip_prefix("eps-")
-                .or_else(|| map.strip_prefix("leps-"))?;
-            if !is_udp(id) {
-                return None;
-            }
-            let (ip, port) = v.split_once(" . ")?;
-            let endpoint = SocketAddr::new(ip.parse().ok()?, port.parse().ok()?);
-            let (dests, node_ports) = served_at(old, id);
-            Some(UdpFlows {
-                endpoint: Some(endpoint),
-                dests,
-                node_ports,
-            })
-        })
-        .collect()
+    let mut out: Vec<UdpFlows> = Vec::new();
+    for (id, _, endpoint) in lost {
+        if !is_udp(id) {
+            continue;
+        }
+        let (dests, node_ports) = served_at(old, id);
+        let flows = UdpFlows {
+            endpoint: Some(*endpoint),
+            dests,
+            node_ports,
+        };
+        // gone from both chains of a port: once
+        if !out.contains(&flows) {
+            out.push(flows);
+        }
+    }
+    out
 }
 
 /// UDP ports of `new` that serve now and did not in `old`: their

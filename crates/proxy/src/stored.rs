@@ -6,7 +6,6 @@
 
 use crate::model::{NodeFacts, Service, Slice};
 use crate::render::{Fragment, Shared};
-use crate::slots::Block;
 use serde::de::IgnoredAny;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -55,21 +54,10 @@ impl Stored {
     /// keeps it), without building the fragment: compact, with the shared
     /// keys it claims. Refused unless it has exactly a fragment's fields
     /// (another version's journal is not taken for this one's).
-    pub fn from_json(json: &str) -> Result<(Self, Claimed), String> {
+    pub fn from_json(json: &str) -> Result<(Self, SharedKeys), String> {
         let shape: Shape = serde_json::from_str(json).map_err(|e| e.to_string())?;
         let bytes = lz4_flex::compress_prepend_size(json.as_bytes()).into_boxed_slice();
-        let blocks = shape
-            .blocks
-            .into_iter()
-            .map(|(name, b)| (name, b.block))
-            .collect();
-        Ok((
-            Self(bytes),
-            Claimed {
-                shared: shape.shared,
-                blocks,
-            },
-        ))
+        Ok((Self(bytes), shape.shared))
     }
 
     /// The fragment back.
@@ -85,15 +73,6 @@ impl Stored {
 /// Shared keys a fragment claims: (map, key, value).
 pub type SharedKeys = Vec<(Shared, String, String)>;
 
-/// What a fragment holds of the table's shared objects.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Claimed {
-    /// Its keys in the shared maps.
-    pub shared: SharedKeys,
-    /// Its blocks of the `endpoints` map, by name.
-    pub blocks: Vec<(String, Block)>,
-}
-
 /// A Service as a journal says the kernel holds it (see
 /// [`crate::Proxy::restore`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +83,8 @@ pub struct Restored {
     pub inputs: Inputs,
     /// its fragment
     pub stored: Stored,
-    /// what its fragment holds of the shared objects
-    pub claimed: Claimed,
+    /// the shared keys its fragment claims
+    pub shared: SharedKeys,
 }
 
 /// A fragment's fields, only `shared` read (see [`Stored::from_json`]).
@@ -116,7 +95,6 @@ struct Shape {
     _chains: IgnoredAny,
     #[serde(rename = "sets")]
     _sets: IgnoredAny,
-    blocks: std::collections::BTreeMap<String, BlockShape>,
     shared: SharedKeys,
     #[serde(rename = "problems")]
     _problems: IgnoredAny,
@@ -132,15 +110,6 @@ struct Shape {
     _health_check: IgnoredAny,
 }
 
-/// A block's fields, only the block read.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BlockShape {
-    block: Block,
-    #[serde(rename = "values")]
-    _values: IgnoredAny,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,7 +120,7 @@ mod tests {
         let mut f = Fragment::default();
         f.chains.insert("svc-x".into(), vec!["counter".into()]);
         f.sets.insert(
-            "aff-x".into(),
+            "eps-x".into(),
             SetDef {
                 decl: "type ipv4_addr;".into(),
                 elements: [("1".into(), "2".into()), ("0".into(), "3".into())].into(),
@@ -171,20 +140,11 @@ mod tests {
         f.shared
             .push((Shared::ClusterIps, "10.96.0.1".into(), String::new()));
         f.health_check = Some(30001);
-        let block = Block { base: 32, cap: 16 };
-        f.blocks.insert(
-            "eps-a".into(),
-            crate::render::Endpoints {
-                block,
-                values: vec!["10.244.1.2 . 80".into()],
-            },
-        );
         let json = serde_json::to_string(&f).expect("json");
-        let (s, claimed) = Stored::from_json(&json).expect("a fragment");
+        let (s, shared) = Stored::from_json(&json).expect("a fragment");
         // the same bytes as a fragment stored directly: equal compares equal
         assert_eq!(s, Stored::new(&f));
-        assert_eq!(claimed.shared, f.shared);
-        assert_eq!(claimed.blocks, vec![("eps-a".to_string(), block)]);
+        assert_eq!(shared, f.shared);
         // every field of a Fragment is known to Shape, and required
         let json = serde_json::to_string(&Fragment::default()).expect("json");
         assert!(Stored::from_json(&json).is_ok());

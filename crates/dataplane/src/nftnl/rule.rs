@@ -66,6 +66,8 @@ pub enum Expr {
     },
     /// `immediate` verdict.
     Verdict { code: i32, chain: Option<String> },
+    /// `immediate` value into `dreg`.
+    Data { dreg: u32, data: Vec<u8> },
     /// `counter`.
     Counter,
     /// `numgen random mod`.
@@ -580,6 +582,26 @@ impl<'a> Compiler<'a> {
                 self.i += 1;
                 self.expect("ip")?;
                 self.expect("to")?;
+                // one address and port: `dnat ip to 10.0.0.1:8080`
+                if let Some(at) = self
+                    .peek()
+                    .and_then(|w| w.parse::<std::net::SocketAddrV4>().ok())
+                {
+                    self.i += 1;
+                    self.out.push(Expr::Data {
+                        dreg: 1,
+                        data: at.ip().octets().to_vec(),
+                    });
+                    self.out.push(Expr::Data {
+                        dreg: 2,
+                        data: at.port().to_be_bytes().to_vec(),
+                    });
+                    self.out.push(Expr::Dnat {
+                        addr: 1,
+                        proto: Some(2),
+                    });
+                    return Ok(true);
+                }
                 let sels = self.concat()?;
                 self.expect("map")?;
                 let set = self.set_name()?;
@@ -783,6 +805,38 @@ mod tests {
                 sreg_key: 1,
                 sreg_data: 2
             }
+        );
+    }
+
+    #[test]
+    fn dnat_to_one_endpoint_and_numgen_compared() {
+        let e = c("meta l4proto tcp numgen random mod 3 0 dnat ip to 10.0.0.1:8080");
+        assert_eq!(
+            e[2..],
+            [
+                Expr::Numgen {
+                    dreg: 1,
+                    modulus: 3,
+                    offset: 0
+                },
+                Expr::Cmp {
+                    sreg: 1,
+                    op: 0,
+                    data: 0u32.to_ne_bytes().to_vec()
+                },
+                Expr::Data {
+                    dreg: 1,
+                    data: vec![10, 0, 0, 1]
+                },
+                Expr::Data {
+                    dreg: 2,
+                    data: vec![0x1f, 0x90]
+                },
+                Expr::Dnat {
+                    addr: 1,
+                    proto: Some(2)
+                },
+            ]
         );
     }
 

@@ -167,6 +167,11 @@ fn expr(out: &mut Vec<u8>, e: &Expr) {
                 data_verdict(&mut b, 2, *code, chain.as_deref());
                 "immediate"
             }
+            Expr::Data { dreg, data } => {
+                u32_attr(&mut b, 1, *dreg);
+                data_value(&mut b, 2, data);
+                "immediate"
+            }
             Expr::Counter => {
                 u64_attr(&mut b, 1, 0);
                 u64_attr(&mut b, 2, 0);

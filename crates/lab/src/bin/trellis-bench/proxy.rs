@@ -9,9 +9,8 @@
 //!   kept: the proxy stopped, one Service added, the proxy started: from
 //!   its start until that Service is in the kernel (both apply their first
 //!   sync as one transaction); (c) one endpoint changed until the new
-//!   address is in the Service's kernel objects (kube-proxy: its endpoint
-//!   chain; trellis: the Service chain's `numgen ... offset` keys of the
-//!   `endpoints` map, chain and elements read each time); (d) RSS. Every probe reads
+//!   address is in the Service's kernel objects (both: the chain that
+//!   DNATs to it); (d) RSS. Every probe reads
 //!   the kernel (`nft -j list ...` in the node), never a proxy's log.
 //!   RSS is taken of both after the bulk; (c) and (b) of one proxy run
 //!   with the other stopped (on 2 cores, kube-proxy's sync of the same
@@ -263,46 +262,18 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Res
 fn endpoints_of(lab: &Lab, p: Proxy, i: usize, kp_chain: &str) -> String {
     match p {
         Proxy::KubeProxy => nft(lab, KP, &["list", "chain", "ip", "kube-proxy", kp_chain]),
-        Proxy::Trellis => {
-            // the chain's `numgen random mod N offset K`, then its keys
-            // K..K+N of the `endpoints` map
-            let chain = nft(
-                lab,
-                TR,
-                &[
-                    "list",
-                    "chain",
-                    "inet",
-                    "trellis-proxy",
-                    &format!("svc-{NS}/{}/tcp/80", svc_name(i)),
-                ],
-            );
-            let words: Vec<&str> = chain.split_whitespace().collect();
-            let Some(at) = words
-                .windows(3)
-                .position(|w| w == ["numgen", "random", "mod"])
-            else {
-                return chain;
-            };
-            let n: u64 = words.get(at + 3).and_then(|w| w.parse().ok()).unwrap_or(0);
-            let base: u64 = match (words.get(at + 4), words.get(at + 5)) {
-                (Some(&"offset"), Some(k)) => k.parse().unwrap_or(0),
-                _ => 0,
-            };
-            let keys: Vec<String> = (base..base + n).map(|k| k.to_string()).collect();
-            nft(
-                lab,
-                TR,
-                &[
-                    "get",
-                    "element",
-                    "inet",
-                    "trellis-proxy",
-                    "endpoints",
-                    &format!("{{ {} }}", keys.join(", ")),
-                ],
-            )
-        }
+        // its chain: 10 endpoints are picked by its rules (no map)
+        Proxy::Trellis => nft(
+            lab,
+            TR,
+            &[
+                "list",
+                "chain",
+                "inet",
+                "trellis-proxy",
+                &format!("svc-{NS}/{}/tcp/80", svc_name(i)),
+            ],
+        ),
     }
 }
 
