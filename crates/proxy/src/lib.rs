@@ -12,7 +12,7 @@
 //! otherwise: in this kernel every named set costs each later set
 //! reference a walk over the table's sets, and every element added to a
 //! map a walk over the rules bound to it — quadratic either way
-//! (FACTS.md; kube-proxy v1.32's anonymous set per Service too). What is
+//! (docs/architecture.md, measured; kube-proxy v1.32's anonymous set per Service too). What is
 //! not served is refused in the filter hooks (`no_endpoints`,
 //! `cluster_ips`).
 
