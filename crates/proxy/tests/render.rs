@@ -362,7 +362,8 @@ fn one_endpoint_change_renders_one_service() {
     // its chain flushed and its 11 rules again, at most a hairpin element
     assert!(plan.script.lines().count() <= 14, "{}", plan.script);
     assert!(
-        plan.script.contains("flush chain inet trellis-proxy svc-bench/s7/udp/53"),
+        plan.script
+            .contains("flush chain inet trellis-proxy svc-bench/s7/udp/53"),
         "{}",
         plan.script
     );
