@@ -72,7 +72,10 @@ pub fn for_port(sp: &ServicePort, slices: &[&Slice], node: &str, v4: bool) -> Po
     let (cluster, local) = (pick(false), pick(true));
     let mut here: Vec<IpAddr> = all
         .iter()
-        .filter(|e| (e.3 || e.4) && (cluster.contains(&e.0) || local.contains(&e.0)))
+        .filter(|e| {
+            (e.3 || e.4)
+                && (cluster.binary_search(&e.0).is_ok() || local.binary_search(&e.0).is_ok())
+        })
         .map(|e| e.0.ip())
         .collect();
     here.sort();

@@ -9,12 +9,10 @@
 //! Services; the endpoint is picked by at most [`render::CASCADE_MAX`]
 //! rules of the Service port's chain (`numgen random mod N-i 0`), a map
 //! of its own only for ports with more endpoints. No set per Service
-//! otherwise: in this kernel every named set costs each later set
-//! reference a walk over the table's sets, and every element added to a
-//! map a walk over the rules bound to it — quadratic either way
-//! (docs/architecture.md, measured; kube-proxy v1.32's anonymous set per Service too). What is
-//! not served is refused in the filter hooks (`no_endpoints`,
-//! `cluster_ips`).
+//! otherwise: loading a map per Service, or one map shared by all, grows
+//! quadratically in this kernel (measured: docs/architecture.md; so did
+//! kube-proxy v1.32's anonymous set per Service). What is not served is
+//! refused in the filter hooks (`no_endpoints`, `cluster_ips`).
 
 pub mod base;
 mod claims;

@@ -482,9 +482,8 @@ fn endpoint_chain(
     }
     if eps.len() <= CASCADE_MAX {
         // rule i takes the connection with probability 1/(N-i): each
-        // endpoint 1/N; no set (a shared map costs every element added
-        // a walk over the rules bound to it, a map per Service costs a
-        // walk over the table's sets: both quadratic, measured in docs/architecture.md)
+        // endpoint 1/N. No set: a map per Service, or one shared by
+        // all, loads quadratically (docs/architecture.md)
         let n = eps.len();
         for (i, e) in eps.iter().enumerate() {
             if i + 1 < n {

@@ -164,7 +164,8 @@ fn users<'a>(f: &'a Fragment, set: &'a str) -> impl Iterator<Item = &'a String> 
 /// whether of its `local-ID` chain, the endpoint).
 pub type Lost = (String, bool, SocketAddr);
 
-/// The endpoints of `old`'s ports that `new`'s no longer have, per chain.
+/// The endpoints of `old`'s ports that `new`'s no longer have, per chain
+/// (a port's endpoint lists are sorted: see `endpoints::for_port`).
 pub fn lost(old: &Fragment, new: &Fragment) -> Vec<Lost> {
     let mut out = Vec::new();
     for p in &old.ports {
@@ -174,7 +175,7 @@ pub fn lost(old: &Fragment, new: &Fragment) -> Vec<Lost> {
             (true, &p.local, now.map(|q| &q.local)),
         ] {
             for e in was {
-                if !is.is_some_and(|is| is.contains(e)) {
+                if is.is_none_or(|is| is.binary_search(e).is_err()) {
                     out.push((p.id.clone(), local, *e));
                 }
             }

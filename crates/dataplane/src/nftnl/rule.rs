@@ -71,11 +71,7 @@ pub enum Expr {
     /// `counter`.
     Counter,
     /// `numgen random mod`.
-    Numgen {
-        dreg: u32,
-        modulus: u32,
-        offset: u32,
-    },
+    Numgen { dreg: u32, modulus: u32 },
     /// `nat` dnat for IPv4 from registers.
     Dnat { addr: u32, proto: Option<u32> },
     /// `masq` with `NF_NAT_RANGE_*` flags.
@@ -113,7 +109,7 @@ enum Sel {
     CtState,
     CtStatus,
     FibSaddrType,
-    Numgen(u32, u32),
+    Numgen(u32),
 }
 
 impl Sel {
@@ -166,11 +162,7 @@ impl Sel {
                 result: 3,
                 dreg,
             },
-            Sel::Numgen(modulus, offset) => Expr::Numgen {
-                dreg,
-                modulus,
-                offset,
-            },
+            Sel::Numgen(modulus) => Expr::Numgen { dreg, modulus },
         }
     }
     /// The bytes of literal `v` for this selector.
@@ -189,7 +181,7 @@ impl Sel {
                 _ => return Err(bad()),
             },
             Sel::Dport => v.parse::<u16>().map_err(|_| bad())?.to_be_bytes().to_vec(),
-            Sel::Mark | Sel::Numgen(..) => int(v).ok_or_else(bad)?.to_ne_bytes().to_vec(),
+            Sel::Mark | Sel::Numgen(_) => int(v).ok_or_else(bad)?.to_ne_bytes().to_vec(),
             Sel::CtState | Sel::CtStatus => {
                 let mut bits = 0u32;
                 for f in v.split(',') {
@@ -294,17 +286,7 @@ impl<'a> Compiler<'a> {
                     .and_then(int)
                     .filter(|m| *m > 0)
                     .ok_or_else(|| ParseError("bad numgen modulus".into()))?;
-                // `offset K`: the result is K..K+N-1
-                if self.peek_at(4) == Some("offset") {
-                    let k = self
-                        .peek_at(5)
-                        .and_then(int)
-                        .filter(|k| k.checked_add(m - 1).is_some())
-                        .ok_or_else(|| ParseError("bad numgen offset".into()))?;
-                    (Sel::Numgen(m, k), 6)
-                } else {
-                    (Sel::Numgen(m, 0), 4)
-                }
+                (Sel::Numgen(m), 4)
             }
             _ => return Ok(None),
         };
@@ -816,8 +798,7 @@ mod tests {
             [
                 Expr::Numgen {
                     dreg: 1,
-                    modulus: 3,
-                    offset: 0
+                    modulus: 3
                 },
                 Expr::Cmp {
                     sreg: 1,
@@ -838,28 +819,6 @@ mod tests {
                 },
             ]
         );
-    }
-
-    #[test]
-    fn numgen_takes_an_offset() {
-        let e = c("meta l4proto tcp dnat ip to numgen random mod 3 offset 48 map @endpoints");
-        assert!(e.contains(&Expr::Numgen {
-            dreg: 1,
-            modulus: 3,
-            offset: 48
-        }));
-        let e = c("meta l4proto tcp dnat ip to numgen random mod 3 map @endpoints");
-        assert!(e
-            .iter()
-            .any(|x| matches!(x, Expr::Numgen { offset: 0, .. })));
-        let schema =
-            |_: &str| parse_decl("typeof numgen random mod 1 : ip daddr . tcp dport;").ok();
-        for bad in [
-            "dnat ip to numgen random mod 2 offset x map @e",
-            "dnat ip to numgen random mod 2 offset 4294967295 map @e",
-        ] {
-            assert!(compile(bad, &schema).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -177,15 +177,11 @@ fn expr(out: &mut Vec<u8>, e: &Expr) {
                 u64_attr(&mut b, 2, 0);
                 "counter"
             }
-            Expr::Numgen {
-                dreg,
-                modulus,
-                offset,
-            } => {
+            Expr::Numgen { dreg, modulus } => {
                 u32_attr(&mut b, 1, *dreg);
                 u32_attr(&mut b, 2, *modulus);
                 u32_attr(&mut b, 3, 1); // NFT_NG_RANDOM
-                u32_attr(&mut b, 4, *offset);
+                u32_attr(&mut b, 4, 0);
                 "numgen"
             }
             Expr::Dnat { addr, proto } => {
