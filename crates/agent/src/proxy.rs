@@ -162,7 +162,14 @@ fn restore(
         }
     };
     let want = format!("{stamp}");
+    // the two tables are loaded whole together: the endpoint choice's
+    // must be there too
+    let picks = dp.nft_set_exists(trellis_proxy::PICK_TABLE, "pickers");
     match dp.nft_set_elements(trellis_proxy::TABLE, trellis_proxy::base::STAMP) {
+        Ok(Some(_)) if !matches!(picks, Ok(true)) => tracing::info!(
+            table = trellis_proxy::PICK_TABLE,
+            "proxy: the endpoint table is missing; loading both whole"
+        ),
         Ok(Some(have)) if have == [want.clone()] => {
             tracing::info!(
                 services = fragments.len(),
@@ -516,12 +523,17 @@ impl Controller for ProxyController {
         }
         self.checked = Some(Instant::now());
         match tokio::task::block_in_place(|| {
-            self.dp.nft_set_exists(trellis_proxy::TABLE, "node_ips")
+            Ok::<_, trellis_dataplane::DataplaneError>(
+                self.dp.nft_set_exists(trellis_proxy::TABLE, "node_ips")?
+                    && self
+                        .dp
+                        .nft_set_exists(trellis_proxy::PICK_TABLE, "pickers")?,
+            )
         }) {
             Ok(false) if self.listed => {
                 tracing::warn!(
-                    table = trellis_proxy::TABLE,
-                    "proxy: the table is gone; programming it again"
+                    tables = %format!("{} {}", trellis_proxy::TABLE, trellis_proxy::PICK_TABLE),
+                    "proxy: a table is gone; programming both again"
                 );
                 self.proxy.force_full();
             }

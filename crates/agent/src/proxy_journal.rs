@@ -123,13 +123,14 @@ fn read(path: &PathBuf) -> Result<Option<Saved>, String> {
     let Some(stamp) = stamp else { return Ok(None) };
     let mut all = Vec::with_capacity(state.len());
     for (key, (inputs, f)) in state {
-        let (stored, shared) =
+        let (stored, shared, ids) =
             Stored::from_json(f.get()).map_err(|e| format!("the objects of {key}: {e}"))?;
         all.push(Restored {
             key,
             inputs,
             stored,
             shared,
+            ids,
         });
     }
     Ok(Some((stamp, all)))
@@ -267,12 +268,13 @@ mod tests {
     /// What a journal read gives for `f`.
     fn r(key: &str, inputs: Inputs, f: Fragment) -> Restored {
         let json = serde_json::to_string(&f).expect("json");
-        let (stored, shared) = Stored::from_json(&json).expect("a fragment");
+        let (stored, shared, ids) = Stored::from_json(&json).expect("a fragment");
         Restored {
             key: key.into(),
             inputs,
             stored,
             shared,
+            ids,
         }
     }
 

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use std::fmt::Write;
 use std::process::Command;
 use trellis_model::status::{ProxyService, ProxyStatus};
-use trellis_proxy::TABLE;
+use trellis_proxy::{PICK_TABLE, TABLE};
 
 /// The proxy section of a status document, or why there is none.
 pub fn section(st: &trellis_model::status::NodeStatus) -> anyhow::Result<ProxyStatus> {
@@ -111,6 +111,48 @@ fn map(name: &str) -> Option<String> {
     ))
 }
 
+/// The id a chain's rules put into the packet mark (`... | 0x00050000`).
+fn chain_id(rules: &str) -> Option<String> {
+    rules
+        .lines()
+        .find(|l| l.contains("meta mark set meta mark & 0x0000ffff |"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_string)
+}
+
+/// `trellis-endpoints`' elements for chain id `id` with `n` endpoints.
+fn choice(id: &str, n: usize, port: &str) -> String {
+    let get = |m: &str, keys: &str| {
+        nft(&[
+            "get",
+            "element",
+            "inet",
+            PICK_TABLE,
+            m,
+            &format!("{{ {keys} }}"),
+        ])
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .skip_while(|l| !l.starts_with("elements"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|e| format!("(not found: {e})"))
+    };
+    let mut out = format!("      id {id} -> pickers: {}\n", get("pickers", id));
+    let proto = port.rsplit('/').nth(1).unwrap_or("tcp");
+    if n > 0 {
+        let keys: Vec<String> = (0..n).map(|i| format!("{id} . {i}")).collect();
+        let _ = writeln!(
+            out,
+            "      endpoints_{proto}: {}",
+            get(&format!("endpoints_{proto}"), &keys.join(", "))
+        );
+    }
+    out
+}
+
 /// What serves Service `name` (`namespace/name`) in this node's kernel.
 pub fn trace(p: &ProxyStatus, name: &str) -> anyhow::Result<String> {
     let Some(s): Option<&ProxyService> = p.services.iter().find(|s| s.service == name) else {
@@ -168,9 +210,18 @@ pub fn trace(p: &ProxyStatus, name: &str) -> anyhow::Result<String> {
             if let Some(rules) = chain(&c) {
                 let _ = writeln!(out, "    chain {c}");
                 out.push_str(&rules);
+                // the endpoint choice of the id it puts into the mark
+                let n = if prefix == "svc" {
+                    port.endpoints.len()
+                } else {
+                    port.local.len()
+                };
+                if let (Some(id), "svc" | "local") = (chain_id(&rules), prefix) {
+                    out.push_str(&choice(&id, n, &port.id));
+                }
             }
         }
-        for prefix in ["eps", "leps", "aff", "laff"] {
+        for prefix in ["aff", "laff"] {
             let m = format!("{prefix}-{}", port.id);
             if let Some(els) = map(&m) {
                 let _ = writeln!(out, "    map {m}");

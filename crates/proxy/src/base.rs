@@ -1,9 +1,10 @@
-//! The table's fixed part: shared maps, hooks, the refusal and the
-//! masquerade. Depends only on the node's facts.
+//! The tables' fixed part: shared maps, hooks, the refusal, the
+//! masquerade, the endpoint choice by chain id. Depends only on the
+//! node's facts.
 
 use crate::model::NodeFacts;
 use crate::render::Shared;
-use crate::{AFFINITY_MASK, MASQ_MARK, TABLE};
+use crate::{ID_MASK, MASQ_MARK, TABLE};
 use std::fmt::Write;
 
 /// The fixed chains: name -> (hook line or `""`, rules).
@@ -11,8 +12,10 @@ pub fn chains(node: &NodeFacts) -> Vec<(&'static str, String, Vec<String>)> {
     let _ = node;
     let hook =
         |t: &str, h: &str, prio: &str| format!("type {t} hook {h} priority {prio}; policy accept;");
-    let record = format!(
-        "meta mark & {AFFINITY_MASK:#x} != 0 meta mark & {AFFINITY_MASK:#x} vmap @affinity"
+    let record = format!("meta mark & {ID_MASK:#x} != 0 meta mark & {ID_MASK:#x} vmap @affinity");
+    let clear = format!(
+        "meta mark & {ID_MASK:#x} != 0 meta mark set meta mark & {:#x}",
+        !ID_MASK
     );
     vec![
         // refusals (priorities: dstnat = -100, srcnat = 100, filter = 0;
@@ -49,9 +52,11 @@ pub fn chains(node: &NodeFacts) -> Vec<(&'static str, String, Vec<String>)> {
         ),
         ("filter_prerouting_pre", hook("filter", "prerouting", "-110"), vec!["ct state new jump firewall_check".into()]),
         ("filter_output_pre", hook("filter", "output", "-110"), vec!["ct state new jump firewall_check".into()]),
-        // client affinity: record the endpoint a new client got
-        ("affinity_prerouting", hook("filter", "prerouting", "-99"), vec![record.clone()]),
-        ("affinity_output", hook("filter", "output", "-99"), vec![record]),
+        // after both DNATs (-100 here, -99 in trellis-endpoints): client
+        // affinity records the endpoint a new client got; the chain id
+        // leaves the mark
+        ("affinity_prerouting", hook("filter", "prerouting", "-98"), vec![record.clone(), clear.clone()]),
+        ("affinity_output", hook("filter", "output", "-98"), vec![record, clear]),
         // what is not served (after DNAT: only the unserved keep their address)
         (
             "unserved",
@@ -68,6 +73,26 @@ pub fn chains(node: &NodeFacts) -> Vec<(&'static str, String, Vec<String>)> {
     ]
 }
 
+/// The endpoint choice's fixed chains (table `trellis-endpoints`): the
+/// chain id a Service port's chain put into the mark -> `pickers`. Its
+/// own table: a change of `pickers` makes the kernel check the table it
+/// is in, and this one holds no Service's rules.
+pub fn pick_chains() -> Vec<(&'static str, String, Vec<String>)> {
+    let pick = format!("meta mark & {ID_MASK:#x} != 0 meta mark & {ID_MASK:#x} vmap @pickers");
+    vec![
+        (
+            "pick_prerouting",
+            "type nat hook prerouting priority -99; policy accept;".into(),
+            vec![pick.clone()],
+        ),
+        (
+            "pick_output",
+            "type nat hook output priority -99; policy accept;".into(),
+            vec![pick],
+        ),
+    ]
+}
+
 /// The shared sets and maps as `add` commands, `node_ips` filled.
 pub fn sets(node: &NodeFacts) -> String {
     let mut out = String::new();
@@ -75,7 +100,8 @@ pub fn sets(node: &NodeFacts) -> String {
         let kind = if s.is_map() { "map" } else { "set" };
         let _ = writeln!(
             out,
-            "add {kind} inet {TABLE} {} {{ {} }}",
+            "add {kind} inet {} {} {{ {} }}",
+            s.table(),
             s.name(),
             s.decl()
         );

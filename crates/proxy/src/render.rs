@@ -1,28 +1,31 @@
 //! One Service -> its nftables objects (a [`Fragment`]): its own chains
-//! and maps, and its entries in the table's shared maps. Rendering is per
+//! and maps, and its entries in the tables' shared maps. Rendering is per
 //! Service so that a change costs what the changed Service costs, whatever
 //! the number of Services (kube-proxy re-lists everything per sync).
 //!
 //! Per Service port `ID` = `namespace/name/protocol/port`:
-//! - `svc-ID`: every usable endpoint, picked by rules (`numgen random mod
-//!   N-i 0 dnat ip to ENDPOINT_i`: each 1/N; up to [`CASCADE_MAX`]) or,
-//!   with more, by one lookup in the port's own map `eps-ID` (`numgen
-//!   random mod N` -> address . port); masquerades sources outside the
-//!   cluster network;
-//! - `local-ID`: this node's endpoints (map `leps-ID` when many), for
-//!   traffic policy Local; `drop` when it has none;
+//! - `svc-ID`: masquerades sources outside the cluster network and puts
+//!   the chain's id into the packet mark; `trellis-endpoints` then picks
+//!   one of every usable endpoint (`pickers`: id -> `pick-N-PROTO`, which
+//!   looks up id . `numgen random mod N` in `endpoints_PROTO`);
+//! - `local-ID`: the same for this node's endpoints, for traffic policy
+//!   Local (`pickers`: id -> `drop` when it has none);
 //! - `ext-ID`: what node ports, external and load balancer IPs go to:
 //!   masquerade then `svc-ID` (policy Cluster), or pods and the node
 //!   itself to `svc-ID` and the rest to `local-ID` with its source kept
 //!   (policy Local);
 //! - with `sessionAffinity: ClientIP`: `aff-ID` (client -> endpoint, with
-//!   the timeout), consulted before `numgen`; the endpoint a new client
-//!   got is written by `rec-ID` after DNAT (a packet mark carries the
-//!   chain's affinity id there).
+//!   the timeout), consulted in `svc-ID` before the choice; the endpoint a
+//!   new client got is written by `rec-ID` after DNAT (the id in the mark
+//!   says which).
+//!
+//! Ids are 16 bits: past 65,535 chains, a chain picks its endpoints by
+//! rules of its own (`numgen random mod N-i 0 dnat ip to ENDPOINT_i`),
+//! without affinity, and says so in the Service's notes.
 
 use crate::endpoints::{for_port, PortEndpoints};
 use crate::model::{NodeFacts, Service, ServiceType, Slice};
-use crate::{AFFINITY_MASK, MASQ_MARK};
+use crate::{ID_MASK, MASQ_MARK};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
@@ -47,13 +50,23 @@ pub enum Shared {
     /// `cluster_ips`: every ClusterIP (unserved ports are refused).
     ClusterIps,
     /// `hairpin`: endpoint . endpoint, for endpoints that may be on this node
-    /// (a pod reaching itself through a Service is masqueraded).
+    /// (a pod reaching itself through the Service is masqueraded).
     Hairpin,
+    /// `pickers` (in `trellis-endpoints`): chain id (packet mark) ->
+    /// `goto pick-N-PROTO`, or `drop` (no endpoints).
+    Pickers,
+    /// `endpoints_tcp` / `_udp` / `_sctp` (in `trellis-endpoints`): chain
+    /// id . index -> endpoint address . port.
+    EndpointsTcp,
+    /// See [`Shared::EndpointsTcp`].
+    EndpointsUdp,
+    /// See [`Shared::EndpointsTcp`].
+    EndpointsSctp,
 }
 
 impl Shared {
     /// Every shared object, in declaration order.
-    pub const ALL: [Shared; 8] = [
+    pub const ALL: [Shared; 12] = [
         Shared::Services,
         Shared::NodePorts,
         Shared::NoEndpoints,
@@ -62,7 +75,31 @@ impl Shared {
         Shared::Affinity,
         Shared::ClusterIps,
         Shared::Hairpin,
+        Shared::Pickers,
+        Shared::EndpointsTcp,
+        Shared::EndpointsUdp,
+        Shared::EndpointsSctp,
     ];
+
+    /// The endpoints map of protocol `p`.
+    pub fn endpoints(p: crate::model::Protocol) -> Shared {
+        match p {
+            crate::model::Protocol::Tcp => Shared::EndpointsTcp,
+            crate::model::Protocol::Udp => Shared::EndpointsUdp,
+            crate::model::Protocol::Sctp => Shared::EndpointsSctp,
+        }
+    }
+
+    /// The table it is in.
+    pub fn table(self) -> &'static str {
+        match self {
+            Shared::Pickers
+            | Shared::EndpointsTcp
+            | Shared::EndpointsUdp
+            | Shared::EndpointsSctp => crate::PICK_TABLE,
+            _ => crate::TABLE,
+        }
+    }
 
     /// Its name in the table.
     pub fn name(self) -> &'static str {
@@ -75,6 +112,10 @@ impl Shared {
             Shared::Affinity => "affinity",
             Shared::ClusterIps => "cluster_ips",
             Shared::Hairpin => "hairpin",
+            Shared::Pickers => "pickers",
+            Shared::EndpointsTcp => "endpoints_tcp",
+            Shared::EndpointsUdp => "endpoints_udp",
+            Shared::EndpointsSctp => "endpoints_sctp",
         }
     }
 
@@ -90,6 +131,16 @@ impl Shared {
             Shared::Affinity => "type mark : verdict;",
             Shared::ClusterIps => "type ipv4_addr;",
             Shared::Hairpin => "type ipv4_addr . ipv4_addr;",
+            Shared::Pickers => "type mark : verdict;",
+            Shared::EndpointsTcp => {
+                "typeof meta mark . numgen random mod 1 : ip daddr . tcp dport;"
+            }
+            Shared::EndpointsUdp => {
+                "typeof meta mark . numgen random mod 1 : ip daddr . udp dport;"
+            }
+            Shared::EndpointsSctp => {
+                "typeof meta mark . numgen random mod 1 : ip daddr . sctp dport;"
+            }
         }
     }
 
@@ -138,8 +189,8 @@ pub struct Fragment {
     pub notes: Vec<String>,
     /// Per port, what it was programmed with.
     pub ports: Vec<PortSummary>,
-    /// Names of chains that hold an affinity id.
-    pub affinity_chains: Vec<String>,
+    /// Chains that hold an id (packet mark bits [`crate::ID_MASK`]).
+    pub ids: BTreeMap<String, u32>,
     /// This node's ready endpoints, each address once (the health
     /// check's count, as kube-proxy's: terminating ones do not count).
     pub local_endpoints: usize,
@@ -148,8 +199,8 @@ pub struct Fragment {
     pub health_check: Option<u16>,
 }
 
-/// Affinity ids (the high 16 bits of the packet mark) of chains: stable
-/// while a chain exists, reused after it goes.
+/// Chain ids (the high 16 bits of the packet mark): stable while a chain
+/// exists, reused after it goes.
 #[derive(Debug, Default, Clone)]
 pub struct Ids {
     by_chain: HashMap<String, u32>,
@@ -309,10 +360,7 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
             endpoint_chain(
                 &mut f,
                 ids,
-                "svc",
-                "eps",
-                "aff",
-                "rec",
+                ["svc", "aff", "rec"],
                 &id,
                 &cluster,
                 sp,
@@ -320,14 +368,17 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
                 Some(cidr),
             );
             if need_local {
-                if local.is_empty() {
-                    f.chains
-                        .insert(format!("local-{id}"), vec!["counter drop".into()]);
-                } else {
-                    endpoint_chain(
-                        &mut f, ids, "local", "leps", "laff", "lrec", &id, &local, sp, svc, None,
-                    );
-                }
+                // (none here: the choice drops)
+                endpoint_chain(
+                    &mut f,
+                    ids,
+                    ["local", "laff", "lrec"],
+                    &id,
+                    &local,
+                    sp,
+                    svc,
+                    None,
+                );
             }
             if ext {
                 let mut rules = vec!["counter".to_string()];
@@ -416,16 +467,15 @@ pub fn service(svc: &Service, slices: &[&Slice], node: &NodeFacts, ids: &mut Ids
     f
 }
 
-/// `chain-ID` DNATing to `eps` through map `map-ID`, with the client
-/// affinity of `svc` (maps `aff-ID`, recorded by `rec-ID`).
+/// `chain-ID` for endpoints `eps`, with the client affinity of `svc`
+/// (map `aff-ID`, recorded by `rec-ID`): it puts its id into the packet
+/// mark, and `trellis-endpoints` DNATs by it. Without an id (all taken),
+/// its own rules pick the endpoint.
 #[allow(clippy::too_many_arguments)]
 fn endpoint_chain(
     f: &mut Fragment,
     ids: &mut Ids,
-    chain: &str,
-    map: &str,
-    aff: &str,
-    rec: &str,
+    [chain, aff, rec]: [&str; 3],
     id: &str,
     eps: &[SocketAddr],
     sp: &crate::model::ServicePort,
@@ -441,80 +491,103 @@ fn endpoint_chain(
             "ip saddr != {cidr} meta mark set meta mark | {MASQ_MARK:#x}"
         ));
     }
-    if let Some(timeout) = svc.affinity_timeout {
-        match ids.get(&name) {
-            Some(n) => {
-                let mark = n << 16;
-                rules.push(format!(
-                    "meta mark set meta mark & {:#x} | {mark:#010x}",
-                    !AFFINITY_MASK
-                ));
-                rules.push(format!(
-                    "meta l4proto {p} dnat ip to ip saddr map @{aff}-{id}"
-                ));
-                f.sets.insert(
-                    format!("{aff}-{id}"),
-                    SetDef {
-                        decl: format!(
-                            "type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout; timeout {timeout}s;"
-                        ),
-                        elements: BTreeMap::new(),
-                    },
-                );
-                f.chains.insert(
-                    format!("{rec}-{id}"),
-                    vec![
-                        format!("update @{aff}-{id} {{ ip saddr : ip daddr . th dport }}"),
-                        format!("meta mark set meta mark & {:#x}", !AFFINITY_MASK),
-                    ],
-                );
-                f.shared.push((
-                    Shared::Affinity,
-                    format!("{mark:#010x}"),
-                    format!("goto {rec}-{id}"),
-                ));
-                f.affinity_chains.push(name.clone());
-            }
-            None => f.notes.push(format!(
-                "{name}: no affinity id left (65,535 in use): served without affinity"
-            )),
-        }
-    }
-    if eps.len() <= CASCADE_MAX {
-        // rule i takes the connection with probability 1/(N-i): each
-        // endpoint 1/N. No set: a map per Service, or one shared by
-        // all, loads quadratically (docs/architecture.md)
-        let n = eps.len();
-        for (i, e) in eps.iter().enumerate() {
-            if i + 1 < n {
-                rules.push(format!(
-                    "meta l4proto {p} numgen random mod {} 0 dnat ip to {e}",
-                    n - i
-                ));
+    let Some(n) = ids.get(&name) else {
+        f.notes.push(format!(
+            "{name}: no chain id left (65,535 in use): endpoints picked by its own rules{}",
+            if svc.affinity_timeout.is_some() {
+                ", without client affinity"
             } else {
-                rules.push(format!("meta l4proto {p} dnat ip to {e}"));
+                ""
             }
-        }
-    } else {
+        ));
+        rules.extend(cascade(p, eps));
+        f.chains.insert(name, rules);
+        return;
+    };
+    f.ids.insert(name.clone(), n);
+    let mark = format!("{:#010x}", n << 16);
+    rules.push(format!(
+        "meta mark set meta mark & {:#x} | {mark}",
+        !ID_MASK
+    ));
+    if let Some(timeout) = svc.affinity_timeout {
         rules.push(format!(
-            "meta l4proto {p} dnat ip to numgen random mod {} map @{map}-{id}",
-            eps.len()
+            "meta l4proto {p} dnat ip to ip saddr map @{aff}-{id}"
         ));
         f.sets.insert(
-            format!("{map}-{id}"),
+            format!("{aff}-{id}"),
             SetDef {
-                decl: crate::script::eps_decl(p),
-                elements: eps
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (i.to_string(), format!("{} . {}", e.ip(), e.port())))
-                    .collect(),
+                decl: format!(
+                    "type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout; timeout {timeout}s;"
+                ),
+                elements: BTreeMap::new(),
             },
         );
+        f.chains.insert(
+            format!("{rec}-{id}"),
+            vec![
+                format!("update @{aff}-{id} {{ ip saddr : ip daddr . th dport }}"),
+                format!("meta mark set meta mark & {:#x}", !ID_MASK),
+            ],
+        );
+        f.shared
+            .push((Shared::Affinity, mark.clone(), format!("goto {rec}-{id}")));
+    }
+    // the choice, in `trellis-endpoints`: elements only
+    let picker = if eps.is_empty() {
+        "drop".to_string()
+    } else {
+        format!("goto {}", pick_chain(eps.len(), p))
+    };
+    f.shared.push((Shared::Pickers, mark.clone(), picker));
+    let map = Shared::endpoints(sp.protocol);
+    for (i, e) in eps.iter().enumerate() {
+        f.shared.push((
+            map,
+            format!("{mark} . {i}"),
+            format!("{} . {}", e.ip(), e.port()),
+        ));
     }
     f.chains.insert(name, rules);
 }
 
-/// Up to this many endpoints, a chain picks one by rules (at most this
-/// many evaluated per new connection); more have a map of their own.
-pub const CASCADE_MAX: usize = 32;
+/// Rules that pick one of `eps` (rule i takes the connection with
+/// probability 1/(N-i): each endpoint 1/N); `drop` when there are none.
+fn cascade(p: &str, eps: &[SocketAddr]) -> Vec<String> {
+    let n = eps.len();
+    if n == 0 {
+        return vec!["drop".into()];
+    }
+    eps.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if i + 1 < n {
+                format!(
+                    "meta l4proto {p} numgen random mod {} 0 dnat ip to {e}",
+                    n - i
+                )
+            } else {
+                format!("meta l4proto {p} dnat ip to {e}")
+            }
+        })
+        .collect()
+}
+
+/// The `trellis-endpoints` chain that picks one of `n` endpoints of
+/// protocol `p`, shared by every port with as many.
+pub fn pick_chain(n: usize, p: &str) -> String {
+    format!("pick-{n}-{p}")
+}
+
+/// The rules of pick chain `name` (`pick-N-PROTO`).
+pub fn pick_rules(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix("pick-")?;
+    let (n, p) = rest.split_once('-')?;
+    let n: u32 = n.parse().ok().filter(|n| *n > 0)?;
+    if !matches!(p, "tcp" | "udp" | "sctp") {
+        return None;
+    }
+    Some(vec![format!(
+        "meta l4proto {p} dnat ip to meta mark & {ID_MASK:#x} . numgen random mod {n} map @endpoints_{p}"
+    )])
+}

@@ -2,7 +2,7 @@
 //! renderings of the Services that changed.
 
 use crate::render::{Fragment, SetDef, Shared};
-use crate::TABLE;
+use crate::{PICK_TABLE, TABLE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -38,13 +38,17 @@ fn element(key: &str, value: &str) -> String {
 
 fn set_decl(name: &str, def: &SetDef) -> String {
     let kind = if def.decl.contains(':') { "map" } else { "set" };
-    format!("add {kind} inet {TABLE} {name} {{ {} }}\n", def.decl)
+    format!(
+        "add {kind} inet {} {name} {{ {} }}\n",
+        table_of(name),
+        def.decl
+    )
 }
 
 impl Script {
     /// A new chain `name` (empty; rules come with [`Self::rules`]).
     pub fn add_chain(&mut self, name: &str) {
-        let _ = writeln!(self.declare, "add chain inet {TABLE} {name}");
+        let _ = writeln!(self.declare, "add chain inet {} {name}", table_of(name));
         self.ops += 1;
     }
     /// A new set or map.
@@ -98,7 +102,7 @@ impl Script {
     /// Chain `name` gets `rules` (after any flush).
     pub fn rules(&mut self, name: &str, rules: &[String]) {
         for r in rules {
-            let _ = writeln!(self.rules, "add rule inet {TABLE} {name} {r}");
+            let _ = writeln!(self.rules, "add rule inet {} {name} {r}", table_of(name));
         }
         self.ops += 1;
     }
@@ -111,7 +115,8 @@ impl Script {
                 for c in els.chunks(CHUNK) {
                     let _ = writeln!(
                         out,
-                        "{verb} element inet {TABLE} {set} {{ {} }}",
+                        "{verb} element inet {} {set} {{ {} }}",
+                        table_of(set),
                         c.join(", ")
                     );
                 }
@@ -119,24 +124,34 @@ impl Script {
         };
         chunks(&mut out, "delete", &self.del_elements);
         for c in &self.flush {
-            let _ = writeln!(out, "flush chain inet {TABLE} {c}");
+            let _ = writeln!(out, "flush chain inet {} {c}", table_of(c));
         }
         for m in &self.flush_maps {
             if !self.delete_sets.contains(m) {
-                let _ = writeln!(out, "flush map inet {TABLE} {m}");
+                let _ = writeln!(out, "flush map inet {} {m}", table_of(m));
             }
         }
         for c in &self.delete_chains {
-            let _ = writeln!(out, "delete chain inet {TABLE} {c}");
+            let _ = writeln!(out, "delete chain inet {} {c}", table_of(c));
         }
         for s in &self.delete_sets {
             // set or map: `delete set` works for both only by kind; name both
-            let _ = writeln!(out, "delete {} inet {TABLE} {s}", kind_of(s));
+            let _ = writeln!(out, "delete {} inet {} {s}", kind_of(s), table_of(s));
         }
         out.push_str(&self.redeclare);
         chunks(&mut out, "add", &self.add_elements);
         out.push_str(&self.rules);
         out
+    }
+}
+
+/// The table the proxy's object `name` is in (by its name: the endpoint
+/// choice's objects are `pick...`, `pickers` and `endpoints_...`).
+pub fn table_of(name: &str) -> &'static str {
+    if name.starts_with("pick") || name.starts_with("endpoints_") {
+        PICK_TABLE
+    } else {
+        TABLE
     }
 }
 
@@ -277,9 +292,9 @@ pub fn full(
         }
     }
     for (name, body) in &f.chains {
-        let _ = writeln!(decl, "add chain inet {TABLE} {name}");
+        let _ = writeln!(decl, "add chain inet {} {name}", table_of(name));
         for r in body {
-            let _ = writeln!(rules, "add rule inet {TABLE} {name} {r}");
+            let _ = writeln!(rules, "add rule inet {} {name} {r}", table_of(name));
         }
     }
 }
@@ -303,27 +318,22 @@ pub fn decl_of(name: &str) -> Option<String> {
     if name.starts_with("aff-") || name.starts_with("laff-") {
         return Some("type ipv4_addr : ipv4_addr . inet_service; flags dynamic,timeout;".into());
     }
-    let id = name
-        .strip_prefix("eps-")
-        .or_else(|| name.strip_prefix("leps-"))?;
-    // NAMESPACE/NAME/PROTOCOL/PORT
-    let proto = id.rsplit('/').nth(1)?;
-    Some(eps_decl(proto))
+    None
 }
 
 /// The declaration of a load balancer source range set.
 pub const FW_DECL: &str = "type ipv4_addr; flags interval;";
 
-/// The declaration of an endpoint map of protocol `proto`.
-pub fn eps_decl(proto: &str) -> String {
-    format!("typeof numgen random mod 1 : ip daddr . {proto} dport;")
-}
-
 /// `add element` lines for `elements`.
 pub fn element_lines(out: &mut String, elements: &BTreeMap<String, Vec<String>>) {
     for (set, els) in elements {
         for c in els.chunks(CHUNK) {
-            let _ = writeln!(out, "add element inet {TABLE} {set} {{ {} }}", c.join(", "));
+            let _ = writeln!(
+                out,
+                "add element inet {} {set} {{ {} }}",
+                table_of(set),
+                c.join(", ")
+            );
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::model::{NodeFacts, Protocol, Service, Slice};
 use crate::render::{self, Fragment, Ids, Shared};
 use crate::script::{self, Script};
 use crate::stored::{self, Inputs, Stored};
-use crate::TABLE;
+use crate::{PICK_TABLE, TABLE};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -51,7 +51,12 @@ pub struct Plan {
     /// inputs with a new fingerprint
     refreshed: Vec<(String, Inputs)>,
     claims: Claims,
+    /// the pick chains' users once applied (`None`: unchanged)
+    picks: Option<Picks>,
 }
+
+/// Per pick chain (`pick-N-PROTO`), how many `pickers` elements go to it.
+type Picks = BTreeMap<String, usize>;
 
 impl Plan {
     /// The Services this plan renders, as the kernel will hold them once
@@ -94,6 +99,8 @@ pub struct Proxy {
     contested: BTreeSet<(Shared, String)>,
     dirty: BTreeSet<String>,
     ids: Ids,
+    /// the pick chains in the kernel, with their users
+    picks: Picks,
     full: bool,
     stamp: u32,
 }
@@ -120,6 +127,7 @@ impl Proxy {
             contested: BTreeSet::new(),
             dirty: BTreeSet::new(),
             ids: Ids::default(),
+            picks: Picks::new(),
             full: true,
             stamp: 0,
         }
@@ -147,11 +155,13 @@ impl Proxy {
         self.inputs.clear();
         self.claims.clear();
         self.ids = Ids::default();
+        let mut restored_ids = Vec::new();
         for stored::Restored {
             key,
             inputs,
             stored,
             shared,
+            ids,
         } in fragments
         {
             if inputs != (0, 0) {
@@ -164,22 +174,8 @@ impl Proxy {
                     Ok(i) => e[i].1 = v.as_str().into(),
                     Err(i) => e.insert(i, (who.clone(), v.as_str().into())),
                 }
-                // affinity ids: mark -> `goto rec-ID` (chain svc-ID) or
-                // `goto lrec-ID` (chain local-ID)
-                if *kind == Shared::Affinity {
-                    let id = k
-                        .strip_prefix("0x")
-                        .and_then(|h| u32::from_str_radix(h, 16).ok())
-                        .map(|m| m >> 16);
-                    let chain = v
-                        .strip_prefix("goto lrec-")
-                        .map(|r| format!("local-{r}"))
-                        .or_else(|| v.strip_prefix("goto rec-").map(|r| format!("svc-{r}")));
-                    if let (Some(id), Some(chain)) = (id, chain) {
-                        self.ids.restore(&chain, id);
-                    }
-                }
             }
+            restored_ids.extend(ids);
             self.applied.insert(key, stored);
         }
         self.contested = self
@@ -188,7 +184,11 @@ impl Proxy {
             .filter(|(_, v)| disputed(v))
             .map(|(k, _)| k.clone())
             .collect();
+        for (chain, id) in restored_ids {
+            self.ids.restore(&chain, id);
+        }
         self.ids.settle();
+        self.picks = picks_of(&self.claims);
         self.full = false;
         // every known Service is compared with what the kernel holds
         self.dirty.extend(self.applied.keys().cloned());
@@ -377,10 +377,10 @@ impl Proxy {
             let old = self.applied.get(key).map(Stored::get);
             let old = old.as_ref();
             let who: Claimant = Arc::from(key.as_str());
-            // affinity ids of chains that went are free again
+            // ids of chains that went are free again
             if let Some(o) = old {
-                for c in &o.affinity_chains {
-                    if !new.as_ref().is_some_and(|n| n.affinity_chains.contains(c)) {
+                for c in o.ids.keys() {
+                    if !new.as_ref().is_some_and(|n| n.ids.contains_key(c)) {
                         self.ids.release(c);
                     }
                 }
@@ -430,7 +430,9 @@ impl Proxy {
         }
         if full {
             plan.script = self.full_script(&plan.fragments, &claims);
+            plan.picks = Some(picks_of(&claims));
         } else {
+            let mut picks = self.picks.clone();
             for t in &touched {
                 let before = self.claims.get(t).and_then(|v| v.first()).map(|(_, v)| v);
                 let after = claims.get(t).and_then(|v| v.first()).map(|(_, v)| v);
@@ -443,6 +445,23 @@ impl Proxy {
                 if let Some(v) = after {
                     s.add_element(t.0.name(), &t.1, v);
                 }
+                if t.0 == Shared::Pickers {
+                    count_pick(&mut picks, before.map(|v| &**v), -1);
+                    count_pick(&mut picks, after.map(|v| &**v), 1);
+                }
+            }
+            // pick chains come with their first user, go with their last
+            for (c, n) in &picks {
+                if !self.picks.contains_key(c) {
+                    s.add_chain(c);
+                    s.rules(c, &render::pick_rules(c).unwrap_or_default());
+                } else if *n == 0 {
+                    s.delete_chain(c);
+                }
+            }
+            picks.retain(|_, n| *n > 0);
+            if picks != self.picks {
+                plan.picks = Some(picks);
             }
             if s.ops > 0 {
                 plan.script = s.text();
@@ -470,8 +489,20 @@ impl Proxy {
                 let _ = writeln!(rules, "add rule inet {TABLE} {name} {r}");
             }
         }
+        for (name, hook, body) in base::pick_chains() {
+            let _ = writeln!(decl, "add chain inet {PICK_TABLE} {name} {{ {hook} }}");
+            for r in body {
+                let _ = writeln!(rules, "add rule inet {PICK_TABLE} {name} {r}");
+            }
+        }
         for f in fragments.iter().filter_map(|(_, f)| f.as_ref()) {
             script::full(f, &mut decl, &mut rules, &mut elements);
+        }
+        for c in picks_of(claims).keys() {
+            let _ = writeln!(decl, "add chain inet {PICK_TABLE} {c}");
+            for r in render::pick_rules(c).unwrap_or_default() {
+                let _ = writeln!(rules, "add rule inet {PICK_TABLE} {c} {r}");
+            }
         }
         let mut shared: Vec<_> = claims
             .iter()
@@ -488,11 +519,16 @@ impl Proxy {
             base::STAMP,
             self.stamp
         );
-        // the table goes and comes back in the same transaction: nothing
-        // of an earlier table survives, and no packet sees it half made
-        let mut out = format!(
-            "add table inet {TABLE}\ndelete table inet {TABLE}\nadd table inet {TABLE}\n{decl}"
-        );
+        // the tables go and come back in the same transaction: nothing
+        // of an earlier table survives, and no packet sees them half made
+        let mut out = String::new();
+        for t in [TABLE, PICK_TABLE] {
+            let _ = writeln!(
+                out,
+                "add table inet {t}\ndelete table inet {t}\nadd table inet {t}"
+            );
+        }
+        out.push_str(&decl);
         script::element_lines(&mut out, &elements);
         out.push_str(&rules);
         out
@@ -500,12 +536,16 @@ impl Proxy {
 
     /// The kernel took `plan`.
     pub fn applied(&mut self, plan: Plan) {
-        if plan.full {
+        let full = plan.full;
+        if full {
             self.applied.clear();
             self.inputs.clear();
             self.claims.clear();
             self.contested.clear();
             self.full = false;
+        }
+        if let Some(p) = plan.picks {
+            self.picks = p;
         }
         for (((key, _), stored), inputs) in
             plan.fragments.into_iter().zip(plan.stored).zip(plan.inputs)
@@ -545,14 +585,14 @@ impl Proxy {
     /// again and the next plan replaces the whole table.
     pub fn failed(&mut self, plan: Plan) {
         for (key, f) in plan.fragments {
-            // affinity ids taken by what never reached the kernel go back
+            // ids taken by what never reached the kernel go back
             let kept = self
                 .applied
                 .get(&key)
-                .map(|a| a.get().affinity_chains)
+                .map(|a| a.get().ids)
                 .unwrap_or_default();
-            for c in f.iter().flat_map(|f| f.affinity_chains.iter()) {
-                if !kept.contains(c) {
+            for c in f.iter().flat_map(|f| f.ids.keys()) {
+                if !kept.contains_key(c) {
                     self.ids.release(c);
                 }
             }
@@ -653,4 +693,23 @@ fn udp_fresh(old: Option<&Fragment>, new: Option<&Fragment>) -> Vec<UdpFlows> {
             }
         })
         .collect()
+}
+
+/// `pick` (a `pickers` value) counted `by` for its pick chain.
+fn count_pick(picks: &mut Picks, pick: Option<&str>, by: i64) {
+    if let Some(c) = pick.and_then(|v| v.strip_prefix("goto ")) {
+        let n = picks.entry(c.to_string()).or_default();
+        *n = (*n as i64 + by).max(0) as usize;
+    }
+}
+
+/// The pick chains `claims` use, with their users.
+fn picks_of(claims: &HashMap<(Shared, String), Claimants>) -> Picks {
+    let mut picks = Picks::new();
+    for ((kind, _), v) in claims {
+        if *kind == Shared::Pickers {
+            count_pick(&mut picks, v.first().map(|(_, v)| &**v), 1);
+        }
+    }
+    picks
 }

@@ -7,6 +7,7 @@
 use crate::model::{NodeFacts, Service, Slice};
 use crate::render::{Fragment, Shared};
 use serde::de::IgnoredAny;
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// What a Service's fragment was rendered from, as two independent 64-bit
@@ -54,10 +55,10 @@ impl Stored {
     /// keeps it), without building the fragment: compact, with the shared
     /// keys it claims. Refused unless it has exactly a fragment's fields
     /// (another version's journal is not taken for this one's).
-    pub fn from_json(json: &str) -> Result<(Self, SharedKeys), String> {
+    pub fn from_json(json: &str) -> Result<(Self, SharedKeys, ChainIds), String> {
         let shape: Shape = serde_json::from_str(json).map_err(|e| e.to_string())?;
         let bytes = lz4_flex::compress_prepend_size(json.as_bytes()).into_boxed_slice();
-        Ok((Self(bytes), shape.shared))
+        Ok((Self(bytes), shape.shared, shape.ids.into_iter().collect()))
     }
 
     /// The fragment back.
@@ -73,6 +74,9 @@ impl Stored {
 /// Shared keys a fragment claims: (map, key, value).
 pub type SharedKeys = Vec<(Shared, String, String)>;
 
+/// Chains of a fragment that hold an id: (chain, id).
+pub type ChainIds = Vec<(String, u32)>;
+
 /// A Service as a journal says the kernel holds it (see
 /// [`crate::Proxy::restore`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +89,8 @@ pub struct Restored {
     pub stored: Stored,
     /// the shared keys its fragment claims
     pub shared: SharedKeys,
+    /// the chain ids its fragment holds
+    pub ids: ChainIds,
 }
 
 /// A fragment's fields, only `shared` read (see [`Stored::from_json`]).
@@ -102,8 +108,7 @@ struct Shape {
     _notes: IgnoredAny,
     #[serde(rename = "ports")]
     _ports: IgnoredAny,
-    #[serde(rename = "affinity_chains")]
-    _affinity_chains: IgnoredAny,
+    ids: BTreeMap<String, u32>,
     #[serde(rename = "local_endpoints")]
     _local_endpoints: IgnoredAny,
     #[serde(rename = "health_check")]
@@ -141,7 +146,7 @@ mod tests {
             .push((Shared::ClusterIps, "10.96.0.1".into(), String::new()));
         f.health_check = Some(30001);
         let json = serde_json::to_string(&f).expect("json");
-        let (s, shared) = Stored::from_json(&json).expect("a fragment");
+        let (s, shared, _) = Stored::from_json(&json).expect("a fragment");
         // the same bytes as a fragment stored directly: equal compares equal
         assert_eq!(s, Stored::new(&f));
         assert_eq!(shared, f.shared);

@@ -235,9 +235,10 @@ fn incremental_matches_full(steps: Vec<(Vec<Service>, Vec<Slice>)>) -> Vec<(bool
         ) {
             let a = a.expect("incremental scripts apply");
             let b = b.expect("full script applies");
-            assert_eq!(
-                a, b,
-                "step {i}: incremental and full renderings differ in the kernel"
+            assert_same_table(
+                &common::ids_named(&a),
+                &common::ids_named(&b),
+                &format!("step {i}: incremental and full renderings differ in the kernel"),
             );
             // the agent's way: the same scripts as netlink batches leave
             // the kernel exactly as nft does
@@ -319,12 +320,12 @@ fn incremental_changes_end_where_a_full_rendering_does() {
                 common::slice("x", "y", &[], &[ready("10.244.1.21", "n1")]).endpoints[0].clone(),
             )
         });
-    // ... and one gets more endpoints than its rules pick from: a map of
-    // its own (step 3 takes them back: rules again)
+    // ... and one gets 32 more endpoints: a pick chain for its new
+    // number comes (step 3 takes them back: that chain goes)
     let mut s3 = s2.clone();
     let e3 = e2.clone();
     e2.iter_mut().filter(|s| s.service == "new").for_each(|s| {
-        for j in 0..trellis_proxy::render::CASCADE_MAX {
+        for j in 0..32 {
             let ip = format!("10.244.4.{}", j + 1);
             s.endpoints
                 .push(common::slice("x", "y", &[], &[ready(&ip, "n3")]).endpoints[0].clone());
@@ -359,11 +360,15 @@ fn one_endpoint_change_renders_one_service() {
     assert_eq!(plan.services, 1);
     assert!(!plan.full);
     assert!(!plan.script.contains("bench/s8/"), "{}", plan.script);
-    // its chain flushed and its 11 rules again, at most a hairpin element
-    assert!(plan.script.lines().count() <= 14, "{}", plan.script);
+    // elements of the endpoint choice only: its picker goes to the chain
+    // for 9 (new: its first user), the endpoints from the 4th on move up
+    // one, the 10th goes; no rule of the Service table is touched (the
+    // kernel would check that whole table)
+    assert!(plan.script.lines().count() <= 8, "{}", plan.script);
+    assert!(!plan.script.contains("trellis-proxy"), "{}", plan.script);
     assert!(
         plan.script
-            .contains("flush chain inet trellis-proxy svc-bench/s7/udp/53"),
+            .contains("add chain inet trellis-endpoints pick-9-udp"),
         "{}",
         plan.script
     );
@@ -379,6 +384,19 @@ fn one_endpoint_change_renders_one_service() {
     p.applied(plan);
     assert!(!p.pending());
     assert!(p.plan().script.is_empty(), "nothing left to do");
+    // an endpoint replaced (as many as before): two elements, nothing else
+    let mut moved = slices[9].clone();
+    moved.endpoints[0].address = "10.244.99.9".parse().expect("ip");
+    p.set_slice("bench/s9-abc", Some(moved));
+    let plan = p.plan();
+    let lines: Vec<&str> = plan.script.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", plan.script);
+    assert!(
+        lines[0].starts_with("delete element inet trellis-endpoints endpoints_udp")
+            && lines[1].starts_with("add element inet trellis-endpoints endpoints_udp"),
+        "{}",
+        plan.script
+    );
 }
 
 #[test]
@@ -561,13 +579,14 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
             .iter()
             .map(|(key, inputs, f)| {
                 let json = serde_json::to_string(f).expect("ser");
-                let (stored, shared) =
+                let (stored, shared, ids) =
                     trellis_proxy::stored::Stored::from_json(&json).expect("a fragment");
                 trellis_proxy::stored::Restored {
                     key: key.clone(),
                     inputs: *inputs,
                     stored,
                     shared,
+                    ids,
                 }
             })
             .collect()

@@ -40,8 +40,8 @@ pub fn compile(
     let mut buf = wire::batch(wire::NFNL_MSG_BATCH_BEGIN, seq);
     let mut lines = Vec::with_capacity(s.cmds.len());
     let n = s.cmds.len();
-    for (i, (_, line, cmd)) in s.cmds.iter().enumerate() {
-        let mut msgs = wire::encode(&s.table, cmd, &mut seq, &mut set_id);
+    for (i, ((_, line, cmd), table)) in s.cmds.iter().zip(&s.tables).enumerate() {
+        let mut msgs = wire::encode(table, cmd, &mut seq, &mut set_id);
         // only the last message asks for an acknowledgement: errors come
         // for every failing message anyway
         if i + 1 == n {

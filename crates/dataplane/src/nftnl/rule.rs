@@ -313,6 +313,60 @@ impl<'a> Compiler<'a> {
         Ok(v)
     }
 
+    /// `SEL [& MASK] [. SEL [& MASK]]...` (a DNAT map's key).
+    fn concat_masked(&mut self) -> Result<Vec<(Sel, Option<u32>)>, ParseError> {
+        let mut v = Vec::new();
+        loop {
+            let s = self
+                .selector()?
+                .ok_or_else(|| ParseError(format!("expected a selector at {:?}", self.peek())))?;
+            let mut mask = None;
+            if self.peek() == Some("&") {
+                self.i += 1;
+                let w = self.next()?;
+                mask = Some(int(w).ok_or_else(|| ParseError(format!("bad mask {w:?}")))?);
+            }
+            v.push((s, mask));
+            if self.peek() != Some(".") {
+                return Ok(v);
+            }
+            self.i += 1;
+        }
+    }
+
+    /// Loads `parts` from slot 0 on, each masked one masked right after
+    /// its load (as nft orders it).
+    fn load_masked(&mut self, parts: &[(Sel, Option<u32>)]) {
+        let sels: Vec<Sel> = parts.iter().map(|(s, _)| *s).collect();
+        if parts.iter().all(|(_, m)| m.is_none()) {
+            self.load(&[(&sels, 0)]);
+            return;
+        }
+        if !self.ip_checked && sels.iter().any(|x| x.is_ip()) {
+            self.out.push(Sel::Nfproto.load(1));
+            self.out.push(Expr::Cmp {
+                sreg: 1,
+                op: 0,
+                data: vec![2],
+            });
+            self.ip_checked = true;
+        }
+        let mut slot = 0;
+        for (n, (s, mask)) in parts.iter().enumerate() {
+            let r = reg(slot, n == 0);
+            self.out.push(s.load(r));
+            if let Some(m) = mask {
+                self.out.push(Expr::Bitwise {
+                    sreg: r,
+                    dreg: r,
+                    mask: m.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4],
+                });
+            }
+            slot += s.len().div_ceil(4);
+        }
+    }
+
     /// Loads `sels` from slot `slot` on (the IPv4 check first, once).
     fn load(&mut self, groups: &[(&[Sel], usize)]) {
         if !self.ip_checked && groups.iter().any(|(s, _)| s.iter().any(|x| x.is_ip())) {
@@ -584,7 +638,7 @@ impl<'a> Compiler<'a> {
                     });
                     return Ok(true);
                 }
-                let sels = self.concat()?;
+                let parts = self.concat_masked()?;
                 self.expect("map")?;
                 let set = self.set_name()?;
                 let spec = self.spec(&set)?;
@@ -597,7 +651,7 @@ impl<'a> Compiler<'a> {
                         )))
                     }
                 };
-                self.load(&[(&sels, 0)]);
+                self.load_masked(&parts);
                 self.out.push(Expr::Lookup {
                     set,
                     sreg: 1,
@@ -816,6 +870,43 @@ mod tests {
                 Expr::Dnat {
                     addr: 1,
                     proto: Some(2)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_masked_mark_and_numgen_key_dnat_as_nft_orders_them() {
+        let schema = |_: &str| {
+            parse_decl("typeof meta mark . numgen random mod 1 : ip daddr . udp dport;").ok()
+        };
+        let e = compile(
+            "meta l4proto udp dnat ip to meta mark & 0xffff0000 . numgen random mod 7 map @eps",
+            &schema,
+        )
+        .expect("compiles");
+        assert_eq!(
+            e[2..],
+            [
+                Expr::Meta { key: 3, dreg: 1 },
+                Expr::Bitwise {
+                    sreg: 1,
+                    dreg: 1,
+                    mask: 0xffff_0000u32.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4]
+                },
+                Expr::Numgen {
+                    dreg: 9,
+                    modulus: 7
+                },
+                Expr::Lookup {
+                    set: "eps".into(),
+                    sreg: 1,
+                    dreg: Some(1)
+                },
+                Expr::Dnat {
+                    addr: 1,
+                    proto: Some(9)
                 },
             ]
         );

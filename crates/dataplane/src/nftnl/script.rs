@@ -71,11 +71,12 @@ pub enum Cmd {
     },
 }
 
-/// A script: the table it works on and its commands with their lines.
+/// A script: its commands with their lines, and each one's table (a
+/// script may work on several tables: one transaction).
 #[derive(Debug, Clone, Default)]
 pub struct Script {
-    /// The table (family inet).
-    pub table: String,
+    /// The table of each command (family inet), by index into `cmds`.
+    pub tables: Vec<String>,
     /// (line number, line, command).
     pub cmds: Vec<(usize, String, Cmd)>,
 }
@@ -245,25 +246,27 @@ fn name_body(rest: &str) -> Result<(&str, &str), ParseError> {
 /// the script uses without declaring it.
 pub fn parse(text: &str, schema: &dyn Fn(&str) -> Option<String>) -> Result<Script, ParseError> {
     let mut script = Script::default();
-    let mut declared: HashMap<String, SetSpec> = HashMap::new();
+    // sets declared so far, per (table, name)
+    let mut declared: HashMap<(String, String), SetSpec> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let at = |e: ParseError| ParseError(format!("line {}: {}: {line}", n + 1, e.0));
-        let cmd = parse_line(line, &mut script.table, &mut declared, schema).map_err(at)?;
+        let (table, cmd) = parse_line(line, &mut declared, schema).map_err(at)?;
+        script.tables.push(table);
         script.cmds.push((n + 1, line.to_string(), cmd));
     }
     Ok(script)
 }
 
+/// One line: its table and command.
 fn parse_line(
     line: &str,
-    table: &mut String,
-    declared: &mut HashMap<String, SetSpec>,
+    declared: &mut HashMap<(String, String), SetSpec>,
     schema: &dyn Fn(&str) -> Option<String>,
-) -> Result<Cmd, ParseError> {
+) -> Result<(String, Cmd), ParseError> {
     let mut w = line.splitn(4, ' ');
     let (verb, what) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
     if !matches!(verb, "add" | "delete" | "flush") {
@@ -279,22 +282,22 @@ fn parse_line(
         rest.split_once(' ')
             .ok_or_else(|| ParseError("expected `TABLE NAME ...`".into()))?
     };
-    if table.is_empty() {
-        *table = tname.to_string();
-    } else if table != tname {
-        return Err(ParseError(format!(
-            "table {tname:?}: one script works on one table ({table:?})"
-        )));
+    if tname.is_empty() {
+        return Err(ParseError("no table named".into()));
     }
-    let lookup = |name: &str, declared: &HashMap<String, SetSpec>| -> Result<SetSpec, ParseError> {
-        if let Some(s) = declared.get(name) {
+    let table = tname.to_string();
+    let key = |name: &str| (table.clone(), name.to_string());
+    let lookup = |name: &str,
+                  declared: &HashMap<(String, String), SetSpec>|
+     -> Result<SetSpec, ParseError> {
+        if let Some(s) = declared.get(&key(name)) {
             return Ok(s.clone());
         }
         let decl = schema(name)
             .ok_or_else(|| ParseError(format!("set or map {name:?} is not declared")))?;
         parse_decl(&decl)
     };
-    Ok(match (verb, what) {
+    let cmd = match (verb, what) {
         ("add", "table") => Cmd::AddTable,
         ("delete", "table") => Cmd::DelTable,
         ("add", "chain") => match rest.split_once(" {") {
@@ -321,14 +324,14 @@ fn parse_line(
                     if spec.data.is_some() { "map" } else { "set" }
                 )));
             }
-            declared.insert(name.to_string(), spec.clone());
+            declared.insert(key(name), spec.clone());
             Cmd::AddSet {
                 name: name.to_string(),
                 spec,
             }
         }
         ("delete", "set" | "map") => {
-            declared.remove(rest.trim());
+            declared.remove(&key(rest.trim()));
             Cmd::DelSet(rest.trim().to_string())
         }
         ("flush", "set" | "map") => Cmd::FlushSet(rest.trim().to_string()),
@@ -352,7 +355,8 @@ fn parse_line(
             }
         }
         _ => return Err(ParseError(format!("unsupported command `{verb} {what}`"))),
-    })
+    };
+    Ok((table, cmd))
 }
 
 #[cfg(test)]
@@ -403,7 +407,6 @@ mod tests {
         for (bad, needle) in [
             ("add element inet t nope { 1 }", "line 1"),
             ("add table ip t", "family"),
-            ("add table inet t\nadd chain inet u c", "one table"),
             (
                 "add element inet t services { 10.0.0.1 . tcp : drop }",
                 "parts",

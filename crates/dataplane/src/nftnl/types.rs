@@ -86,6 +86,8 @@ pub enum Typeof {
     Ip(bool),
     /// `tcp dport` / `udp dport` / `sctp dport` (the protocol number).
     Dport(u8),
+    /// `meta mark`.
+    Mark,
 }
 
 impl Typeof {
@@ -94,6 +96,7 @@ impl Typeof {
             Typeof::Numgen(_) => Component::Integer,
             Typeof::Ip(_) => Component::Ipv4,
             Typeof::Dport(_) => Component::Service,
+            Typeof::Mark => Component::Mark,
         }
     }
 }
@@ -215,6 +218,7 @@ fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
 
 /// nft's expression ids in set user data (`enum expr_types`, v1.0.x).
 const EXPR_PAYLOAD: u32 = 7;
+const EXPR_META: u32 = 9;
 const EXPR_CONCAT: u32 = 13;
 const EXPR_NUMGEN: u32 = 23;
 /// nft's protocol description ids (`enum proto_desc_id`) and field ids.
@@ -225,6 +229,8 @@ const PROTO_DESC_SCTP: u32 = 10;
 const IPHDR_SADDR: u32 = 11;
 const IPHDR_DADDR: u32 = 12;
 const L4_DPORT: u32 = 2;
+/// `NFT_META_MARK`
+const META_MARK: u32 = 3;
 
 fn expr_udata(t: Typeof) -> Vec<u8> {
     let mut out = Vec::new();
@@ -251,6 +257,10 @@ fn expr_udata(t: Typeof) -> Vec<u8> {
             tlv(&mut data, 0, &desc.to_ne_bytes());
             tlv(&mut data, 1, &L4_DPORT.to_ne_bytes());
             EXPR_PAYLOAD
+        }
+        Typeof::Mark => {
+            tlv(&mut data, 0, &META_MARK.to_ne_bytes());
+            EXPR_META
         }
     };
     tlv(&mut out, 0, &kind.to_ne_bytes());
@@ -305,6 +315,7 @@ fn typeof_expr(text: &str) -> Result<Typeof, ParseError> {
         ),
         ["ip", "saddr"] => Typeof::Ip(false),
         ["ip", "daddr"] => Typeof::Ip(true),
+        ["meta", "mark"] => Typeof::Mark,
         [p, "dport"] => Typeof::Dport(
             super::rule::proto_number(p)
                 .ok_or_else(|| ParseError(format!("unknown protocol {p:?}")))?,

@@ -249,3 +249,53 @@ pub fn assert_same_table(a: &str, b: &str, what: &str) {
     let only_b: Vec<&&str> = lb.difference(&la).take(8).collect();
     panic!("{what}\nonly in the first:\n{only_a:#?}\nonly in the second:\n{only_b:#?}");
 }
+
+/// `listing` (JSON lines) with each chain id named by its chain: ids are
+/// handed out in the order chains come, so a table reached by steps and
+/// one loaded whole differ in them and in nothing else.
+pub fn ids_named(listing: &str) -> String {
+    // a Service port chain's rule `meta mark set meta mark & 0xffff | ID`,
+    // as nft lists it: & (ID | 0xffff), | ID
+    const SET: &str = r#"{"|":[{"&":[{"meta":{"key":"mark"}},"#;
+    let mut names: std::collections::HashMap<u64, String> = Default::default();
+    for line in listing.lines() {
+        let (Some(at), Some(c)) = (line.find(SET), line.split("\"chain\":\"").nth(1)) else {
+            continue;
+        };
+        let chain = c.split('"').next().unwrap_or_default();
+        let rest = &line[at + SET.len()..];
+        let mut nums = rest
+            .split(|ch: char| !ch.is_ascii_digit())
+            .filter(|w| !w.is_empty());
+        if let (Some(m), Some(v)) = (nums.next(), nums.next()) {
+            if let (Ok(m), Ok(v)) = (m.parse::<u64>(), v.parse::<u64>()) {
+                names.insert(v, format!("\"id:{chain}\""));
+                names.insert(m, format!("\"idmask:{chain}\""));
+            }
+        }
+    }
+    // every number that is one of them (ids are >= 65536: no port, octet
+    // or counter of these tests collides)
+    let mut out = String::with_capacity(listing.len());
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        match digits.parse::<u64>().ok().and_then(|n| names.get(&n)) {
+            Some(name) => out.push_str(name),
+            None => out.push_str(digits),
+        }
+        digits.clear();
+    };
+    for ch in listing.chars() {
+        if ch.is_ascii_digit() {
+            digits.push(ch);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut digits, &mut out);
+    // lines re-sorted: elements keyed by ids sort by name now
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_unstable();
+    lines.join("\n")
+}

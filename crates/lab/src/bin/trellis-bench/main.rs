@@ -12,6 +12,7 @@ mod bgp;
 mod cni;
 mod converge;
 mod k8s;
+mod nftmon;
 mod proxy;
 mod throughput;
 

@@ -8,10 +8,11 @@
 //!   of Service addresses holds all of them; (b) restart with the tables
 //!   kept: the proxy stopped, one Service added, the proxy started: from
 //!   its start until that Service is in the kernel (both apply their first
-//!   sync as one transaction); (c) one endpoint changed until the new
-//!   address is in the Service's kernel objects (both: the chain that
-//!   DNATs to it); (d) RSS. Every probe reads
-//!   the kernel (`nft -j list ...` in the node), never a proxy's log.
+//!   sync as one transaction); (c) one endpoint changed until a commit
+//!   in the proxy's node announces an object holding the new address
+//!   (`nftmon`: the kernel's own announcement, for both); (d) RSS. Every
+//!   probe reads the kernel (`nft list ...` in the node, or its commit
+//!   announcements), never a proxy's log.
 //!   RSS is taken of both after the bulk; (c) and (b) of one proxy run
 //!   with the other stopped (on 2 cores, kube-proxy's sync of the same
 //!   change, 5 s of CPU at 5,000, would run beside trellis's).
@@ -258,25 +259,6 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Res
     }
 }
 
-/// The kernel object holding Service `i`'s endpoints, as text.
-fn endpoints_of(lab: &Lab, p: Proxy, i: usize, kp_chain: &str) -> String {
-    match p {
-        Proxy::KubeProxy => nft(lab, KP, &["list", "chain", "ip", "kube-proxy", kp_chain]),
-        // its chain: 10 endpoints are picked by its rules (no map)
-        Proxy::Trellis => nft(
-            lab,
-            TR,
-            &[
-                "list",
-                "chain",
-                "inet",
-                "trellis-proxy",
-                &format!("svc-{NS}/{}/tcp/80", svc_name(i)),
-            ],
-        ),
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -395,42 +377,23 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         // minimum interval between syncs (kube-proxy 1 s, trellis 100 ms),
         // so the change measures a sync, not the rate limit after the last
         std::thread::sleep(Duration::from_secs(2));
-        // (c) one endpoint changed
+        // (c) one endpoint changed: until a commit in the proxy's node
+        // announces an object holding the new address
         let i = n / 2;
-        let kp_chain = if *p == Proxy::KubeProxy {
-            let chains = nft(&lab, KP, &["list", "chains", "ip"]);
-            chains
-                .split_whitespace()
-                .find(|w| {
-                    w.starts_with("service-")
-                        && w.ends_with(&format!("-{NS}/{}/tcp/p", svc_name(i)))
-                })
-                .context("kube-proxy's chain of the changed Service")?
-                .to_string()
-        } else {
-            String::new()
-        };
-        let new_ip = format!("10.244.251.{}", 1 + k);
-        let t = w.change(i, &new_ip)?;
+        let node = if *p == Proxy::KubeProxy { KP } else { TR };
+        let monitor = crate::nftmon::Monitor::open(&netns::path(&lab.ns(node)))?;
+        monitor.drain();
+        let new_ip = std::net::Ipv4Addr::new(10, 244, 251, 1 + k as u8);
+        let t = w.change(i, &new_ip.to_string())?;
         // not seen within the limit: reported (NaN in the line), the run goes on
-        let one = match wait("one change", Duration::from_secs(120), || {
-            endpoints_of(&lab, *p, i, &kp_chain).contains(&new_ip)
-        }) {
+        let one = match monitor.wait_for(new_ip, Duration::from_secs(120)) {
             Ok(done) => Some(done - t),
             Err(e) => {
-                let now = endpoints_of(&lab, *p, i, &kp_chain);
-                eprintln!(
-                    "{n}: {e}; the object read ({} chain {kp_chain:?}) holds: {}",
-                    if *p == Proxy::KubeProxy {
-                        "kube-proxy"
-                    } else {
-                        "trellis"
-                    },
-                    now.chars().take(600).collect::<String>()
-                );
+                eprintln!("{n}: one change: {e}");
                 None
             }
         };
+        drop(monitor);
         // (b) restart with the tables kept, one Service added meanwhile
         let marker = n + 1 + k;
         stop(&mut lab, *p)?;
