@@ -111,13 +111,15 @@ fn map(name: &str) -> Option<String> {
     ))
 }
 
-/// The id a chain's rules put into the packet mark (`... | 0x00050000`).
+/// The id a chain's rules put into the packet mark (nft lists `meta
+/// mark set meta mark & 0x0005ffff | 0x00050000` for id 5).
 fn chain_id(rules: &str) -> Option<String> {
-    rules
-        .lines()
-        .find(|l| l.contains("meta mark set meta mark & 0x0000ffff |"))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(str::to_string)
+    rules.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("meta mark set meta mark & ")?;
+        let (_, id) = rest.split_once(" | ")?;
+        let v = u32::from_str_radix(id.trim().strip_prefix("0x")?, 16).ok()?;
+        (v != 0 && v & 0xffff == 0).then(|| id.trim().to_string())
+    })
 }
 
 /// `trellis-endpoints`' elements for chain id `id` with `n` endpoints.

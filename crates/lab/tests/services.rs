@@ -319,11 +319,11 @@ fn cluster_ip_node_port_external_and_load_balancer_addresses() {
     assert!(wide.contains(&format!("{web_eps}:8080")), "{wide}");
     let trace = run(&["trace", "svc", "default/web"]);
     assert!(trace.contains("chain svc-default/web/tcp/80"), "{trace}");
-    // the endpoint as the kernel's rules hold it
-    assert!(
-        trace.contains(&format!("dnat ip to {web_eps}:8080")),
-        "{trace}"
-    );
+    // the endpoint choice as the kernel holds it: the chain's id -> the
+    // pick chain for its number of endpoints, and the endpoint by index
+    assert!(trace.contains("-> pickers: elements = {"), "{trace}");
+    assert!(trace.contains(": goto pick-"), "{trace}");
+    assert!(trace.contains(&format!(": {web_eps} . 8080")), "{trace}");
     assert!(
         trace.contains(&format!("{ip} . tcp . 80 : goto svc-default/web/tcp/80")),
         "{trace}"
