@@ -163,13 +163,18 @@ fn restore(
     };
     let want = format!("{stamp}");
     // the two tables are loaded whole together: the endpoint choice's
-    // must be there too
-    let picks = dp.nft_set_exists(trellis_proxy::PICK_TABLE, "pickers");
+    // must carry the same stamp
+    let picks = dp.nft_set_elements(trellis_proxy::PICK_TABLE, trellis_proxy::base::PICK_STAMP);
     match dp.nft_set_elements(trellis_proxy::TABLE, trellis_proxy::base::STAMP) {
-        Ok(Some(_)) if !matches!(picks, Ok(true)) => tracing::info!(
-            table = trellis_proxy::PICK_TABLE,
-            "proxy: the endpoint table is missing; loading both whole"
-        ),
+        Ok(Some(have))
+            if have == [want.clone()] && !matches!(&picks, Ok(Some(p)) if *p == have) =>
+        {
+            tracing::info!(
+                table = trellis_proxy::PICK_TABLE,
+                found = ?picks.ok().flatten(),
+                "proxy: the endpoint table is not the journal's; loading both whole"
+            )
+        }
         Ok(Some(have)) if have == [want.clone()] => {
             tracing::info!(
                 services = fragments.len(),
@@ -525,9 +530,10 @@ impl Controller for ProxyController {
         match tokio::task::block_in_place(|| {
             Ok::<_, trellis_dataplane::DataplaneError>(
                 self.dp.nft_set_exists(trellis_proxy::TABLE, "node_ips")?
-                    && self
-                        .dp
-                        .nft_set_exists(trellis_proxy::PICK_TABLE, "pickers")?,
+                    && self.dp.nft_set_exists(
+                        trellis_proxy::PICK_TABLE,
+                        trellis_proxy::base::PICK_STAMP,
+                    )?,
             )
         }) {
             Ok(false) if self.listed => {

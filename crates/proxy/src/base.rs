@@ -108,6 +108,11 @@ pub fn sets(node: &NodeFacts) -> String {
     }
     let _ = writeln!(out, "add set inet {TABLE} node_ips {{ {NODE_IPS_DECL} }}");
     let _ = writeln!(out, "add set inet {TABLE} {STAMP} {{ {STAMP_DECL} }}");
+    let _ = writeln!(
+        out,
+        "add set inet {} {PICK_STAMP} {{ {STAMP_DECL} }}",
+        crate::PICK_TABLE
+    );
     let ips: Vec<String> = node
         .addresses
         .iter()
@@ -130,6 +135,8 @@ pub fn sets(node: &NodeFacts) -> String {
 pub const STAMP: &str = "stamp";
 /// Its declaration.
 pub const STAMP_DECL: &str = "type mark;";
+/// The same number in `trellis-endpoints` (both tables come from one load).
+pub const PICK_STAMP: &str = "pick_stamp";
 
 /// The declaration of `node_ips`.
 pub const NODE_IPS_DECL: &str = "type ipv4_addr;";

@@ -309,7 +309,7 @@ pub fn decl_of(name: &str) -> Option<String> {
     if name == "node_ips" {
         return Some(crate::base::NODE_IPS_DECL.to_string());
     }
-    if name == crate::base::STAMP {
+    if name == crate::base::STAMP || name == crate::base::PICK_STAMP {
         return Some(crate::base::STAMP_DECL.to_string());
     }
     if name.starts_with("fw-") {

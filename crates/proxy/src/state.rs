@@ -513,12 +513,13 @@ impl Proxy {
             let (set, el) = script::shared_element(kind, key, value);
             elements.entry(set).or_default().push(el);
         }
-        let _ = writeln!(
-            decl,
-            "add element inet {TABLE} {} {{ {:#010x} }}",
-            base::STAMP,
-            self.stamp
-        );
+        for (t, set) in [(TABLE, base::STAMP), (PICK_TABLE, base::PICK_STAMP)] {
+            let _ = writeln!(
+                decl,
+                "add element inet {t} {set} {{ {:#010x} }}",
+                self.stamp
+            );
+        }
         // the tables go and come back in the same transaction: nothing
         // of an earlier table survives, and no packet sees them half made
         let mut out = String::new();
