@@ -342,15 +342,7 @@ impl<'a> Compiler<'a> {
             self.load(&[(&sels, 0)]);
             return;
         }
-        if !self.ip_checked && sels.iter().any(|x| x.is_ip()) {
-            self.out.push(Sel::Nfproto.load(1));
-            self.out.push(Expr::Cmp {
-                sreg: 1,
-                op: 0,
-                data: vec![2],
-            });
-            self.ip_checked = true;
-        }
+        self.ip_check(sels.iter().any(|x| x.is_ip()));
         let mut slot = 0;
         for (n, (s, mask)) in parts.iter().enumerate() {
             let r = reg(slot, n == 0);
@@ -367,9 +359,9 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// Loads `sels` from slot `slot` on (the IPv4 check first, once).
-    fn load(&mut self, groups: &[(&[Sel], usize)]) {
-        if !self.ip_checked && groups.iter().any(|(s, _)| s.iter().any(|x| x.is_ip())) {
+    /// The IPv4 check, once per rule, before the first address is loaded.
+    fn ip_check(&mut self, loads_ip: bool) {
+        if loads_ip && !self.ip_checked {
             self.out.push(Sel::Nfproto.load(1));
             self.out.push(Expr::Cmp {
                 sreg: 1,
@@ -378,6 +370,11 @@ impl<'a> Compiler<'a> {
             });
             self.ip_checked = true;
         }
+    }
+
+    /// Loads `sels` from slot `slot` on (the IPv4 check first, once).
+    fn load(&mut self, groups: &[(&[Sel], usize)]) {
+        self.ip_check(groups.iter().any(|(s, _)| s.iter().any(|x| x.is_ip())));
         for (sels, start) in groups {
             let mut slot = *start;
             for (n, s) in sels.iter().enumerate() {
