@@ -451,6 +451,20 @@ impl Lab {
         self.dir.join(format!("{node}.log"))
     }
 
+    /// The last `lines` lines of every node's agent log on stderr: what a
+    /// failed test shows of the agents before the lab goes.
+    pub fn print_agent_logs(&self, lines: usize) {
+        for n in &self.st.nodes {
+            let log = std::fs::read_to_string(self.agent_log(&n.name)).unwrap_or_default();
+            let all: Vec<&str> = log.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            eprintln!("--- {} agent log, last {} lines ---", n.name, tail.len());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+
     /// The directory holding the plugin binaries.
     pub fn bin_dir(&self) -> &Path {
         &self.bin
@@ -511,6 +525,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_agent_logs(60);
+        }
         if !self.keep {
             if let Err(e) = self.teardown() {
                 eprintln!("{e}");
