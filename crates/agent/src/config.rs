@@ -75,6 +75,24 @@ pub struct KubernetesSection {
     /// The Service proxy (replacing kube-proxy).
     #[serde(default)]
     pub proxy: ProxySection,
+    /// NetworkPolicy and ClusterNetworkPolicy.
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+/// Network policy settings (`kubernetes.policy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySection {
+    /// Enforce policies (off: another component does, or none).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// The Service proxy's settings (`kubernetes.proxy`).

@@ -27,6 +27,8 @@ pub struct HttpState {
     pub health: Arc<Health>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The policy table as the kernel holds it (`/policy/trace`).
+    pub policy: crate::policy::View,
 }
 
 /// A response: status line, content type, body.
@@ -79,10 +81,27 @@ pub fn route(state: &HttpState, request_line: &str) -> Reply {
             content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
             body: state.metrics.encode(),
         },
+        "/policy/trace" => {
+            let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+            match crate::policy::trace(&state.policy, query) {
+                Ok(json) => Reply {
+                    status: "200 OK",
+                    content_type: "application/json",
+                    body: json,
+                },
+                Err(e) => Reply {
+                    status: "400 Bad Request",
+                    content_type: text,
+                    body: format!("{e}\n"),
+                },
+            }
+        }
         other => Reply {
             status: "404 Not Found",
             content_type: text,
-            body: format!("{other:?}: not found; try /healthz, /readyz or /metrics\n"),
+            body: format!(
+                "{other:?}: not found; try /healthz, /readyz, /metrics or /policy/trace\n"
+            ),
         },
     }
 }
@@ -164,6 +183,7 @@ mod tests {
     fn state() -> HttpState {
         let (h, _rx) = Health::new();
         HttpState {
+            policy: Default::default(),
             health: Arc::new(h),
             metrics: Arc::new(Metrics::new()),
         }

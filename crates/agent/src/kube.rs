@@ -244,6 +244,7 @@ pub fn source(
     kj: &KubeJoined,
     health: Arc<Health>,
     proxy: bool,
+    policy: Option<bool>,
     data_dir: &std::path::Path,
 ) -> (KubeSource, crate::pods::LocalPods) {
     let src = KubeSource::new(&kj.server);
@@ -283,8 +284,37 @@ pub fn source(
     if proxy {
         crate::proxy::watch(&src, kj.client.clone(), report.clone());
     }
+    if let Some(cluster) = policy {
+        crate::policy::watch(&src, kj.client.clone(), cluster, report.clone());
+    }
     tokio::spawn(src.probe(kj.client.clone(), report));
     (src, pods)
+}
+
+/// `policy`'s argument to [`source`]: `None` when policy is off, else
+/// whether ClusterNetworkPolicy is served (asked until the API server
+/// answers, at most 30 s; then assumed absent, which the log says).
+pub async fn policy_watches(kj: &KubeJoined, enabled: bool) -> Option<bool> {
+    if !enabled {
+        return None;
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::policy::cluster_policies_served(&kj.client).await {
+            Ok(true) => return Some(true),
+            Ok(false) => {
+                tracing::warn!(
+                    "policy: the API server does not serve ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2: its CRD is not installed); NetworkPolicy only until the agent restarts"
+                );
+                return Some(false);
+            }
+            Err(e) if std::time::Instant::now() >= end => {
+                tracing::error!(error = %e, "policy: cannot ask whether ClusterNetworkPolicy is served; NetworkPolicy only until the agent restarts");
+                return Some(false);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// Once the first sync has put the routes in place, sets the Node's

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod masq;
 pub mod metrics;
 pub mod pods;
+pub mod policy;
 pub mod proxy;
 pub mod proxy_health;
 pub mod proxy_journal;

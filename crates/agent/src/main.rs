@@ -123,12 +123,14 @@ fn main() -> anyhow::Result<()> {
         Err(e) => on_signal.send(Exit::Fatal(format!("waiting for signals: {e}"))),
     });
     let metrics = Arc::new(Metrics::new());
+    let policy_view = trellis_agent::policy::View::default();
     // /healthz answers from the start; /readyz says what is missing
     let http = trellis_agent::http::serve(
         cfg.http_address,
         trellis_agent::http::HttpState {
             health: health.clone(),
             metrics: metrics.clone(),
+            policy: policy_view.clone(),
         },
     )?;
     tracing::info!(address = %http, "serving /healthz, /readyz and /metrics");
@@ -154,6 +156,7 @@ fn main() -> anyhow::Result<()> {
     // saved at a clean stop: the next start resumes its watches
     let mut kube_source: Option<(trellis_kube::KubeSource, String)> = None;
     let mut proxy_status = None;
+    let mut policy_source: Option<trellis_kube::KubeSource> = None;
     let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
         (Some(etcd), _) => {
             let prefix = etcd.prefix.clone();
@@ -176,10 +179,15 @@ fn main() -> anyhow::Result<()> {
                 &health,
                 &metrics,
             ))?;
+            let policy =
+                runtime.block_on(trellis_agent::kube::policy_watches(&kj, k.policy.enabled));
             let _rt = runtime.enter();
             let proxy_on = k.proxy.enabled;
             let (source, pods) =
-                trellis_agent::kube::source(&kj, health.clone(), proxy_on, &cfg.data_dir);
+                trellis_agent::kube::source(&kj, health.clone(), proxy_on, policy, &cfg.data_dir);
+            if policy.is_some() {
+                policy_source = Some(source.clone());
+            }
             local_pods = Some(pods);
             if proxy_on {
                 kube_source = Some((source.clone(), kj.server.clone()));
@@ -226,11 +234,26 @@ fn main() -> anyhow::Result<()> {
     };
     health.set_joined();
     let socket = cfg.socket.clone();
-    let service = Arc::new(
-        CniService::new(cfg.clone(), subnet, mtu, dp.clone())
-            .context("open IPAM state")?
-            .with_health(health.clone()),
-    );
+    let mut service = CniService::new(cfg.clone(), subnet, mtu, dp.clone())
+        .context("open IPAM state")?
+        .with_health(health.clone());
+    if let Some(source) = policy_source {
+        // the pods this node holds are policed from the first load on
+        let local = service.local_pods();
+        let (gate, rx) = trellis_agent::policy::Gate::new();
+        service = service.with_policy(gate);
+        runtime.spawn(trellis_agent::policy::run(
+            source,
+            local,
+            rx,
+            policy_view,
+            std::time::Duration::from_secs(cfg.resync_seconds),
+            dp.clone(),
+            health.clone(),
+            metrics.clone(),
+        ));
+    }
+    let service = Arc::new(service);
     facts.subnet = subnet.to_string();
     facts.mtu = mtu;
     trellis_agent::status::serve(

@@ -30,6 +30,7 @@ pub struct CniService {
     dp: Arc<dyn Dataplane>,
     reaper: Reaper,
     pool: Mutex<Pool>,
+    policy: Option<crate::policy::Gate>,
 }
 
 fn dp_err(what: &str) -> impl FnOnce(DataplaneError) -> CniError + '_ {
@@ -70,7 +71,27 @@ impl CniService {
             reaper: Reaper::start(dp.clone()),
             dp,
             pool: Mutex::new(pool),
+            policy: None,
         })
+    }
+
+    /// ADD answers only once the pod's policy is in place (Kubernetes
+    /// mode with policy on).
+    pub fn with_policy(mut self, gate: crate::policy::Gate) -> Self {
+        self.policy = Some(gate);
+        self
+    }
+
+    /// The pods holding addresses now: (IPv4 address, `namespace/name`).
+    pub fn local_pods(&self) -> Vec<(std::net::Ipv4Addr, String)> {
+        self.pool()
+            .allocator()
+            .allocations()
+            .filter_map(|(ip, o)| match (ip, &o.pod) {
+                (std::net::IpAddr::V4(v4), Some(p)) => Some((*v4, p.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Refuses ADDs once `health` reports something fatal (a lost subnet).
@@ -200,7 +221,16 @@ impl CniService {
             ifname: env.ifname.clone(),
             pod,
         };
+        let pod = owner.pod.clone();
         let ip = self.pool().allocate(owner).map_err(pool_err)?;
+        // fail closed: the pod's interface comes only once its policy is
+        // in the kernel
+        if let (Some(gate), Some(pod), std::net::IpAddr::V4(v4)) = (&self.policy, &pod, ip) {
+            if let Err(e) = gate.admit(v4, pod) {
+                self.undo(&host, &Self::key(env, conf));
+                return Err(CniError::new(TRY_AGAIN_LATER, e));
+            }
+        }
         let plan = match self.plan_for(env, conf, ip) {
             Ok(p) => p,
             Err(e) => {
@@ -256,6 +286,11 @@ impl CniService {
     }
 
     fn undo(&self, host: &str, key: &OwnerKey) {
+        if let (Some(gate), Some(std::net::IpAddr::V4(ip))) =
+            (&self.policy, self.pool().allocator().lookup(key))
+        {
+            gate.release(ip);
+        }
         if let Err(e) = self.dp.link_delete(host) {
             tracing::error!("rollback: {e}");
         }
@@ -269,9 +304,13 @@ impl CniService {
         self.reaper
             .retire(&host)
             .map_err(dp_err("take the host veth out of service"))?;
-        self.pool()
+        let released = self
+            .pool()
             .release(&Self::key(env, conf))
             .map_err(pool_err)?;
+        if let (Some(gate), Some(std::net::IpAddr::V4(ip))) = (&self.policy, released) {
+            gate.release(ip);
+        }
         Ok(())
     }
 

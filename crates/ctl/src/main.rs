@@ -5,6 +5,7 @@ mod bgp;
 mod cluster_demo;
 mod demo;
 mod kube_demo;
+mod policy;
 mod services;
 mod status;
 mod svc_demo;
@@ -72,6 +73,11 @@ enum Cmd {
         #[command(subcommand)]
         what: TraceCmd,
     },
+    /// Network policy on this node.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// BGP on this node.
     Bgp {
         #[command(subcommand)]
@@ -110,6 +116,27 @@ enum TraceCmd {
         /// The agent's status socket.
         #[arg(long, default_value = "/run/trellis/status.sock")]
         socket: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Allowed or denied, and by which tier, policy and rule: a new
+    /// connection from SRC to DST as this node's table decides it.
+    Trace {
+        /// Source address.
+        src: std::net::Ipv4Addr,
+        /// Destination address.
+        dst: std::net::Ipv4Addr,
+        /// `PORT/PROTO` (tcp, udp, sctp); absent: a flow without ports
+        /// (ICMP).
+        port: Option<String>,
+        /// The agent's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:9750")]
+        http: std::net::SocketAddr,
+        /// Output format (table or json).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: status::Output,
     },
 }
 
@@ -316,6 +343,24 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { cmd } => cmd,
         Cmd::Apply { file, store } => return apply::apply(&file, &store.target()?),
         Cmd::Delete { file, store } => return apply::delete(&file, &store.target()?),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Trace {
+                    src,
+                    dst,
+                    port,
+                    http,
+                    output,
+                },
+        } => {
+            let d = policy::fetch(http, src, dst, port.as_deref())?;
+            if output == status::Output::Json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", policy::render(&d, src, dst, port.as_deref()));
+            }
+            return Ok(());
+        }
         Cmd::Trace {
             what: TraceCmd::Svc { name, socket },
         } => {

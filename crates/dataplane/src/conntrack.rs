@@ -164,6 +164,9 @@ fn open() -> Result<Socket, NlError> {
     let tv = nix::sys::time::TimeVal::new(5, 0);
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
         .map_err(NlError::Kernel)?;
+    // and every write one
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SendTimeout, &tv)
+        .map_err(NlError::Kernel)?;
     Ok(sock)
 }
 
@@ -255,8 +258,14 @@ pub fn delete_udp(flows: &[UdpFlows]) -> Result<usize, NlError> {
     if flows.is_empty() {
         return Ok(0);
     }
+    delete_where(&|o, r| flows.iter().any(|f| f.matches(o, r)))
+}
+
+/// Deletes the IPv4 conntrack entries that `pick` (original, reply)
+/// chooses; returns how many went.
+pub fn delete_where(pick: &dyn Fn(&Tuple, &Tuple) -> bool) -> Result<usize, NlError> {
     let sock = open()?;
-    let doomed = dump(&sock, |o, r| flows.iter().any(|f| f.matches(o, r)))?;
+    let doomed = dump(&sock, pick)?;
     let mut deleted = 0;
     for (i, t) in doomed.iter().enumerate() {
         let seq = 2 + i as u32;

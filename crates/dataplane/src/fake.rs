@@ -407,6 +407,19 @@ impl Dataplane for FakeDataplane {
         Ok(flows.len())
     }
 
+    fn local_ipv4(&self) -> Result<Vec<std::net::Ipv4Addr>> {
+        drop(self.enter("local_ipv4")?);
+        Ok(vec![])
+    }
+
+    fn conntrack_delete_where(
+        &self,
+        _pick: &dyn Fn(&crate::conntrack::Tuple, &crate::conntrack::Tuple) -> bool,
+    ) -> Result<usize> {
+        drop(self.enter("conntrack_delete_where")?);
+        Ok(0)
+    }
+
     fn underlay(&self, _ip: IpAddr) -> Result<Option<Underlay>> {
         Ok(self.enter("underlay")?.underlay.clone())
     }

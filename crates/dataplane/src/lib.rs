@@ -12,6 +12,7 @@ pub mod netlink;
 mod nft;
 pub mod nftnl;
 mod overlay;
+pub mod sandbox;
 pub mod sysctl;
 
 pub use fake::{FakeDataplane, FakeLink};
@@ -259,6 +260,16 @@ pub trait Dataplane: Send + Sync {
     /// `conntrack -D -p udp --orig-dst VIP --reply-src ENDPOINT` for each
     /// of `flows`. Returns how many entries went.
     fn conntrack_delete_udp(&self, flows: &[conntrack::UdpFlows]) -> Result<usize>;
+
+    /// The IPv4 addresses of this namespace's interfaces.
+    fn local_ipv4(&self) -> Result<Vec<std::net::Ipv4Addr>>;
+
+    /// Deletes the IPv4 conntrack entries `pick` (original, reply tuple)
+    /// chooses. Returns how many went.
+    fn conntrack_delete_where(
+        &self,
+        pick: &dyn Fn(&conntrack::Tuple, &conntrack::Tuple) -> bool,
+    ) -> Result<usize>;
 
     /// Whether the kernel can make links of `kind` (`ipip`, `vxlan`, ...):
     /// creates a throw-away link `trellis-probe` in this namespace and

@@ -515,6 +515,22 @@ impl Dataplane for LinuxDataplane {
         crate::nft::set_exists(table, set)
     }
 
+    fn local_ipv4(&self) -> Result<Vec<std::net::Ipv4Addr>> {
+        let addrs = nix::ifaddrs::getifaddrs()
+            .map_err(|e| DataplaneError::new("getifaddrs", crate::NlError::Kernel(e)))?;
+        Ok(addrs
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+            .collect())
+    }
+
+    fn conntrack_delete_where(
+        &self,
+        pick: &dyn Fn(&crate::conntrack::Tuple, &crate::conntrack::Tuple) -> bool,
+    ) -> Result<usize> {
+        crate::conntrack::delete_where(pick)
+            .map_err(|e| DataplaneError::new("conntrack -D (flows a policy now denies)", e))
+    }
+
     fn conntrack_delete_udp(&self, flows: &[crate::conntrack::UdpFlows]) -> Result<usize> {
         crate::conntrack::delete_udp(flows)
             .map_err(|e| DataplaneError::new("conntrack -D -p udp --orig-dst --reply-src", e))

@@ -17,7 +17,9 @@ pub mod netns;
 mod pki;
 pub mod state;
 
-pub use lab::{deploy_dir, Backend, Lab, LabOptions, Outcome, PingStream, PodAttach, INTERNET_IP};
+pub use lab::{
+    deploy_dir, Backend, Lab, LabOptions, Outcome, PingStream, PodAttach, PodSpec, INTERNET_IP,
+};
 pub use state::{LabState, NodeState, PodState};
 
 use std::path::PathBuf;

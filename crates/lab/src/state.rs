@@ -32,6 +32,10 @@ pub struct PodState {
     /// Its Pod object's UID (Kubernetes mode).
     #[serde(default)]
     pub uid: Option<String>,
+    /// Its Pod object's namespace and name when not the lab's default
+    /// (`default`, `POD-NODE`).
+    #[serde(default)]
+    pub object: Option<(String, String)>,
 }
 
 /// The whole lab.

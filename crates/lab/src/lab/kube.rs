@@ -14,7 +14,12 @@ use std::time::{Duration, Instant};
 /// The manifests of `deploy/kubernetes/` the lab applies (all but the
 /// DaemonSet and the ConfigMap, which the lab replaces: agents run as
 /// processes in the node namespaces with the DaemonSet's ServiceAccount).
-const MANIFESTS: [&str; 3] = ["00-namespace.yaml", "10-crds.yaml", "20-rbac.yaml"];
+const MANIFESTS: [&str; 4] = [
+    "00-namespace.yaml",
+    "10-crds.yaml",
+    "15-clusternetworkpolicies.yaml",
+    "20-rbac.yaml",
+];
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(20);
 /// The cluster network config the control plane was built with.
 const NET_CONF_FILE: &str = "k8s/net-conf.json";
@@ -22,6 +27,19 @@ const NET_CONF_FILE: &str = "k8s/net-conf.json";
 /// The repository's `deploy/kubernetes/` folder.
 pub fn deploy_dir() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
+}
+
+/// A lab pod's Pod object, when not the lab's default one.
+#[derive(Debug, Clone, Default)]
+pub struct PodSpec {
+    /// Its namespace (created when missing).
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its container ports: (name, protocol, port).
+    pub ports: Vec<(String, String, u16)>,
 }
 
 impl Lab {
@@ -88,6 +106,7 @@ impl Lab {
             "crd/bgpconfigurations.trellis.dev",
             "crd/bgppeers.trellis.dev",
             "crd/nodes.trellis.dev",
+            "crd/clusternetworkpolicies.policy.networking.k8s.io",
         ])?;
         cp.agent_kubeconfig(&self.etcd_ns())?;
         Ok(())
@@ -248,15 +267,37 @@ impl Lab {
         format!("{pod}-{node}")
     }
 
-    /// Creates the Pod object of lab pod `pod`, bound to `node` (retrying
-    /// while the namespace's ServiceAccount does not exist yet); returns
-    /// its UID.
-    pub(super) fn create_pod_object(&self, node: &str, pod: &str) -> anyhow::Result<String> {
+    /// Creates the Pod object of lab pod `pod` as `spec` says (the lab's
+    /// default: `default/POD-NODE`, label `app: POD`), bound to `node`
+    /// (retrying while the namespace's ServiceAccount does not exist yet);
+    /// returns its UID.
+    pub(super) fn create_pod_object(
+        &self,
+        node: &str,
+        pod: &str,
+        spec: Option<&PodSpec>,
+    ) -> anyhow::Result<String> {
+        let (ns, name) = match spec {
+            Some(s) => (s.namespace.clone(), s.name.clone()),
+            None => ("default".to_string(), Self::pod_object(node, pod)),
+        };
+        let labels = match spec {
+            Some(s) => serde_json::to_value(&s.labels)?,
+            None => serde_json::json!({"app": pod}),
+        };
+        let ports: Vec<serde_json::Value> = spec
+            .map(|s| s.ports.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|(n, proto, port)| {
+                serde_json::json!({"name": n, "protocol": proto, "containerPort": port})
+            })
+            .collect();
         let p = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": Self::pod_object(node, pod), "namespace": "default", "labels": {"app": pod}},
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
             "spec": {"nodeName": node, "automountServiceAccountToken": false,
-                     "containers": [{"name": "c", "image": "lab.invalid/pause"}]},
+                     "containers": [{"name": "c", "image": "lab.invalid/pause", "ports": ports}]},
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -273,8 +314,8 @@ impl Lab {
         }
     }
 
-    /// Reports the pod running and ready with `ip`, as a kubelet does.
-    pub(super) fn mark_pod_ready(&self, pod: &str, ip: &str) -> anyhow::Result<()> {
+    /// Reports Pod `ns/pod` running and ready with `ip`, as a kubelet does.
+    pub(super) fn mark_pod_ready(&self, ns: &str, pod: &str, ip: &str) -> anyhow::Result<()> {
         let status = serde_json::json!({"status": {
             "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
             "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
@@ -283,7 +324,7 @@ impl Lab {
         }});
         self.kubectl(&[
             "-n",
-            "default",
+            ns,
             "patch",
             "pod",
             pod,
@@ -295,11 +336,11 @@ impl Lab {
         .map(drop)
     }
 
-    /// Deletes the Pod object (no grace: there is no kubelet to wait for).
-    pub(super) fn delete_pod_object(&self, pod: &str) -> anyhow::Result<()> {
+    /// Deletes Pod `ns/pod` (no grace: there is no kubelet to wait for).
+    pub(super) fn delete_pod_object(&self, ns: &str, pod: &str) -> anyhow::Result<()> {
         self.kubectl(&[
             "-n",
-            "default",
+            ns,
             "delete",
             "pod",
             pod,

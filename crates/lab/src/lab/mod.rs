@@ -9,7 +9,7 @@ mod processes;
 mod services;
 mod traffic;
 
-pub use kube::deploy_dir;
+pub use kube::{deploy_dir, PodSpec};
 pub use services::{Backend, Outcome};
 pub use traffic::PingStream;
 

@@ -39,6 +39,7 @@ impl Lab {
             .and_then(|p| p.uid.clone())
             .map(|u| format!(";K8S_POD_UID={u}"))
             .unwrap_or_default();
+        let (obj_ns, obj) = self.pod_object_of(node, pod);
         vec![
             ("CNI_COMMAND".into(), command.into()),
             ("CNI_CONTAINERID".into(), ns.clone()),
@@ -51,9 +52,8 @@ impl Lab {
             (
                 "CNI_ARGS".into(),
                 format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};\
-                     K8S_POD_INFRA_CONTAINER_ID={ns}{uid}",
-                    Self::pod_object(node, pod)
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={obj_ns};K8S_POD_NAME={obj};\
+                     K8S_POD_INFRA_CONTAINER_ID={ns}{uid}"
                 ),
             ),
         ]
@@ -74,6 +74,28 @@ impl Lab {
 
     /// Creates pod `pod`'s namespace on `node` and attaches it in `mode`.
     pub fn add_pod(&mut self, node: &str, pod: &str, mode: &str) -> anyhow::Result<PodAttach> {
+        self.add_pod_as(node, pod, mode, None)
+    }
+
+    /// The namespace and name of lab pod `pod`'s Pod object.
+    pub fn pod_object_of(&self, node: &str, pod: &str) -> (String, String) {
+        self.st
+            .pods
+            .iter()
+            .find(|p| p.node == node && p.name == pod)
+            .and_then(|p| p.object.clone())
+            .unwrap_or_else(|| ("default".into(), Self::pod_object(node, pod)))
+    }
+
+    /// Like [`Lab::add_pod`], with the Pod object `spec` says
+    /// (Kubernetes mode).
+    pub fn add_pod_as(
+        &mut self,
+        node: &str,
+        pod: &str,
+        mode: &str,
+        spec: Option<&super::kube::PodSpec>,
+    ) -> anyhow::Result<PodAttach> {
         self.node(node)?;
         let ns = self.pod_ns(node, pod);
         ip(&["netns", "add", &ns])?;
@@ -83,10 +105,11 @@ impl Lab {
             mode: mode.into(),
             ip: String::new(),
             uid: None,
+            object: spec.map(|s| (s.namespace.clone(), s.name.clone())),
         });
         self.save()?;
         if self.st.kubernetes {
-            let uid = self.create_pod_object(node, pod)?;
+            let uid = self.create_pod_object(node, pod, spec)?;
             if let Some(p) = self
                 .st
                 .pods
@@ -123,7 +146,8 @@ impl Lab {
         }
         self.save()?;
         if self.st.kubernetes {
-            self.mark_pod_ready(&Self::pod_object(node, pod), &ip)?;
+            let (ns, name) = self.pod_object_of(node, pod);
+            self.mark_pod_ready(&ns, &name, &ip)?;
         }
         Ok(PodAttach {
             address,
@@ -151,7 +175,8 @@ impl Lab {
         }
         ip(&["netns", "del", &self.pod_ns(node, pod)])?;
         if self.st.kubernetes {
-            self.delete_pod_object(&Self::pod_object(node, pod))?;
+            let (ns, name) = self.pod_object_of(node, pod);
+            self.delete_pod_object(&ns, &name)?;
         }
         self.st.pods.retain(|p| !(p.node == node && p.name == pod));
         self.save()?;

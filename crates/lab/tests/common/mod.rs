@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bgp;
+pub mod netpol;
 
 use serde_json::Value;
 use std::time::Duration;

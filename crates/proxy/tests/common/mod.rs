@@ -1,8 +1,8 @@
 //! Fixtures and the kernel check shared by the proxy's tests.
 #![allow(dead_code, missing_docs)]
 
-use std::io::Write;
 use std::process::{Command, Stdio};
+use trellis_dataplane::sandbox;
 use trellis_proxy::{
     Endpoint, NodeFacts, Protocol, Service, ServicePort, ServiceType, Slice, SlicePort,
 };
@@ -84,40 +84,18 @@ pub fn cannot_run(why: &str) -> bool {
 /// proxy's table, normalized (no handles, elements sorted). `Err` names
 /// the script the kernel refused. `None` when it cannot run here.
 pub fn apply_in_netns(scripts: &[String]) -> Option<Result<String, String>> {
-    if !nix_is_root() {
+    if !sandbox::is_root() {
         cannot_run("applying nft scripts needs root (a private network namespace)");
         return None;
     }
-    let dir = tempdir();
-    let mut cmd = String::from("set -e\n");
-    for (i, s) in scripts.iter().enumerate() {
-        let f = format!("{dir}/{i}.nft");
-        std::fs::write(&f, s).expect("write script");
-        cmd.push_str(&format!(
-            "nft -f {f} || {{ echo \"script {i} refused\" >&2; exit 3; }}\n"
-        ));
-    }
-    cmd.push_str(&format!(
-        "nft -j list table inet {}\n",
-        trellis_proxy::TABLE
-    ));
-    let out = Command::new("timeout")
-        .args(["60", "unshare", "--net", "sh", "-c", &cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("unshare");
-    let _ = std::fs::remove_dir_all(&dir);
-    if !out.status.success() {
-        return Some(Err(String::from_utf8_lossy(&out.stderr).to_string()));
-    }
-    Some(Ok(normalize(&String::from_utf8_lossy(&out.stdout))))
+    Some(sandbox::apply_in_netns(trellis_proxy::TABLE, scripts))
 }
 
 /// Like [`apply_in_netns`], but each script goes to the kernel as one
 /// nf_tables batch over netlink (the agent's way), compiled by
 /// `trellis_dataplane::nftnl`; `nft` only lists the result.
 pub fn apply_netlink_in_netns(scripts: &[String]) -> Option<Result<String, String>> {
-    if !nix_is_root() {
+    if !sandbox::is_root() {
         cannot_run("applying over netlink needs root (a private network namespace)");
         return None;
     }
@@ -159,83 +137,18 @@ pub fn apply_netlink_in_netns(scripts: &[String]) -> Option<Result<String, Strin
     )
 }
 
-fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn tempdir() -> String {
-    let d = std::env::temp_dir().join(format!(
-        "trellis-proxy-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).expect("tempdir");
-    d.display().to_string()
-}
-
-/// `nft -j` output without handles, set elements sorted, objects sorted
-/// (rules keep their order within their chain).
+/// `nft -j` output normalized ([`sandbox::normalize`]).
 pub fn normalize(json: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(json).expect("nft json");
-    let mut objs: Vec<String> = Vec::new();
-    let mut position: std::collections::HashMap<String, usize> = Default::default();
-    for o in v["nftables"].as_array().into_iter().flatten() {
-        let mut o = o.clone();
-        if o.get("metainfo").is_some() {
-            continue;
-        }
-        for (_, inner) in o.as_object_mut().expect("object").iter_mut() {
-            if let Some(m) = inner.as_object_mut() {
-                m.remove("handle");
-                if let Some(serde_json::Value::Array(elems)) = m.get_mut("elem") {
-                    elems.sort_by_key(|e| e.to_string());
-                }
-            }
-        }
-        if let Some(r) = o.get_mut("rule") {
-            let chain = r["chain"].as_str().unwrap_or_default().to_string();
-            let n = position.entry(chain).or_default();
-            r["position"] = serde_json::json!(*n);
-            *n += 1;
-        }
-        objs.push(o.to_string());
-    }
-    objs.sort();
-    objs.join("\n")
+    sandbox::normalize(json).expect("nft json")
 }
 
 /// Feeds `script` to `nft -c` (check only, in a private namespace).
 pub fn nft_check(script: &str) -> Option<Result<(), String>> {
-    if !nix_is_root() {
+    if !sandbox::is_root() {
         cannot_run("nft -c needs root");
         return None;
     }
-    let mut child = Command::new("timeout")
-        .args(["60", "unshare", "--net", "nft", "-c", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("nft");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("nft");
-    Some(if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    })
+    Some(sandbox::nft_check(script))
 }
 
 /// Panics with the lines only one of `a` and `b` has (normalized tables).

@@ -1,0 +1,410 @@
+//! NetworkPolicy and ClusterNetworkPolicy in a Kubernetes-mode lab: the
+//! upstream `Netpol` probe matrix (namespaces x, y, z; pods a, b, c over
+//! two nodes; TCP and UDP 80 and 81; every pod probing every pod), each
+//! scenario's expectation from the independent model of
+//! `common::netpol`, never from trellis. SCTP: the kernel here has no SCTP
+//! sockets (`CONFIG_IP_SCTP` unset), so no SCTP server can answer; the
+//! render tests check SCTP rules load and the model tests that they do
+//! not match TCP.
+
+mod common;
+use common::netpol::World;
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use trellis_lab::Outcome;
+
+const CONVERGE: Duration = Duration::from_secs(10);
+
+fn np(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+fn cnp(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+#[test]
+fn network_policies_match_the_model() {
+    if !kubernetes("network_policies_match_the_model") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 2);
+    let mut w = World::build(&mut lab);
+    w.check(&lab, "no policy", CONVERGE);
+
+    // default deny ingress in x
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "deny-in",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        ),
+    );
+    w.check(&lab, "default-deny-ingress", CONVERGE);
+    // the pod's own node always reaches it (kubelet probes)
+    let xa = w.pod("x", "a").clone();
+    let node_ns = lab.ns(&xa.node);
+    assert!(
+        matches!(
+            lab.probe_tcp(&node_ns, sa(&xa.ip.to_string(), 80), Duration::from_secs(2)),
+            Outcome::Answered { .. }
+        ),
+        "the node reaches its pod under default deny"
+    );
+    // allow x/a from pods b of the same namespace, on TCP 80 only
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "a-from-b",
+            json!({
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                     "ports": [{"port": 80}]}]}),
+        ),
+    );
+    w.check(&lab, "podSelector in the same namespace", CONVERGE);
+    // the trace names what decided, from the table x/a's node loaded
+    let trace = |src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, port: &str| -> String {
+        let mut c = std::process::Command::new(lab.bin_dir().join("trellisctl"));
+        c.args(["policy", "trace", &src.to_string(), &dst.to_string(), port]);
+        trellis_lab::exec::check(
+            c,
+            Some(&trellis_lab::netns::path(&lab.ns(&xa.node))),
+            Duration::from_secs(10),
+        )
+        .expect("trellisctl policy trace")
+    };
+    let (xb, ya) = (w.pod("x", "b").ip, w.pod("y", "a").ip);
+    let t = trace(xb, xa.ip, "80/tcp");
+    assert!(
+        t.starts_with("ALLOWED") && t.contains("NetworkPolicy x/a-from-b rule 0"),
+        "{t}"
+    );
+    let t = trace(ya, xa.ip, "81/tcp");
+    assert!(
+        t.starts_with("DENIED") && t.contains("x/a-from-b,x/deny-in"),
+        "{t}"
+    );
+    // namespaceSelector only, and pod AND namespace in one peer
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "from-y",
+            json!({
+        "podSelector": {"matchLabels": {"pod": "b"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        ),
+    );
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "c-from-z-a",
+            json!({
+        "podSelector": {"matchLabels": {"pod": "c"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}},
+                               "podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+        ),
+    );
+    w.check(&lab, "namespaceSelector; pod AND namespace", CONVERGE);
+    // matchExpressions, named ports, UDP only, endPort
+    w.apply(&lab, np("y", "exprs", json!({
+        "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]},
+        "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                        {"key": "ns", "operator": "NotIn", "values": ["x"]}]}}],
+                     "ports": [{"protocol": "TCP", "port": "serve-81-tcp"},
+                               {"protocol": "UDP", "port": 80, "endPort": 81}]}]})));
+    w.check(&lab, "matchExpressions, named port, endPort, UDP", CONVERGE);
+    // labels change: a pod's and a namespace's
+    w.label_pod(&lab, "x", "b", "pod", Some("bb"));
+    w.label_namespace(&lab, "z", "ns", Some("zz"));
+    w.check(&lab, "pod and namespace labels updated", CONVERGE);
+    w.label_pod(&lab, "x", "b", "pod", Some("b"));
+    w.label_namespace(&lab, "z", "ns", Some("z"));
+    // egress: deny all from z, then allow to a CIDR with an exception and
+    // to the kubernetes.io/metadata.name of y
+    let yb = w.pod("y", "b").ip;
+    w.apply(&lab, np("z", "egress", json!({
+        "podSelector": {}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.244.0.0/16", "except": [format!("{yb}/32")]}}],
+                    "ports": [{"port": 81}]},
+                   {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}],
+                    "ports": [{"protocol": "UDP", "port": "serve-80-udp"}]}]})));
+    w.check(
+        &lab,
+        "egress to a CIDR with except, named egress port",
+        CONVERGE,
+    );
+    // a policy updated, then all deleted: enforcement stops
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "deny-in",
+            json!({"podSelector": {"matchLabels": {"pod": "c"}},
+        "policyTypes": ["Ingress", "Egress"]}),
+        ),
+    );
+    w.check(&lab, "policy updated", CONVERGE);
+    w.clear(&lab);
+    w.check(&lab, "every policy deleted", CONVERGE);
+}
+
+#[test]
+fn cluster_network_policy_tiers_match_the_model() {
+    if !kubernetes("cluster_network_policy_tiers_match_the_model") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 2);
+    let mut w = World::build(&mut lab);
+    // Baseline: deny ingress from z everywhere
+    w.apply(
+        &lab,
+        cnp(
+            "base-deny-z",
+            json!({"tier": "Baseline", "priority": 10,
+        "subject": {"namespaces": {}},
+        "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"ns": "z"}}}]}]}),
+        ),
+    );
+    w.check(&lab, "baseline deny", CONVERGE);
+    // a NetworkPolicy in x: the baseline no longer applies there
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "allow-80",
+            json!({"podSelector": {},
+        "ingress": [{"ports": [{"port": 80}, {"protocol": "UDP", "port": 80}]}]}),
+        ),
+    );
+    w.check(&lab, "NetworkPolicy over the baseline", CONVERGE);
+    // Admin: deny y -> x on TCP 80 first (priority 1), pass z (priority 5),
+    // accept everything to x on 81 (priority 9)
+    w.apply(
+        &lab,
+        cnp(
+            "adm-deny",
+            json!({"tier": "Admin", "priority": 1,
+        "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+        "ingress": [{"name": "no-y-80", "action": "Deny",
+                     "from": [{"namespaces": {"matchLabels": {"ns": "y"}}}],
+                     "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}),
+        ),
+    );
+    w.apply(
+        &lab,
+        cnp(
+            "adm-pass",
+            json!({"tier": "Admin", "priority": 5,
+        "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+        "ingress": [{"action": "Pass", "from": [{"namespaces": {"matchLabels": {"ns": "z"}}}]}]}),
+        ),
+    );
+    w.apply(&lab, cnp("adm-accept", json!({"tier": "Admin", "priority": 9,
+        "subject": {"pods": {"namespaceSelector": {"matchLabels": {"ns": "x"}}, "podSelector": {}}},
+        "ingress": [{"action": "Accept",
+                     "from": [{"pods": {"namespaceSelector": {}, "podSelector": {}}}],
+                     "protocols": [{"tcp": {"destinationPort": {"range": {"start": 81, "end": 82}}}},
+                                   {"destinationNamedPort": "serve-81-udp"}]}]})));
+    w.check(
+        &lab,
+        "admin deny, pass, accept over NetworkPolicy and baseline",
+        CONVERGE,
+    );
+    // Admin egress: deny x -> the y network on UDP
+    let net = format!("{}/32", w.pod("y", "c").ip);
+    w.apply(&lab, cnp("adm-egress", json!({"tier": "Admin", "priority": 2,
+        "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+        "egress": [{"action": "Deny", "to": [{"networks": [net]}],
+                    "protocols": [{"udp": {"destinationPort": {"range": {"start": 80, "end": 81}}}}]}]})));
+    w.check(&lab, "admin egress to a network", CONVERGE);
+    w.clear(&lab);
+    w.check(&lab, "all deleted", CONVERGE);
+}
+
+#[test]
+fn a_new_pod_is_policed_from_its_first_packet() {
+    if !kubernetes("a_new_pod_is_policed_from_its_first_packet") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 2);
+    let w = World::build(&mut lab);
+    let mut w = w;
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "deny-egress",
+            json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+        ),
+    );
+    w.check(&lab, "default deny egress in x", CONVERGE);
+    // a new pod of x: its first packet, sent the moment ADD returns, is
+    // already dropped
+    let target = w.pod("y", "a").clone();
+    let spec = trellis_lab::PodSpec {
+        namespace: "x".into(),
+        name: "new".into(),
+        labels: [("pod".to_string(), "new".to_string())].into(),
+        ports: vec![],
+    };
+    lab.add_pod_as("n1", "xnew", "", Some(&spec))
+        .expect("new pod");
+    let ns = lab.pod_ns("n1", "xnew");
+    let first = lab.probe_udp(
+        &ns,
+        sa(&target.ip.to_string(), 80),
+        0,
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        first,
+        Outcome::TimedOut,
+        "the first packet of a new pod under default-deny egress"
+    );
+    // and a pod of y is open at once
+    let spec = trellis_lab::PodSpec {
+        namespace: "y".into(),
+        name: "new".into(),
+        labels: [("pod".to_string(), "new".to_string())].into(),
+        ports: vec![],
+    };
+    lab.add_pod_as("n1", "ynew", "", Some(&spec))
+        .expect("new pod");
+    let ns = lab.pod_ns("n1", "ynew");
+    assert!(matches!(
+        lab.probe_udp(
+            &ns,
+            sa(&target.ip.to_string(), 80),
+            0,
+            Duration::from_secs(2)
+        ),
+        Outcome::Answered { .. }
+    ));
+}
+
+/// An echo server on `port` in lab pod `pod` of `node`, one connection.
+fn echo_server(
+    lab: &trellis_lab::Lab,
+    node: &str,
+    pod: &str,
+    port: u16,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let ns = trellis_lab::netns::path(&lab.pod_ns(node, pod));
+    let l = trellis_lab::netns::within(&ns, || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .expect("enter pod")
+        .expect("listen");
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// One round trip on `c` within `wait`.
+fn echoes(c: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::{Read, Write};
+    let _ = c.set_read_timeout(Some(wait));
+    if c.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).is_ok() && &buf == b"ping"
+}
+
+#[test]
+fn established_connections_survive_unrelated_changes_and_stop_when_denied() {
+    if !kubernetes("established_connections_survive_unrelated_changes_and_stop_when_denied") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 2);
+    let mut w = World::build(&mut lab);
+    let (xa, ya) = (w.pod("x", "a").clone(), w.pod("y", "a").clone());
+    assert_ne!(xa.node, ya.node, "across nodes");
+    let server = echo_server(&lab, &xa.node, &xa.lab, 7000);
+    let ns = trellis_lab::netns::path(&lab.pod_ns(&ya.node, &ya.lab));
+    let to = sa(&xa.ip.to_string(), 7000);
+    let mut c = trellis_lab::netns::within(&ns, || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+    })
+    .expect("enter pod")
+    .expect("connect");
+    assert!(
+        echoes(&mut c, Duration::from_secs(2)),
+        "the connection works"
+    );
+    // an unrelated policy (z isolated) and one that still allows y -> x/a
+    w.apply(
+        &lab,
+        np(
+            "z",
+            "deny-in",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        ),
+    );
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "allow-y",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        ),
+    );
+    w.check(&lab, "allowed", CONVERGE);
+    assert!(
+        echoes(&mut c, Duration::from_secs(2)),
+        "survives the unrelated and the allowing change"
+    );
+    // now y -> x/a is denied: the established connection stops within 1 s
+    let t0 = std::time::Instant::now();
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "allow-y",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}),
+        ),
+    );
+    let mut stopped = None;
+    while t0.elapsed() < Duration::from_secs(5) {
+        if !echoes(&mut c, Duration::from_millis(150)) {
+            stopped = Some(t0.elapsed());
+            break;
+        }
+    }
+    let stopped = stopped.expect("the denied connection goes on");
+    assert!(
+        stopped <= Duration::from_secs(1),
+        "stopped after {stopped:?}"
+    );
+    // and it does not come back
+    let mut buf = [0u8; 16];
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let late = std::io::Read::read(&mut c, &mut buf);
+    assert!(
+        !matches!(late, Ok(n) if n > 0),
+        "an echo came through after the cut: {late:?}"
+    );
+    w.check(&lab, "denied", CONVERGE);
+    drop(c);
+    drop(server);
+}
