@@ -298,7 +298,7 @@ impl ProxyController {
                 let changed = if whole {
                     Changed::All
                 } else {
-                    Changed::Some(plan.fragments().iter().map(|(k, _)| k.clone()).collect())
+                    Changed::Some(plan.keys().to_vec())
                 };
                 self.proxy.applied(plan);
                 if journaled {

@@ -195,7 +195,7 @@ impl Journal {
     pub fn begin<'a>(
         &mut self,
         full: Option<u32>,
-        puts: impl IntoIterator<Item = (&'a str, Inputs, Option<&'a Fragment>)>,
+        puts: impl IntoIterator<Item = (&'a str, Inputs, Option<Fragment>)>,
         same: &[(String, Inputs)],
     ) {
         let mut buf = Vec::new();
@@ -210,7 +210,12 @@ impl Journal {
             line(&mut buf, &Rec::Full(stamp));
         }
         for (k, i, f) in puts {
-            line(&mut buf, &Rec::Put(k, i, f));
+            line(&mut buf, &Rec::Put(k, i, f.as_ref()));
+            // written as it grows: a full plan's records never all at once
+            if buf.len() >= 1 << 20 {
+                self.append(&buf);
+                buf.clear();
+            }
         }
         for (k, i) in same {
             line(&mut buf, &Rec::Same(k, *i));
@@ -294,13 +299,16 @@ mod tests {
         let (f1, f2, f3, f5) = (frag(1), frag(2), frag(3), frag(5));
         j.begin(
             Some(7),
-            [("a/x", (1, 1), Some(&f1)), ("a/y", (2, 2), Some(&f2))],
+            [
+                ("a/x", (1, 1), Some(f1.clone())),
+                ("a/y", (2, 2), Some(f2.clone())),
+            ],
             &[],
         );
         j.done(true, Vec::new);
         j.begin(None, [("a/x", (0, 0), None)], &[]);
         j.done(false, Vec::new);
-        j.begin(None, [("a/y", (5, 5), Some(&f5))], &[]);
+        j.begin(None, [("a/y", (5, 5), Some(f5.clone()))], &[]);
         j.abort();
         let (_, saved) = Journal::open(path.clone());
         assert_eq!(saved, Ok(Some((7, vec![r("a/y", (2, 2), frag(2))]))));
@@ -321,7 +329,7 @@ mod tests {
         assert_eq!(saved, Ok(Some((4, vec![r("a/w", (0, 0), frag(2))]))));
         // records without their Done: the journal says nothing sure
         let (mut j, _) = Journal::open(path.clone());
-        j.begin(None, [("a/z", (3, 3), Some(&f3))], &[]);
+        j.begin(None, [("a/z", (3, 3), Some(f3.clone()))], &[]);
         let (_, saved) = Journal::open(path.clone());
         assert!(saved.expect_err("unconfirmed").contains("never confirmed"));
         // a fragment of another shape (another version's) names its Service
@@ -349,10 +357,10 @@ mod tests {
             notes: vec!["n".repeat(100_000)],
             ..Default::default()
         };
-        j.begin(Some(3), [(key.as_str(), (3, 3), Some(&big))], &[]);
+        j.begin(Some(3), [(key.as_str(), (3, 3), Some(big.clone()))], &[]);
         j.done(true, Vec::new);
         for _ in 0..40 {
-            j.begin(None, [(key.as_str(), (4, 4), Some(&big))], &[]);
+            j.begin(None, [(key.as_str(), (4, 4), Some(big.clone()))], &[]);
             j.done(false, || vec![(&key, (4, 4), big.clone())]);
         }
         let size = std::fs::metadata(&path).expect("meta").len();

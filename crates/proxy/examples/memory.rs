@@ -11,12 +11,14 @@ use trellis_proxy::{
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY-free by construction: every call goes to `System`, only a counter is added
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
         // SAFETY: the caller's contract is passed on unchanged
         unsafe { System.alloc(l) }
     }
@@ -97,13 +99,14 @@ fn main() {
     let plan = p.plan();
     let script: usize = plan.script.len();
     let with_plan = mb();
-    drop(plan);
+    p.applied(plan);
     let after = mb();
     println!(
-        "services={n} inputs_mb={:.1} plan_held_mb={:.1} script_mb={:.1} state_after_plan_mb={:.1}",
+        "services={n} inputs_mb={:.1} plan_held_mb={:.1} script_mb={:.1} state_applied_mb={:.1} peak_mb={:.1}",
         inputs - base,
         with_plan - base,
         script as f64 / 1e6,
-        after - base
+        after - base,
+        PEAK.load(Ordering::Relaxed) as f64 / 1e6 - base
     );
 }

@@ -42,8 +42,11 @@ pub struct Plan {
     /// a Service port that is served now but was not (created un-NATed
     /// before, e.g. while the agent was down).
     pub stale_udp: Vec<UdpFlows>,
-    fragments: Vec<(String, Option<Fragment>)>,
-    /// the same, compact (what [`Proxy::applied`] keeps)
+    /// the Services it renders again
+    keys: Vec<String>,
+    /// ... as the kernel will hold them, compact (`None`: gone); a plan
+    /// keeps no uncompressed fragment (at 30,000 Services they took 200
+    /// MB at the peak of a full plan)
     stored: Vec<Option<Stored>>,
     /// what each was rendered from
     inputs: Vec<Inputs>,
@@ -59,10 +62,9 @@ pub struct Plan {
 type Picks = BTreeMap<String, usize>;
 
 impl Plan {
-    /// The Services this plan renders, as the kernel will hold them once
-    /// it is applied (`None`: gone) — what a journal records.
-    pub fn fragments(&self) -> &[(String, Option<Fragment>)] {
-        &self.fragments
+    /// The Services this plan renders again.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
     }
 
     /// Services whose fragment did not change but whose inputs' new
@@ -71,12 +73,16 @@ impl Plan {
         &self.refreshed
     }
 
-    /// The same with the fingerprint of what each was rendered from.
-    pub fn records(&self) -> impl Iterator<Item = (&str, Inputs, Option<&Fragment>)> + '_ {
-        self.fragments
+    /// The Services this plan renders, as the kernel will hold them once
+    /// it is applied (`None`: gone), with the fingerprint of what each was
+    /// rendered from — what a journal records. Each is unpacked as the
+    /// iterator reaches it.
+    pub fn records(&self) -> impl Iterator<Item = (&str, Inputs, Option<Fragment>)> + '_ {
+        self.keys
             .iter()
+            .zip(&self.stored)
             .zip(&self.inputs)
-            .map(|((k, f), i)| (k.as_str(), *i, f.as_ref()))
+            .map(|((k, f), i)| (k.as_str(), *i, f.as_ref().map(Stored::get)))
     }
 }
 
@@ -103,6 +109,101 @@ pub struct Proxy {
     picks: Picks,
     full: bool,
     stamp: u32,
+}
+
+/// The whole-table script of a full plan, written a fragment at a time.
+struct FullScript {
+    decl: String,
+    rules: String,
+    elements: BTreeMap<String, Vec<String>>,
+}
+
+impl FullScript {
+    /// The fixed parts of both tables.
+    fn new(node: &NodeFacts) -> Self {
+        let mut decl = base::sets(node);
+        let mut rules = String::new();
+        for (name, hook, body) in base::chains(node) {
+            if hook.is_empty() {
+                let _ = writeln!(decl, "add chain inet {TABLE} {name}");
+            } else {
+                let _ = writeln!(decl, "add chain inet {TABLE} {name} {{ {hook} }}");
+            }
+            for r in body {
+                let _ = writeln!(rules, "add rule inet {TABLE} {name} {r}");
+            }
+        }
+        for (name, hook, body) in base::pick_chains() {
+            let _ = writeln!(decl, "add chain inet {PICK_TABLE} {name} {{ {hook} }}");
+            for r in body {
+                let _ = writeln!(rules, "add rule inet {PICK_TABLE} {name} {r}");
+            }
+        }
+        Self {
+            decl,
+            rules,
+            elements: BTreeMap::new(),
+        }
+    }
+
+    /// One Service's objects.
+    fn add(&mut self, f: &Fragment) {
+        script::full(f, &mut self.decl, &mut self.rules, &mut self.elements);
+    }
+
+    /// The script: the shared maps' owners, the pick chains in use, the
+    /// stamps; both tables replaced in one transaction.
+    fn finish(
+        self,
+        claims: &HashMap<(Shared, String), Claimants>,
+        owned: &HashMap<(Shared, String), String>,
+        picks: &Picks,
+        stamp: u32,
+    ) -> String {
+        let Self {
+            mut decl,
+            mut rules,
+            mut elements,
+        } = self;
+        for c in picks.keys() {
+            let _ = writeln!(decl, "add chain inet {PICK_TABLE} {c}");
+            for r in render::pick_rules(c).unwrap_or_default() {
+                let _ = writeln!(rules, "add rule inet {PICK_TABLE} {c} {r}");
+            }
+        }
+        let mut shared: Vec<(Shared, &String, &str)> = claims
+            .iter()
+            .filter_map(|((kind, key), v)| v.first().map(|(_, value)| (*kind, key, &**value)))
+            .chain(
+                owned
+                    .iter()
+                    .map(|((kind, key), v)| (*kind, key, v.as_str())),
+            )
+            .collect();
+        shared.sort();
+        for (kind, key, value) in shared {
+            let (set, el) = script::shared_element(kind, key, value);
+            elements.entry(set).or_default().push(el);
+        }
+        for (t, set) in [(TABLE, base::STAMP), (PICK_TABLE, base::PICK_STAMP)] {
+            let _ = writeln!(decl, "add element inet {t} {set} {{ {stamp:#010x} }}");
+        }
+        // the tables go and come back in the same transaction: nothing
+        // of an earlier table survives, and no packet sees them half made
+        let mut out = String::with_capacity(decl.len() + rules.len() * 2);
+        for t in [TABLE, PICK_TABLE] {
+            let _ = writeln!(
+                out,
+                "add table inet {t}\ndelete table inet {t}\nadd table inet {t}"
+            );
+        }
+        out.push_str(&decl);
+        drop(decl);
+        script::element_lines(&mut out, &elements);
+        drop(elements);
+        out.push_str(&rules);
+        out
+    }
 }
 
 /// A Service's slices, sorted.
@@ -156,6 +257,7 @@ impl Proxy {
         self.claims.clear();
         self.ids = Ids::default();
         let mut restored_ids = Vec::new();
+        let mut picks = Picks::new();
         for stored::Restored {
             key,
             inputs,
@@ -169,6 +271,12 @@ impl Proxy {
             }
             let who: Claimant = Arc::from(key.as_str());
             for (kind, k, v) in &shared {
+                if kind.owned() {
+                    if *kind == Shared::Pickers {
+                        count_pick(&mut picks, Some(v), 1);
+                    }
+                    continue;
+                }
                 let e = self.claims.entry((*kind, k.clone())).or_default();
                 match e.binary_search_by(|(svc, _)| (**svc).cmp(key.as_str())) {
                     Ok(i) => e[i].1 = v.as_str().into(),
@@ -188,7 +296,7 @@ impl Proxy {
             self.ids.restore(&chain, id);
         }
         self.ids.settle();
-        self.picks = picks_of(&self.claims);
+        self.picks = picks;
         self.full = false;
         // every known Service is compared with what the kernel holds
         self.dirty.extend(self.applied.keys().cloned());
@@ -357,6 +465,13 @@ impl Proxy {
         // owns it — whatever the order things happened in
         let mut claims: HashMap<(Shared, String), Claimants> = HashMap::new();
         let empty = Fragment::default();
+        // a full plan writes each fragment into the script as it comes
+        let mut whole = full.then(|| FullScript::new(&self.node));
+        // entries of the maps keyed by chain id: what this plan's old and
+        // new fragments hold (an id freed and taken again within the plan
+        // shows in both)
+        let mut owned_old: HashMap<(Shared, String), String> = HashMap::new();
+        let mut owned_new: HashMap<(Shared, String), String> = HashMap::new();
         for key in &keys {
             let inputs = self.fingerprint(key);
             // applied from these very inputs (a restart, a relist): the
@@ -397,7 +512,11 @@ impl Proxy {
                 plan.stale_udp.extend(udp_endpoints(Some(o), &lost));
             }
             plan.stale_udp.extend(udp_fresh(old, new.as_ref()));
-            for (kind, k, _) in old.map(|o| o.shared.as_slice()).unwrap_or_default() {
+            for (kind, k, v) in old.map(|o| o.shared.as_slice()).unwrap_or_default() {
+                if kind.owned() {
+                    owned_old.insert((*kind, k.clone()), v.clone());
+                    continue;
+                }
                 claim_entry(
                     &mut claims,
                     &self.claims,
@@ -412,6 +531,10 @@ impl Proxy {
                 .map(|n| n.shared.as_slice())
                 .unwrap_or_default()
             {
+                if kind.owned() {
+                    owned_new.insert((*kind, k.clone()), val.clone());
+                    continue;
+                }
                 let v = claim_entry(
                     &mut claims,
                     &self.claims,
@@ -424,15 +547,43 @@ impl Proxy {
                     Err(i) => v.insert(i, (who.clone(), val.as_str().into())),
                 }
             }
-            plan.fragments.push((key.clone(), new));
+            if let (Some(w), Some(f)) = (whole.as_mut(), new.as_ref()) {
+                w.add(f);
+            }
+            plan.keys.push(key.clone());
             plan.stored.push(stored);
             plan.inputs.push(inputs);
         }
-        if full {
-            plan.script = self.full_script(&plan.fragments, &claims);
-            plan.picks = Some(picks_of(&claims));
+        if let Some(w) = whole {
+            let mut picks = Picks::new();
+            for ((kind, _), v) in &owned_new {
+                if *kind == Shared::Pickers {
+                    count_pick(&mut picks, Some(v), 1);
+                }
+            }
+            plan.script = w.finish(&claims, &owned_new, &picks, self.stamp);
+            plan.picks = Some(picks);
         } else {
             let mut picks = self.picks.clone();
+            // the id-keyed entries: deleted, replaced, added
+            let mut keys: BTreeSet<&(Shared, String)> = owned_old.keys().collect();
+            keys.extend(owned_new.keys());
+            for t in keys {
+                let (before, after) = (owned_old.get(t), owned_new.get(t));
+                if before == after {
+                    continue;
+                }
+                if before.is_some() {
+                    s.del_element(t.0.name(), &t.1);
+                }
+                if let Some(v) = after {
+                    s.add_element(t.0.name(), &t.1, v);
+                }
+                if t.0 == Shared::Pickers {
+                    count_pick(&mut picks, before.map(|v| &**v), -1);
+                    count_pick(&mut picks, after.map(|v| &**v), 1);
+                }
+            }
             for t in &touched {
                 let before = self.claims.get(t).and_then(|v| v.first()).map(|(_, v)| v);
                 let after = claims.get(t).and_then(|v| v.first()).map(|(_, v)| v);
@@ -471,70 +622,6 @@ impl Proxy {
         plan
     }
 
-    fn full_script(
-        &self,
-        fragments: &[(String, Option<Fragment>)],
-        claims: &HashMap<(Shared, String), Claimants>,
-    ) -> String {
-        let mut decl = base::sets(&self.node);
-        let mut rules = String::new();
-        let mut elements: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, hook, body) in base::chains(&self.node) {
-            if hook.is_empty() {
-                let _ = writeln!(decl, "add chain inet {TABLE} {name}");
-            } else {
-                let _ = writeln!(decl, "add chain inet {TABLE} {name} {{ {hook} }}");
-            }
-            for r in body {
-                let _ = writeln!(rules, "add rule inet {TABLE} {name} {r}");
-            }
-        }
-        for (name, hook, body) in base::pick_chains() {
-            let _ = writeln!(decl, "add chain inet {PICK_TABLE} {name} {{ {hook} }}");
-            for r in body {
-                let _ = writeln!(rules, "add rule inet {PICK_TABLE} {name} {r}");
-            }
-        }
-        for f in fragments.iter().filter_map(|(_, f)| f.as_ref()) {
-            script::full(f, &mut decl, &mut rules, &mut elements);
-        }
-        for c in picks_of(claims).keys() {
-            let _ = writeln!(decl, "add chain inet {PICK_TABLE} {c}");
-            for r in render::pick_rules(c).unwrap_or_default() {
-                let _ = writeln!(rules, "add rule inet {PICK_TABLE} {c} {r}");
-            }
-        }
-        let mut shared: Vec<_> = claims
-            .iter()
-            .filter_map(|((kind, key), v)| v.first().map(|(_, value)| (*kind, key, value)))
-            .collect();
-        shared.sort();
-        for (kind, key, value) in shared {
-            let (set, el) = script::shared_element(kind, key, value);
-            elements.entry(set).or_default().push(el);
-        }
-        for (t, set) in [(TABLE, base::STAMP), (PICK_TABLE, base::PICK_STAMP)] {
-            let _ = writeln!(
-                decl,
-                "add element inet {t} {set} {{ {:#010x} }}",
-                self.stamp
-            );
-        }
-        // the tables go and come back in the same transaction: nothing
-        // of an earlier table survives, and no packet sees them half made
-        let mut out = String::new();
-        for t in [TABLE, PICK_TABLE] {
-            let _ = writeln!(
-                out,
-                "add table inet {t}\ndelete table inet {t}\nadd table inet {t}"
-            );
-        }
-        out.push_str(&decl);
-        script::element_lines(&mut out, &elements);
-        out.push_str(&rules);
-        out
-    }
-
     /// The kernel took `plan`.
     pub fn applied(&mut self, plan: Plan) {
         let full = plan.full;
@@ -548,9 +635,7 @@ impl Proxy {
         if let Some(p) = plan.picks {
             self.picks = p;
         }
-        for (((key, _), stored), inputs) in
-            plan.fragments.into_iter().zip(plan.stored).zip(plan.inputs)
-        {
+        for ((key, stored), inputs) in plan.keys.into_iter().zip(plan.stored).zip(plan.inputs) {
             if inputs == (0, 0) {
                 self.inputs.remove(&key);
             } else {
@@ -585,14 +670,15 @@ impl Proxy {
     /// The kernel refused `plan`: what it would have changed is dirty
     /// again and the next plan replaces the whole table.
     pub fn failed(&mut self, plan: Plan) {
-        for (key, f) in plan.fragments {
+        for (key, f) in plan.keys.into_iter().zip(plan.stored) {
             // ids taken by what never reached the kernel go back
             let kept = self
                 .applied
                 .get(&key)
                 .map(|a| a.get().ids)
                 .unwrap_or_default();
-            for c in f.iter().flat_map(|f| f.ids.keys()) {
+            let taken = f.map(|f| f.get().ids).unwrap_or_default();
+            for c in taken.keys() {
                 if !kept.contains_key(c) {
                     self.ids.release(c);
                 }
@@ -702,15 +788,4 @@ fn count_pick(picks: &mut Picks, pick: Option<&str>, by: i64) {
         let n = picks.entry(c.to_string()).or_default();
         *n = (*n as i64 + by).max(0) as usize;
     }
-}
-
-/// The pick chains `claims` use, with their users.
-fn picks_of(claims: &HashMap<(Shared, String), Claimants>) -> Picks {
-    let mut picks = Picks::new();
-    for ((kind, _), v) in claims {
-        if *kind == Shared::Pickers {
-            count_pick(&mut picks, v.first().map(|(_, v)| &**v), 1);
-        }
-    }
-    picks
 }

@@ -599,7 +599,7 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
     let plan = p.plan();
     assert!(!plan.full);
     assert_eq!(plan.script, "", "nothing changed while down");
-    assert!(plan.fragments().is_empty() && plan.refreshed().is_empty());
+    assert!(plan.keys().is_empty() && plan.refreshed().is_empty());
     // the fingerprint decides: a journal claiming other objects for the
     // same inputs is believed (nothing rendered) ...
     let mut lying = saved.clone();
@@ -607,7 +607,7 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
     let mut p = Proxy::new(node());
     p.restore(restored(&lying));
     p.replace(s.clone(), e.clone());
-    assert!(p.plan().fragments().is_empty());
+    assert!(p.plan().keys().is_empty());
     // ... while unknown fingerprints (a journal of an older version) or
     // another build's make every Service render again: unchanged ones
     // only get their fingerprint recorded, the changed one is applied
@@ -621,8 +621,8 @@ fn a_restored_proxy_applies_only_what_changed_while_it_was_down() {
         p.restore(restored(&unknown));
         p.replace(s.clone(), e.clone());
         let plan = p.plan();
-        assert_eq!(plan.fragments().len(), 1, "{build:?}");
-        assert_eq!(plan.fragments()[0].0, lying[0].0);
+        assert_eq!(plan.keys().len(), 1, "{build:?}");
+        assert_eq!(plan.keys()[0], lying[0].0);
         assert_eq!(plan.refreshed().len(), saved.len() - 1, "{build:?}");
         p.applied(plan);
         assert!(
