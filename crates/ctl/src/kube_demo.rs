@@ -2,7 +2,8 @@
 //! server and controller manager in the lab, three nodes registered as
 //! Nodes, agents running with the DaemonSet's ServiceAccount, Pod objects
 //! attached by the real plugin, pods talking across nodes, Services through
-//! trellis's proxy (`svc_demo.rs`), a Node deleted.
+//! trellis's proxy (`svc_demo.rs`), NetworkPolicy and ClusterNetworkPolicy
+//! (`policy_demo.rs`), a Node deleted.
 //!
 //! As in the other parts, every line states what was checked: podCIDRs
 //! against what each agent serves, Pod IPs against the attachments, the
@@ -159,6 +160,7 @@ pub fn run() -> anyhow::Result<usize> {
         }
     }
     failures += crate::svc_demo::run(&mut lab)?;
+    failures += crate::policy_demo::run(&lab)?;
     // a Node deleted: every other node drops its route
     let n3 = lab.node("n3")?.subnet.clone();
     anyhow::ensure!(

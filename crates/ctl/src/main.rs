@@ -6,6 +6,7 @@ mod cluster_demo;
 mod demo;
 mod kube_demo;
 mod policy;
+mod policy_demo;
 mod services;
 mod status;
 mod svc_demo;
