@@ -92,6 +92,17 @@ pub struct Metrics {
     proxy_syncs: Family<SyncLabels, Histogram>,
     proxy_services: Gauge,
     proxy_conntrack_deleted: Counter,
+    policy_denied: Family<PolicyLabels, Counter>,
+}
+
+/// Labels of a policy's denials.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `Admin`, `NetworkPolicy`, `Baseline` or `unknown`.
+    pub tier: String,
+    /// The policy (for the drop of an isolated pod: the policies
+    /// isolating it).
+    pub policy: String,
 }
 
 /// Labels of a proxy sync.
@@ -222,7 +233,14 @@ impl Metrics {
             "UDP conntrack entries deleted because their endpoint went",
             proxy_conntrack_deleted.clone(),
         );
+        let policy_denied = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "policy_denied_packets",
+            "Packets of new connections dropped by a policy, by tier and policy",
+            policy_denied.clone(),
+        );
         Self {
+            policy_denied,
             registry,
             api_requests,
             cni_requests,
@@ -328,6 +346,16 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(p.established_count as i64);
         }
+    }
+
+    /// `packets` more were dropped by `policy` of `tier`.
+    pub fn policy_denied(&self, tier: &str, policy: &str, packets: u64) {
+        self.policy_denied
+            .get_or_create(&PolicyLabels {
+                tier: tier.into(),
+                policy: policy.into(),
+            })
+            .inc_by(packets);
     }
 
     /// The routing loop listed and watched again.

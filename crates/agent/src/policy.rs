@@ -37,6 +37,8 @@ const POLICIES: &str = "/trellis/policy/np/";
 const CLUSTER: &str = "/trellis/policy/cnp/";
 /// How long an ADD waits for its pod's policy.
 pub const ADMIT_WAIT: Duration = Duration::from_secs(10);
+/// How often the drop counters are read for `/metrics`.
+const COUNT_EVERY: Duration = Duration::from_secs(2);
 /// Requests queued to the loop at most.
 const GATE_QUEUE: usize = 1024;
 
@@ -281,6 +283,9 @@ struct PolicyController {
     sweep_due: bool,
     /// why no pod can be policed here (ADDs are refused with it)
     blocked: Option<String>,
+    /// the drop rules' counters last read, and when
+    drops: trellis_policy::counters::Drops,
+    counted: Instant,
 }
 
 impl PolicyController {
@@ -366,6 +371,30 @@ impl PolicyController {
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(want.clone());
         self.applied = Some(want);
         true
+    }
+
+    /// Adds what the drop rules dropped since the last reading to the
+    /// per-policy denial counters of `/metrics`.
+    fn count_denials(&mut self) {
+        self.counted = Instant::now();
+        let Some(d) = self.applied.clone() else {
+            return;
+        };
+        let json = tokio::task::block_in_place(|| self.dp.nft_table_json(trellis_policy::TABLE));
+        let now = match json {
+            Ok(Some(j)) => match trellis_policy::counters::drops(&j, &d) {
+                Ok(n) => n,
+                Err(e) => {
+                    return tracing::warn!(error = %e, "policy: cannot read the drop counters")
+                }
+            },
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(error = %e, "policy: cannot read the drop counters"),
+        };
+        for ((tier, policy), n) in trellis_policy::counters::delta(&self.drops, &now) {
+            self.metrics.policy_denied(tier, &policy, n);
+        }
+        self.drops = now;
     }
 
     /// Deletes the conntrack entries of connections the table now denies
@@ -541,6 +570,9 @@ impl Controller for PolicyController {
         if self.sweep_due {
             self.sweep();
         }
+        if self.counted.elapsed() >= COUNT_EVERY {
+            self.count_denials();
+        }
     }
 }
 
@@ -584,6 +616,8 @@ pub async fn run(
         reported: Default::default(),
         sweep_due: false,
         blocked,
+        drops: Default::default(),
+        counted: Instant::now(),
     };
     let settings = LoopSettings {
         name: "policy",

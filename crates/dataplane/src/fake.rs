@@ -402,6 +402,11 @@ impl Dataplane for FakeDataplane {
         Ok(self.enter("nft_set_exists")?.nft.is_some())
     }
 
+    fn nft_table_json(&self, _table: &str) -> Result<Option<String>> {
+        drop(self.enter("nft_table_json")?);
+        Ok(None)
+    }
+
     fn conntrack_delete_udp(&self, flows: &[crate::conntrack::UdpFlows]) -> Result<usize> {
         drop(self.enter("conntrack_delete_udp")?);
         Ok(flows.len())

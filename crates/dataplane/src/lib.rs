@@ -249,6 +249,10 @@ pub trait Dataplane: Send + Sync {
         schema: &dyn Fn(&str) -> Option<String>,
     ) -> Result<()>;
 
+    /// `nft -j list table inet TABLE` (its rules with their counters);
+    /// `None` when it does not exist.
+    fn nft_table_json(&self, table: &str) -> Result<Option<String>>;
+
     /// `nft list set inet TABLE SET` succeeds: a cheap check that nobody
     /// deleted a table of ours.
     fn nft_set_exists(&self, table: &str, set: &str) -> Result<bool>;

@@ -515,6 +515,10 @@ impl Dataplane for LinuxDataplane {
         crate::nft::set_exists(table, set)
     }
 
+    fn nft_table_json(&self, table: &str) -> Result<Option<String>> {
+        crate::nft::table_json(table)
+    }
+
     fn local_ipv4(&self) -> Result<Vec<std::net::Ipv4Addr>> {
         let addrs = nix::ifaddrs::getifaddrs()
             .map_err(|e| DataplaneError::new("getifaddrs", crate::NlError::Kernel(e)))?;

@@ -80,6 +80,28 @@ pub fn set_exists(table: &str, set: &str) -> Result<bool> {
 /// as nft prints them (numbers in decimal); `None` when the set (or the
 /// table) does not exist. One small object, read without nft's whole-table
 /// cache.
+/// `nft -j list table inet TABLE`: `None` when it does not exist.
+pub fn table_json(table: &str) -> Result<Option<String>> {
+    let op = format!("nft -j list table inet {table}");
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "inet", table])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| {
+            DataplaneError::new(
+                &op,
+                NlError::Transport(format!("cannot run nft (apt-get install nftables): {e}")),
+            )
+        })?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    String::from_utf8(out.stdout)
+        .map(Some)
+        .map_err(|e| DataplaneError::new(&op, NlError::Transport(e.to_string())))
+}
+
 pub fn set_elements(table: &str, set: &str) -> Result<Option<Vec<String>>> {
     let op = format!("nft -j list set inet {table} {set}");
     let out = Command::new("nft")

@@ -56,6 +56,11 @@ fn network_policies_match_the_model() {
         ),
         "the node reaches its pod under default deny"
     );
+    // the drops are counted per policy in /metrics
+    let series = r#"trellis_policy_denied_packets_total{tier="NetworkPolicy",policy="x/deny-in"}"#;
+    wait_for("denials counted", Duration::from_secs(10), || {
+        metric(&agent_http(&lab, &xa.node, "/metrics").1, series).is_some_and(|n| n > 0.0)
+    });
     // allow x/a from pods b of the same namespace, on TCP 80 only
     w.apply(
         &lab,

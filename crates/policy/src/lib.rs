@@ -13,6 +13,7 @@
 //! `forward` (kubelet probes pass by construction).
 
 pub mod compile;
+pub mod counters;
 pub mod eval;
 pub mod k8s;
 pub mod model;
