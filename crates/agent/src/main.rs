@@ -234,26 +234,46 @@ fn main() -> anyhow::Result<()> {
     };
     health.set_joined();
     let socket = cfg.socket.clone();
-    let mut service = CniService::new(cfg.clone(), subnet, mtu, dp.clone())
+    let service = CniService::new(cfg.clone(), subnet, mtu, dp.clone())
         .context("open IPAM state")?
         .with_health(health.clone());
-    if let Some(source) = policy_source {
-        // the pods this node holds are policed from the first load on
-        let local = service.local_pods();
-        let (gate, rx) = trellis_agent::policy::Gate::new();
-        service = service.with_policy(gate);
-        runtime.spawn(trellis_agent::policy::run(
-            source,
-            local,
-            rx,
-            policy_view,
-            std::time::Duration::from_secs(cfg.resync_seconds),
-            dp.clone(),
-            health.clone(),
-            metrics.clone(),
-        ));
-    }
+    let (service, policy) = match policy_source {
+        Some(source) => {
+            let (gate, rx) = trellis_agent::policy::Gate::new();
+            (service.with_policy(gate), Some((source, rx)))
+        }
+        None => (service, None),
+    };
     let service = Arc::new(service);
+    match policy {
+        Some((source, rx)) => {
+            // the pods this node holds are policed from the first load on
+            let svc = service.clone();
+            let allocations: trellis_agent::policy::Allocations =
+                Arc::new(move || svc.local_pods());
+            runtime.spawn(trellis_agent::policy::run(
+                source,
+                allocations,
+                rx,
+                policy_view,
+                std::time::Duration::from_secs(cfg.resync_seconds),
+                dp.clone(),
+                health.clone(),
+                metrics.clone(),
+            ));
+        }
+        None => {
+            // policy off: a table an earlier run left must not go on
+            // enforcing stale profiles
+            let gone = format!(
+                "table inet {t} {{}}\ndelete table inet {t}\n",
+                t = trellis_policy::TABLE
+            );
+            if let Err(e) = dp.nft_apply(&gone) {
+                tracing::warn!(error = %e, "policy is off; cannot remove table inet {}", trellis_policy::TABLE);
+            }
+        }
+    }
     facts.subnet = subnet.to_string();
     facts.mtu = mtu;
     trellis_agent::status::serve(

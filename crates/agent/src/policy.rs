@@ -37,6 +37,9 @@ const POLICIES: &str = "/trellis/policy/np/";
 const CLUSTER: &str = "/trellis/policy/cnp/";
 /// How long an ADD waits for its pod's policy.
 pub const ADMIT_WAIT: Duration = Duration::from_secs(10);
+/// The node's pods as its IPAM holds them: (address, `namespace/name`).
+pub type Allocations = Arc<dyn Fn() -> Vec<(Ipv4Addr, String)> + Send + Sync>;
+
 /// How often the drop counters are read for `/metrics`.
 const COUNT_EVERY: Duration = Duration::from_secs(2);
 /// Requests queued to the loop at most.
@@ -283,6 +286,8 @@ struct PolicyController {
     sweep_due: bool,
     /// why no pod can be policed here (ADDs are refused with it)
     blocked: Option<String>,
+    /// the node's pods as its IPAM holds them
+    allocations: Allocations,
     /// the drop rules' counters last read, and when
     drops: trellis_policy::counters::Drops,
     counted: Instant,
@@ -335,6 +340,18 @@ impl PolicyController {
         }
     }
 
+    /// Brings the kernel in line and, when the policies, pods or
+    /// namespaces changed, has the connections the new table denies cut;
+    /// false when it failed (tried again at the next housekeeping, as a
+    /// whole-table load).
+    fn sync_and_cut(&mut self) -> bool {
+        let ok = self.sync();
+        if ok {
+            self.sweep_due = true;
+        }
+        ok
+    }
+
     /// Brings the kernel in line; false when it failed (tried again at
     /// the next housekeeping, as a whole-table load).
     fn sync(&mut self) -> bool {
@@ -364,13 +381,36 @@ impl PolicyController {
             policed = want.policed().len(),
             "policy: synced"
         );
-        if !script.is_empty() {
-            self.sweep_due = true;
-        }
         let want = Arc::new(want);
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(want.clone());
         self.applied = Some(want);
         true
+    }
+
+    /// The local pods as the node's IPAM holds them now: addresses freed
+    /// without a release (a CNI GC, a release the full queue lost) leave,
+    /// ones it holds come back. Addresses with an ADD in flight stay.
+    fn reconcile_local(&mut self) {
+        let held: std::collections::BTreeMap<Ipv4Addr, String> =
+            (self.allocations)().into_iter().collect();
+        let pending: std::collections::BTreeSet<Ipv4Addr> =
+            self.pending.iter().map(|p| p.ip).collect();
+        let now: Vec<(Ipv4Addr, String)> = self
+            .engine
+            .local()
+            .iter()
+            .map(|(a, k)| (*a, k.clone()))
+            .collect();
+        for (ip, key) in now {
+            if !pending.contains(&ip) && held.get(&ip) != Some(&key) {
+                self.engine.set_local(ip, None);
+            }
+        }
+        for (ip, key) in held {
+            if self.engine.local().get(&ip) != Some(&key) && !pending.contains(&ip) {
+                self.engine.set_local(ip, Some(key));
+            }
+        }
     }
 
     /// Adds what the drop rules dropped since the last reading to the
@@ -434,10 +474,35 @@ impl PolicyController {
             if own.contains(&src) || own.contains(&dst) {
                 return false;
             }
-            let proto = trellis_policy::Protocol::from_number(o.proto).map(|p| (p, r.sport));
-            !d.decide(&Flow { src, dst, proto }).allowed
+            // TCP, UDP and SCTP only: what a policy's ports speak of, and
+            // what a delete can name (ICMP would need its id, type, code)
+            let Some(proto) = trellis_policy::Protocol::from_number(o.proto) else {
+                return false;
+            };
+            !d.decide(&Flow {
+                src,
+                dst,
+                proto: Some((proto, r.sport)),
+            })
+            .allowed
         };
-        let r = tokio::task::block_in_place(|| self.dp.conntrack_delete_where(&pick));
+        let dp = self.dp.clone();
+        // TCP connections are marked cut before their entries go, so no
+        // packet of theirs starts a new entry mid-stream
+        let mut mark = |flows: &[(Tuple, Tuple)]| -> Result<(), String> {
+            let tcp: Vec<_> = flows
+                .iter()
+                .filter(|(o, _)| o.proto == 6)
+                // as the forward hook sees them: after DNAT, before SNAT
+                .filter_map(|(o, r)| Some((o.src?, r.src?, o.sport, r.sport)))
+                .collect();
+            let script = render::cut(&tcp);
+            if script.is_empty() {
+                return Ok(());
+            }
+            dp.nft_apply(&script).map_err(|e| e.to_string())
+        };
+        let r = tokio::task::block_in_place(|| self.dp.conntrack_delete_where(&pick, &mut mark));
         match r {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -503,7 +568,8 @@ impl Controller for PolicyController {
         self.listed = true;
         // the whole table: whatever the kernel holds is replaced
         self.applied = None;
-        let ok = self.sync();
+        self.reconcile_local();
+        let ok = self.sync_and_cut();
         self.answer(ok);
     }
 
@@ -514,7 +580,7 @@ impl Controller for PolicyController {
                 Event::Delete { key, .. } => self.apply_kv(&key, None),
             }
         }
-        let ok = self.sync();
+        let ok = self.sync_and_cut();
         self.answer(ok);
     }
 
@@ -556,6 +622,7 @@ impl Controller for PolicyController {
             );
             self.applied = None;
         }
+        self.reconcile_local();
         let ok = self.sync();
         self.answer(ok);
     }
@@ -576,12 +643,12 @@ impl Controller for PolicyController {
     }
 }
 
-/// Runs the policy loop until the process ends; `local` are the pods this
-/// node holds already (address, `namespace/name`).
+/// Runs the policy loop until the process ends; `allocations` tells the
+/// pods this node holds (at start, and at each listing and resync).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     source: KubeSource,
-    local: Vec<(Ipv4Addr, String)>,
+    allocations: Allocations,
     gate: mpsc::Receiver<Input>,
     view: View,
     resync: Duration,
@@ -602,7 +669,7 @@ pub async fn run(
         why
     });
     let mut engine = Engine::default();
-    for (ip, pod) in local {
+    for (ip, pod) in allocations() {
         engine.set_local(ip, Some(pod));
     }
     let mut ctl = PolicyController {
@@ -616,6 +683,7 @@ pub async fn run(
         reported: Default::default(),
         sweep_due: false,
         blocked,
+        allocations,
         drops: Default::default(),
         counted: Instant::now(),
     };

@@ -304,13 +304,14 @@ impl CniService {
         self.reaper
             .retire(&host)
             .map_err(dp_err("take the host veth out of service"))?;
-        let released = self
-            .pool()
-            .release(&Self::key(env, conf))
-            .map_err(pool_err)?;
+        let mut pool = self.pool();
+        let released = pool.release(&Self::key(env, conf)).map_err(pool_err)?;
+        // queued before the lock goes: an ADD that takes the address next
+        // asks the policy loop after this
         if let (Some(gate), Some(std::net::IpAddr::V4(ip))) = (&self.policy, released) {
             gate.release(ip);
         }
+        drop(pool);
         Ok(())
     }
 

@@ -172,7 +172,10 @@ fn open() -> Result<Socket, NlError> {
 
 /// The original tuples of the IPv4 conntrack entries that `pick`
 /// (original, reply) accepts.
-fn dump(sock: &Socket, pick: impl Fn(&Tuple, &Tuple) -> bool) -> Result<Vec<Tuple>, NlError> {
+fn dump(
+    sock: &Socket,
+    pick: impl Fn(&Tuple, &Tuple) -> bool,
+) -> Result<Vec<(Tuple, Tuple)>, NlError> {
     sock.send(
         &message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, &[]),
         0,
@@ -210,7 +213,7 @@ fn dump(sock: &Socket, pick: impl Fn(&Tuple, &Tuple) -> bool) -> Result<Vec<Tupl
                     }
                     if let (Some(o), Some(r)) = (orig, reply) {
                         if pick(&o, &r) {
-                            found.push(o);
+                            found.push((o, r));
                         }
                     }
                 }
@@ -258,16 +261,32 @@ pub fn delete_udp(flows: &[UdpFlows]) -> Result<usize, NlError> {
     if flows.is_empty() {
         return Ok(0);
     }
-    delete_where(&|o, r| flows.iter().any(|f| f.matches(o, r)))
+    delete_where(&|o, r| flows.iter().any(|f| f.matches(o, r)), &mut |_| {
+        Ok(())
+    })
 }
 
+/// Told the entries about to be deleted (original, reply); an `Err`
+/// stops the deletion.
+pub type BeforeDelete<'a> = dyn FnMut(&[(Tuple, Tuple)]) -> Result<(), String> + 'a;
+
 /// Deletes the IPv4 conntrack entries that `pick` (original, reply)
-/// chooses; returns how many went.
-pub fn delete_where(pick: &dyn Fn(&Tuple, &Tuple) -> bool) -> Result<usize, NlError> {
+/// chooses, after `before` was told which (and did not fail); returns how
+/// many went. An entry the kernel refuses to delete does not stop the
+/// others: the first such error comes back once all were tried.
+pub fn delete_where(
+    pick: &dyn Fn(&Tuple, &Tuple) -> bool,
+    before: &mut BeforeDelete<'_>,
+) -> Result<usize, NlError> {
     let sock = open()?;
     let doomed = dump(&sock, pick)?;
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    before(&doomed).map_err(NlError::Transport)?;
     let mut deleted = 0;
-    for (i, t) in doomed.iter().enumerate() {
+    let mut first_error = None;
+    for (i, (t, _)) in doomed.iter().enumerate() {
         let seq = 2 + i as u32;
         sock.send(
             &message(
@@ -290,13 +309,20 @@ pub fn delete_where(pick: &dyn Fn(&Tuple, &Tuple) -> bool) -> Result<usize, NlEr
                     Some(0) => deleted += 1,
                     // gone meanwhile: what we wanted
                     Some(c) if -c == libc::ENOENT => {}
-                    Some(c) => return Err(NlError::Kernel(nix::errno::Errno::from_raw(-c))),
-                    None => return Err(transport("short ack")),
+                    Some(c) => {
+                        first_error.get_or_insert(NlError::Kernel(nix::errno::Errno::from_raw(-c)));
+                    }
+                    None => {
+                        first_error.get_or_insert(transport("short ack"));
+                    }
                 }
             }
         }
     }
-    Ok(deleted)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(deleted),
+    }
 }
 
 #[cfg(test)]

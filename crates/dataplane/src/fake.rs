@@ -420,6 +420,7 @@ impl Dataplane for FakeDataplane {
     fn conntrack_delete_where(
         &self,
         _pick: &dyn Fn(&crate::conntrack::Tuple, &crate::conntrack::Tuple) -> bool,
+        _before: &mut crate::conntrack::BeforeDelete<'_>,
     ) -> Result<usize> {
         drop(self.enter("conntrack_delete_where")?);
         Ok(0)

@@ -269,10 +269,12 @@ pub trait Dataplane: Send + Sync {
     fn local_ipv4(&self) -> Result<Vec<std::net::Ipv4Addr>>;
 
     /// Deletes the IPv4 conntrack entries `pick` (original, reply tuple)
-    /// chooses. Returns how many went.
+    /// chooses, once `before` took the list without failing. Returns how
+    /// many went.
     fn conntrack_delete_where(
         &self,
         pick: &dyn Fn(&conntrack::Tuple, &conntrack::Tuple) -> bool,
+        before: &mut crate::conntrack::BeforeDelete<'_>,
     ) -> Result<usize>;
 
     /// Whether the kernel can make links of `kind` (`ipip`, `vxlan`, ...):

@@ -530,8 +530,9 @@ impl Dataplane for LinuxDataplane {
     fn conntrack_delete_where(
         &self,
         pick: &dyn Fn(&crate::conntrack::Tuple, &crate::conntrack::Tuple) -> bool,
+        before: &mut crate::conntrack::BeforeDelete<'_>,
     ) -> Result<usize> {
-        crate::conntrack::delete_where(pick)
+        crate::conntrack::delete_where(pick, before)
             .map_err(|e| DataplaneError::new("conntrack -D (flows a policy now denies)", e))
     }
 

@@ -39,22 +39,41 @@ pub fn rule(r: &RuleDef, d: Direction) -> String {
     s
 }
 
-/// The base chains: replies pass, a TCP packet that opens no connection
-/// to or from a policed pod is dropped (a flow cut by deleting its
-/// conntrack entry cannot come back mid-stream), then one map lookup.
-const BASE: &str = "    chain egress_hook {
+/// The base chains: replies pass; a TCP packet of a connection the agent
+/// cut (its conntrack entry deleted because a policy now denies it) is
+/// dropped when it would start a new entry mid-stream (`cut`, both
+/// directions, 2 minutes); then one map lookup per direction.
+const BASE: &str = "    set cut { type ipv4_addr . ipv4_addr . inet_service . inet_service; flags timeout; timeout 2m; }
+    chain egress_hook {
         type filter hook forward priority 0; policy accept;
         ct state established,related accept
-        ct state new meta l4proto tcp tcp flags & (fin|syn|rst|ack) != syn ip saddr @policed counter drop
+        ct state new meta l4proto tcp ip saddr . ip daddr . tcp sport . tcp dport @cut counter drop
         ip saddr vmap @egress
     }
     chain ingress_hook {
         type filter hook forward priority 5; policy accept;
         ct state established,related accept
-        ct state new meta l4proto tcp tcp flags & (fin|syn|rst|ack) != syn ip daddr @policed counter drop
         ip daddr vmap @ingress
     }
 ";
+
+/// The script that marks TCP connections as cut (see [`BASE`]): each as
+/// (source, destination, source port, destination port), both ways.
+pub fn cut(flows: &[(std::net::Ipv4Addr, std::net::Ipv4Addr, u16, u16)]) -> String {
+    if flows.is_empty() {
+        return String::new();
+    }
+    let els: Vec<String> = flows
+        .iter()
+        .flat_map(|(a, b, p, q)| {
+            [
+                format!("{a} . {b} . {p} . {q}"),
+                format!("{b} . {a} . {q} . {p}"),
+            ]
+        })
+        .collect();
+    format!("add element inet {TABLE} cut {{ {} }}\n", els.join(", "))
+}
 
 fn elements(items: &[String]) -> String {
     items.join(", ")
