@@ -76,49 +76,48 @@ pub fn set_exists(table: &str, set: &str) -> Result<bool> {
     Ok(out.success())
 }
 
+/// `nft -j ARGS`' output; `None` when nft fails (the object does not
+/// exist).
+fn nft_json(args: &[&str]) -> Result<Option<Vec<u8>>> {
+    let op = format!("nft -j {}", args.join(" "));
+    let out = Command::new("nft")
+        .arg("-j")
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| {
+            DataplaneError::new(
+                &op,
+                NlError::Transport(format!("cannot run nft (apt-get install nftables): {e}")),
+            )
+        })?;
+    Ok(out.status.success().then_some(out.stdout))
+}
+
+/// `nft -j list table inet TABLE`: `None` when it does not exist.
+pub fn table_json(table: &str) -> Result<Option<String>> {
+    let Some(out) = nft_json(&["list", "table", "inet", table])? else {
+        return Ok(None);
+    };
+    String::from_utf8(out).map(Some).map_err(|e| {
+        DataplaneError::new(
+            format!("nft -j list table inet {table}"),
+            NlError::Transport(e.to_string()),
+        )
+    })
+}
+
 /// The elements of set `SET` in table `inet TABLE` (`nft -j list set`),
 /// as nft prints them (numbers in decimal); `None` when the set (or the
 /// table) does not exist. One small object, read without nft's whole-table
 /// cache.
-/// `nft -j list table inet TABLE`: `None` when it does not exist.
-pub fn table_json(table: &str) -> Result<Option<String>> {
-    let op = format!("nft -j list table inet {table}");
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "inet", table])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| {
-            DataplaneError::new(
-                &op,
-                NlError::Transport(format!("cannot run nft (apt-get install nftables): {e}")),
-            )
-        })?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    String::from_utf8(out.stdout)
-        .map(Some)
-        .map_err(|e| DataplaneError::new(&op, NlError::Transport(e.to_string())))
-}
-
 pub fn set_elements(table: &str, set: &str) -> Result<Option<Vec<String>>> {
     let op = format!("nft -j list set inet {table} {set}");
-    let out = Command::new("nft")
-        .args(["-j", "list", "set", "inet", table, set])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| {
-            DataplaneError::new(
-                &op,
-                NlError::Transport(format!("cannot run nft (apt-get install nftables): {e}")),
-            )
-        })?;
-    if !out.status.success() {
+    let Some(out) = nft_json(&["list", "set", "inet", table, set])? else {
         return Ok(None);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out)
         .map_err(|e| DataplaneError::new(&op, NlError::Transport(e.to_string())))?;
     let elems = v["nftables"]
         .as_array()

@@ -16,6 +16,18 @@ use trellis_lab::Outcome;
 
 const CONVERGE: Duration = Duration::from_secs(10);
 
+/// The control plane's lock, a 2-node Kubernetes lab and its world of
+/// namespaces, pods and servers; `None` when `test` cannot run here.
+fn world(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, trellis_lab::Lab, World)> {
+    if !kubernetes(test) {
+        return None;
+    }
+    let one = one_at_a_time();
+    let mut lab = kube_lab("vxlan", 2);
+    let w = World::build(&mut lab);
+    Some((one, lab, w))
+}
+
 fn np(ns: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
            "metadata": {"name": name, "namespace": ns}, "spec": spec})
@@ -28,12 +40,9 @@ fn cnp(name: &str, spec: Value) -> Value {
 
 #[test]
 fn network_policies_match_the_model() {
-    if !kubernetes("network_policies_match_the_model") {
+    let Some((_one, lab, mut w)) = world("network_policies_match_the_model") else {
         return;
-    }
-    let _one = one_at_a_time();
-    let mut lab = kube_lab("vxlan", 2);
-    let mut w = World::build(&mut lab);
+    };
     w.check(&lab, "no policy", CONVERGE);
 
     // default deny ingress in x
@@ -164,12 +173,9 @@ fn network_policies_match_the_model() {
 
 #[test]
 fn cluster_network_policy_tiers_match_the_model() {
-    if !kubernetes("cluster_network_policy_tiers_match_the_model") {
+    let Some((_one, lab, mut w)) = world("cluster_network_policy_tiers_match_the_model") else {
         return;
-    }
-    let _one = one_at_a_time();
-    let mut lab = kube_lab("vxlan", 2);
-    let mut w = World::build(&mut lab);
+    };
     // Baseline: deny ingress from z everywhere
     w.apply(
         &lab,
@@ -238,13 +244,9 @@ fn cluster_network_policy_tiers_match_the_model() {
 
 #[test]
 fn a_new_pod_is_policed_from_its_first_packet() {
-    if !kubernetes("a_new_pod_is_policed_from_its_first_packet") {
+    let Some((_one, mut lab, mut w)) = world("a_new_pod_is_policed_from_its_first_packet") else {
         return;
-    }
-    let _one = one_at_a_time();
-    let mut lab = kube_lab("vxlan", 2);
-    let w = World::build(&mut lab);
-    let mut w = w;
+    };
     w.apply(
         &lab,
         np(
@@ -335,12 +337,11 @@ fn echoes(c: &mut std::net::TcpStream, wait: Duration) -> bool {
 
 #[test]
 fn established_connections_survive_unrelated_changes_and_stop_when_denied() {
-    if !kubernetes("established_connections_survive_unrelated_changes_and_stop_when_denied") {
+    let Some((_one, lab, mut w)) =
+        world("established_connections_survive_unrelated_changes_and_stop_when_denied")
+    else {
         return;
-    }
-    let _one = one_at_a_time();
-    let mut lab = kube_lab("vxlan", 2);
-    let mut w = World::build(&mut lab);
+    };
     let (xa, ya) = (w.pod("x", "a").clone(), w.pod("y", "a").clone());
     assert_ne!(xa.node, ya.node, "across nodes");
     let server = echo_server(&lab, &xa.node, &xa.lab, 7000);

@@ -570,36 +570,22 @@ impl Proxy {
             keys.extend(owned_new.keys());
             for t in keys {
                 let (before, after) = (owned_old.get(t), owned_new.get(t));
-                if before == after {
-                    continue;
-                }
-                if before.is_some() {
-                    s.del_element(t.0.name(), &t.1);
-                }
-                if let Some(v) = after {
-                    s.add_element(t.0.name(), &t.1, v);
-                }
-                if t.0 == Shared::Pickers {
-                    count_pick(&mut picks, before.map(|v| &**v), -1);
-                    count_pick(&mut picks, after.map(|v| &**v), 1);
-                }
+                shared_change(
+                    &mut s,
+                    &mut picks,
+                    t,
+                    before.map(|v| &**v),
+                    after.map(|v| &**v),
+                );
             }
             for t in &touched {
-                let before = self.claims.get(t).and_then(|v| v.first()).map(|(_, v)| v);
-                let after = claims.get(t).and_then(|v| v.first()).map(|(_, v)| v);
-                if before == after {
-                    continue;
-                }
-                if before.is_some() {
-                    s.del_element(t.0.name(), &t.1);
-                }
-                if let Some(v) = after {
-                    s.add_element(t.0.name(), &t.1, v);
-                }
-                if t.0 == Shared::Pickers {
-                    count_pick(&mut picks, before.map(|v| &**v), -1);
-                    count_pick(&mut picks, after.map(|v| &**v), 1);
-                }
+                let before = self
+                    .claims
+                    .get(t)
+                    .and_then(|v| v.first())
+                    .map(|(_, v)| &**v);
+                let after = claims.get(t).and_then(|v| v.first()).map(|(_, v)| &**v);
+                shared_change(&mut s, &mut picks, t, before, after);
             }
             // pick chains come with their first user, go with their last
             for (c, n) in &picks {
@@ -783,6 +769,30 @@ fn udp_fresh(old: Option<&Fragment>, new: Option<&Fragment>) -> Vec<UdpFlows> {
 }
 
 /// `pick` (a `pickers` value) counted `by` for its pick chain.
+/// Shared-map entry `t` goes from `before` to `after` (element changes,
+/// and the pick chains' users for `pickers`).
+fn shared_change(
+    s: &mut Script,
+    picks: &mut Picks,
+    t: &(Shared, String),
+    before: Option<&str>,
+    after: Option<&str>,
+) {
+    if before == after {
+        return;
+    }
+    if before.is_some() {
+        s.del_element(t.0.name(), &t.1);
+    }
+    if let Some(v) = after {
+        s.add_element(t.0.name(), &t.1, v);
+    }
+    if t.0 == Shared::Pickers {
+        count_pick(picks, before, -1);
+        count_pick(picks, after, 1);
+    }
+}
+
 fn count_pick(picks: &mut Picks, pick: Option<&str>, by: i64) {
     if let Some(c) = pick.and_then(|v| v.strip_prefix("goto ")) {
         let n = picks.entry(c.to_string()).or_default();
