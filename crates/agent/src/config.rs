@@ -87,11 +87,55 @@ pub struct PolicySection {
     /// Enforce policies (off: another component does, or none).
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Log denied packets (the agent's log and `/policy/denials`).
+    #[serde(default)]
+    pub log_denied: bool,
+    /// At most this many logged packets per second and drop rule.
+    #[serde(default = "default_log_rate")]
+    pub log_rate_per_second: u64,
+    /// The NFLOG group the agent reads them from (one no other program
+    /// on the node binds).
+    #[serde(default = "default_log_group")]
+    pub log_group: u64,
 }
+
+fn default_log_rate() -> u64 {
+    10
+}
+
+fn default_log_group() -> u64 {
+    100
+}
+
+/// `kubernetes.policy.logRatePerSecond`
+pub const LOG_RATE_RANGE: std::ops::RangeInclusive<u64> = 1..=100_000;
+/// `kubernetes.policy.logGroup`
+pub const LOG_GROUP_RANGE: std::ops::RangeInclusive<u64> = 0..=65_535;
 
 impl Default for PolicySection {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            log_denied: false,
+            log_rate_per_second: default_log_rate(),
+            log_group: default_log_group(),
+        }
+    }
+}
+
+impl PolicySection {
+    /// How denied packets are logged (`None`: they are not), checked.
+    pub fn log(&self) -> Result<Option<trellis_policy::LogDenied>, String> {
+        in_range(
+            "kubernetes.policy.logRatePerSecond",
+            self.log_rate_per_second,
+            LOG_RATE_RANGE,
+        )?;
+        in_range("kubernetes.policy.logGroup", self.log_group, LOG_GROUP_RANGE)?;
+        Ok(self.log_denied.then_some(trellis_policy::LogDenied {
+            rate: self.log_rate_per_second as u32,
+            group: self.log_group as u16,
+        }))
     }
 }
 
@@ -321,6 +365,7 @@ impl AgentConfig {
                 }
             }
             k.proxy.node_ports()?;
+            k.policy.log()?;
             in_range(
                 "kubernetes.proxy.minSyncIntervalMs",
                 k.proxy.min_sync_interval_ms,
@@ -519,5 +564,38 @@ mod tests {
         let p = &cfg.kubernetes.expect("k8s").proxy;
         assert!(p.enabled);
         assert_eq!(p.node_ports(), Ok((20000, 20100)));
+    }
+
+    #[test]
+    fn policy_log_settings_are_checked() {
+        let k = |policy: &str| {
+            format!(
+                r#"{{"nodeName":"n1","kubernetes":{{"server":"https://192.0.2.2:6443","policy":{policy}}}}}"#
+            )
+        };
+        for (bad, needle) in [
+            (
+                r#"{"logDenied":true,"logRatePerSecond":0}"#,
+                "kubernetes.policy.logRatePerSecond\": 0 is out of range 1..=100000",
+            ),
+            (
+                r#"{"logGroup":65536}"#,
+                "kubernetes.policy.logGroup\": 65536 is out of range",
+            ),
+            (r#"{"logDenied":"yes"}"#, "invalid type"),
+            (r#"{"logRate":5}"#, "unknown field"),
+        ] {
+            let doc = k(bad);
+            let e = AgentConfig::parse(&doc).expect_err(&doc);
+            assert!(e.contains(needle), "{doc}: {e}");
+        }
+        let off = AgentConfig::parse(&k("{}")).expect("ok");
+        assert_eq!(off.kubernetes.expect("k8s").policy.log(), Ok(None));
+        let on = AgentConfig::parse(&k(r#"{"logDenied":true,"logRatePerSecond":5,"logGroup":7}"#))
+            .expect("ok");
+        assert_eq!(
+            on.kubernetes.expect("k8s").policy.log(),
+            Ok(Some(trellis_policy::LogDenied { rate: 5, group: 7 }))
+        );
     }
 }

@@ -29,6 +29,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// The policy table as the kernel holds it (`/policy/trace`).
     pub policy: crate::policy::View,
+    /// The last denied packets logged (`/policy/denials`).
+    pub denials: crate::policy_log::Denials,
 }
 
 /// A response: status line, content type, body.
@@ -96,11 +98,16 @@ pub fn route(state: &HttpState, request_line: &str) -> Reply {
                 },
             }
         }
+        "/policy/denials" => Reply {
+            status: "200 OK",
+            content_type: "application/json",
+            body: state.denials.json(),
+        },
         other => Reply {
             status: "404 Not Found",
             content_type: text,
             body: format!(
-                "{other:?}: not found; try /healthz, /readyz, /metrics or /policy/trace\n"
+                "{other:?}: not found; try /healthz, /readyz, /metrics, /policy/trace or /policy/denials\n"
             ),
         },
     }
@@ -184,6 +191,7 @@ mod tests {
         let (h, _rx) = Health::new();
         HttpState {
             policy: Default::default(),
+            denials: Default::default(),
             health: Arc::new(h),
             metrics: Arc::new(Metrics::new()),
         }

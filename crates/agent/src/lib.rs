@@ -17,6 +17,7 @@ pub mod masq;
 pub mod metrics;
 pub mod pods;
 pub mod policy;
+pub mod policy_log;
 pub mod proxy;
 pub mod proxy_health;
 pub mod proxy_journal;

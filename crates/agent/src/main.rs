@@ -124,6 +124,7 @@ fn main() -> anyhow::Result<()> {
     });
     let metrics = Arc::new(Metrics::new());
     let policy_view = trellis_agent::policy::View::default();
+    let denials = trellis_agent::policy_log::Denials::default();
     // /healthz answers from the start; /readyz says what is missing
     let http = trellis_agent::http::serve(
         cfg.http_address,
@@ -131,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             health: health.clone(),
             metrics: metrics.clone(),
             policy: policy_view.clone(),
+            denials: denials.clone(),
         },
     )?;
     tracing::info!(address = %http, "serving /healthz, /readyz and /metrics");
@@ -157,6 +159,7 @@ fn main() -> anyhow::Result<()> {
     let mut kube_source: Option<(trellis_kube::KubeSource, String)> = None;
     let mut proxy_status = None;
     let mut policy_source: Option<trellis_kube::KubeSource> = None;
+    let mut policy_log: Option<trellis_policy::LogDenied> = None;
     let (subnet, mtu) = match (cfg.etcd.clone(), cfg.kubernetes.clone()) {
         (Some(etcd), _) => {
             let prefix = etcd.prefix.clone();
@@ -187,6 +190,19 @@ fn main() -> anyhow::Result<()> {
                 trellis_agent::kube::source(&kj, health.clone(), proxy_on, policy, &cfg.data_dir);
             if policy.is_some() {
                 policy_source = Some(source.clone());
+                policy_log = match k.policy.log().map_err(anyhow::Error::msg)? {
+                    Some(l) => match trellis_agent::policy_log::start(l, denials.clone()) {
+                        Ok(()) => {
+                            tracing::info!(group = l.group, rate = l.rate, "logging denied packets");
+                            Some(l)
+                        }
+                        Err(e) => {
+                            tracing::error!("policy: denied packets are not logged: {e}");
+                            None
+                        }
+                    },
+                    None => None,
+                };
             }
             local_pods = Some(pods);
             if proxy_on {
@@ -256,6 +272,7 @@ fn main() -> anyhow::Result<()> {
                 allocations,
                 rx,
                 policy_view,
+                policy_log,
                 std::time::Duration::from_secs(cfg.resync_seconds),
                 dp.clone(),
                 health.clone(),

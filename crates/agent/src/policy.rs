@@ -651,6 +651,7 @@ pub async fn run(
     allocations: Allocations,
     gate: mpsc::Receiver<Input>,
     view: View,
+    log: Option<trellis_policy::LogDenied>,
     resync: Duration,
     dp: Arc<dyn Dataplane>,
     health: Arc<Health>,
@@ -669,6 +670,7 @@ pub async fn run(
         why
     });
     let mut engine = Engine::default();
+    engine.set_log(log);
     for (ip, pod) in allocations() {
         engine.set_local(ip, Some(pod));
     }

@@ -139,6 +139,16 @@ enum PolicyCmd {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: status::Output,
     },
+    /// The last denied packets the agent logged (with
+    /// `kubernetes.policy.logDenied`), oldest first.
+    Denials {
+        /// The agent's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:9750")]
+        http: std::net::SocketAddr,
+        /// Output format (table or json).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: status::Output,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -359,6 +369,18 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             } else {
                 print!("{}", policy::render(&d, src, dst, port.as_deref()));
+            }
+            return Ok(());
+        }
+        Cmd::Policy {
+            cmd: PolicyCmd::Denials { http, output },
+            ..
+        } => {
+            let d = policy::denials(http)?;
+            if output == status::Output::Json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", policy::render_denials(&d));
             }
             return Ok(());
         }

@@ -1,6 +1,8 @@
 //! `trellisctl policy trace SRC DST [PORT/PROTO]`: how this node's policy
 //! table decides a new connection, asked of the agent (`/policy/trace`
 //! on its HTTP address), which evaluates the very table it loaded.
+//! `trellisctl policy denials`: the last denied packets the agent logged
+//! (`/policy/denials`; with `kubernetes.policy.logDenied`).
 
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -21,11 +23,21 @@ pub fn fetch(
     if let Some(p) = port {
         q.push_str(&format!("&port={}", p.replace('/', "%2F")));
     }
+    get(http, &format!("/policy/trace?{q}"))
+}
+
+/// The last denied packets the agent logged, as JSON.
+pub fn denials(http: SocketAddr) -> anyhow::Result<Value> {
+    get(http, "/policy/denials")
+}
+
+/// `GET path` of the agent's HTTP address: its JSON answer.
+fn get(http: SocketAddr, path: &str) -> anyhow::Result<Value> {
     let mut s = TcpStream::connect_timeout(&http, TIMEOUT)
         .with_context(|| format!("the agent's HTTP address {http} is not reachable"))?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
-    s.write_all(format!("GET /policy/trace?{q} HTTP/1.0\r\n\r\n").as_bytes())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)
         .with_context(|| format!("reading the agent's answer from {http}"))?;
@@ -34,6 +46,31 @@ pub fn fetch(
         bail!("the agent says: {}", body.trim());
     }
     serde_json::from_str(body).with_context(|| format!("the agent's answer is not JSON: {body:?}"))
+}
+
+/// Logged denials as lines of text, oldest first.
+pub fn render_denials(v: &Value) -> String {
+    let items = v.as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return "no denied packet logged (is kubernetes.policy.logDenied on?)\n".into();
+    }
+    let mut out = String::new();
+    for d in items {
+        let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+        let flow = match (d["sport"].as_u64(), d["dport"].as_u64()) {
+            (Some(sp), Some(dp)) => {
+                format!("{}:{sp} -> {}:{dp}/{}", s("src"), s("dst"), s("proto"))
+            }
+            _ => format!("{} -> {} {}", s("src"), s("dst"), s("proto")),
+        };
+        out.push_str(&format!(
+            "{:.3}  {flow}  denied by {} {}\n",
+            d["time"].as_f64().unwrap_or_default(),
+            s("tier"),
+            s("policy")
+        ));
+    }
+    out
 }
 
 /// The decision as lines of text.
@@ -77,6 +114,20 @@ pub fn render(d: &Value, src: Ipv4Addr, dst: Ipv4Addr, port: Option<&str>) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn denials_read_as_lines() {
+        let v = serde_json::json!([
+            {"time": 1.5, "tier": "Admin", "policy": "deny-x", "src": "10.0.0.1", "dst": "10.0.0.2", "proto": "tcp", "sport": 40000, "dport": 80},
+            {"time": 2.0, "tier": "NetworkPolicy", "policy": "x/a", "src": "10.0.0.1", "dst": "10.0.0.2", "proto": "icmp", "sport": null, "dport": null}]);
+        let t = render_denials(&v);
+        assert_eq!(
+            t,
+            "1.500  10.0.0.1:40000 -> 10.0.0.2:80/tcp  denied by Admin deny-x\n\
+             2.000  10.0.0.1 -> 10.0.0.2 icmp  denied by NetworkPolicy x/a\n"
+        );
+        assert!(render_denials(&serde_json::json!([])).contains("logDenied"));
+    }
 
     #[test]
     fn a_decision_reads_as_text() {

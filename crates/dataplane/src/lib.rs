@@ -9,6 +9,7 @@ pub mod conntrack;
 mod fake;
 mod linux;
 pub mod netlink;
+pub mod nflog;
 mod nft;
 pub mod nftnl;
 mod overlay;

@@ -32,6 +32,9 @@ pub enum Verdict {
     Goto(String),
     /// That chain, then back here unless it decided.
     Jump(String),
+    /// Logged (rate-limited), then on to the next rule: the drop with the
+    /// same match that follows (see [`crate::log`]).
+    Log(crate::log::LogDenied),
 }
 
 /// Which policy a rule comes from (for traces, counters and logs).
@@ -106,9 +109,17 @@ pub struct Engine {
     local_by_key: BTreeMap<String, BTreeSet<Ipv4Addr>>,
     /// members of pod peers in use
     members: HashMap<Peer, BTreeSet<String>>,
+    /// denied packets logged
+    log: Option<crate::log::LogDenied>,
 }
 
 impl Engine {
+    /// Denied packets are logged (`Some`) or not, from the next
+    /// [`Engine::desired`] on.
+    pub fn set_log(&mut self, log: Option<crate::log::LogDenied>) {
+        self.log = log;
+    }
+
     /// The inputs.
     pub fn inputs(&self) -> &Inputs {
         &self.inputs
@@ -226,7 +237,10 @@ impl Engine {
     /// What the kernel should hold now. Peer caches of peers no longer in
     /// use are dropped.
     pub fn desired(&mut self) -> Desired {
-        let mut b = Builder::default();
+        let mut b = Builder {
+            log: self.log,
+            ..Default::default()
+        };
         let local: Vec<(Ipv4Addr, String)> =
             self.local.iter().map(|(a, k)| (*a, k.clone())).collect();
         for (ip, key) in local {
@@ -439,13 +453,27 @@ struct Builder {
     used_peers: BTreeSet<Peer>,
     /// NetworkPolicy chains already built: (policy, direction) -> name
     np: HashMap<(String, Direction), Option<String>>,
+    /// each drop is preceded by a log rule with the same match
+    log: Option<crate::log::LogDenied>,
 }
 
 impl Builder {
     /// Adds chain `rules` named `prefix-HASH(content)`, where the content
     /// includes where each rule comes from (equal rules of two policies
     /// keep their own chains, counters and traces); returns its name.
-    fn chain(&mut self, prefix: &str, d: Direction, rules: Vec<RuleDef>) -> String {
+    fn chain(&mut self, prefix: &str, d: Direction, mut rules: Vec<RuleDef>) -> String {
+        if let Some(log) = self.log {
+            rules = rules
+                .into_iter()
+                .flat_map(|r| {
+                    let logged = (r.verdict == Verdict::Drop).then(|| RuleDef {
+                        verdict: Verdict::Log(log),
+                        ..r.clone()
+                    });
+                    logged.into_iter().chain([r])
+                })
+                .collect();
+        }
         let text: Vec<String> = rules
             .iter()
             .map(|r| format!("{} {:?}", crate::render::rule(r, d), r.origin))

@@ -120,6 +120,7 @@ impl Desired {
                         return Some(v);
                     }
                 }
+                Verdict::Log(_) => {}
             }
         }
         None

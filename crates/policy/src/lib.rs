@@ -16,12 +16,14 @@ pub mod compile;
 pub mod counters;
 pub mod eval;
 pub mod k8s;
+pub mod log;
 pub mod model;
 pub mod render;
 pub mod sets;
 
 pub use compile::{Desired, Engine, Origin, RuleDef, Verdict};
 pub use eval::{Decision, Flow, Step};
+pub use log::{Denial, LogDenied};
 pub use model::{
     Action, ClusterPolicy, ClusterRule, Direction, Inputs, NamedPort, Namespace, Namespaces,
     NetworkPolicy, Peer, Pod, PortSpec, Protocol, Rule, Selector, Subject, Tier,

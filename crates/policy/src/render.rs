@@ -25,17 +25,26 @@ pub fn rule(r: &RuleDef, d: Direction) -> String {
     if let Some(n) = &r.named {
         let _ = write!(s, "ip daddr . meta l4proto . th dport @{n} ");
     }
+    let verdict = match &r.verdict {
+        Verdict::Accept => "accept".to_string(),
+        Verdict::Drop => "drop".to_string(),
+        Verdict::Goto(c) => format!("goto {c}"),
+        Verdict::Jump(c) => format!("jump {c}"),
+        Verdict::Log(l) => {
+            // no counter: the drop after it counts
+            let _ = write!(
+                s,
+                "limit rate {}/second burst {} packets log prefix \"{}\" group {}",
+                l.rate,
+                l.rate,
+                crate::log::prefix(&r.origin),
+                l.group
+            );
+            return s;
+        }
+    };
     s.push_str("counter ");
-    match &r.verdict {
-        Verdict::Accept => s.push_str("accept"),
-        Verdict::Drop => s.push_str("drop"),
-        Verdict::Goto(c) => {
-            let _ = write!(s, "goto {c}");
-        }
-        Verdict::Jump(c) => {
-            let _ = write!(s, "jump {c}");
-        }
-    }
+    s.push_str(&verdict);
     s
 }
 

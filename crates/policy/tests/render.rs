@@ -257,3 +257,45 @@ fn every_change_leaves_the_table_a_fresh_load_would() {
         );
     }
 }
+
+#[test]
+fn with_logging_every_drop_is_logged_first_and_the_table_loads() {
+    let mut e = engine();
+    policies(&mut e);
+    e.set_log(Some(trellis_policy::LogDenied {
+        rate: 10,
+        group: 100,
+    }));
+    let d = e.desired();
+    let text = render::full(&d);
+    golden("tiers-logged", &text);
+    let mut drops = 0;
+    for (_, rules) in d.chains.values() {
+        for (i, r) in rules.iter().enumerate() {
+            if r.verdict == trellis_policy::Verdict::Drop {
+                drops += 1;
+                let before = i.checked_sub(1).map(|j| &rules[j]);
+                assert!(
+                    matches!(before, Some(b) if matches!(b.verdict, trellis_policy::Verdict::Log(_))
+                        && (b.peer.as_ref(), b.ports.as_ref(), b.named.as_ref(), &b.origin)
+                            == (r.peer.as_ref(), r.ports.as_ref(), r.named.as_ref(), &r.origin)),
+                    "drop {r:?} is not preceded by its log rule"
+                );
+            }
+        }
+    }
+    assert!(drops > 0, "the sample has drop rules");
+    assert!(text.contains("limit rate 10/second burst 10 packets log prefix \"NetworkPolicy "));
+    if !sandbox::is_root() {
+        return cannot_run("nft -c needs root");
+    }
+    sandbox::nft_check(&text).expect("nft -c");
+    // and a change between logged states applies as a fresh load would
+    let before = d;
+    e.set_policy("x/deny-all", None);
+    let after = e.desired();
+    let step = sandbox::apply_in_netns(TABLE, &[render::full(&before), render::diff(&before, &after)])
+        .expect("the kernel takes the change");
+    let fresh = sandbox::apply_in_netns(TABLE, &[render::full(&after)]).expect("a fresh load");
+    assert_eq!(step, fresh);
+}

@@ -333,6 +333,8 @@ impl Lab {
                     "kubeconfig": self.dir.join("k8s/agent.kubeconfig"),
                     "proxy": {"enabled": !self.st.kube_proxy.contains(&name)
                         && !self.st.routing_only.contains(&name)},
+                    // denied packets logged, as a user debugging policy would
+                    "policy": {"logDenied": true, "logRatePerSecond": 100},
                 },
                 "resyncSeconds": 2,
             })

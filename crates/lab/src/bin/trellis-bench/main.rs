@@ -8,11 +8,13 @@
 //! - `bgp-ingest [--prefixes P] [--rounds R]`: a BIRD feed into trellis and into BIRD.
 //! - `proxy-sync`, `proxy-latency`: the Service proxy against kube-proxy.
 
+mod api;
 mod bgp;
 mod cni;
 mod converge;
 mod k8s;
 mod nftmon;
+mod policy;
 mod proxy;
 mod throughput;
 
@@ -29,7 +31,7 @@ fn flag(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
 }
 
 /// The flags each benchmark takes (each with a number).
-const FLAGS: [(&str, &[&str]); 8] = [
+const FLAGS: [(&str, &[&str]); 10] = [
     ("cni-add-del", &["--cycles"]),
     ("converge", &["--nodes"]),
     ("bgp-converge", &["--nodes"]),
@@ -37,9 +39,11 @@ const FLAGS: [(&str, &[&str]); 8] = [
     ("k8s-converge", &["--nodes"]),
     (
         "proxy-sync",
-        &["--small", "--large", "--huge", "--trellis-only", "--cold"],
+        &["--small", "--large", "--huge", "--trellis-only", "--cold", "--both"],
     ),
     ("proxy-latency", &["--small", "--large", "--connects"]),
+    ("policy-scale", &["--policies", "--pods", "--local"]),
+    ("policy-latency", &["--policies", "--connects"]),
     ("throughput", &["--runs", "--seconds"]),
 ];
 
@@ -75,11 +79,14 @@ fn main() -> anyhow::Result<()> {
         Some("bgp-ingest") => bgp::ingest(flag(&args, "--prefixes", 100_000)?, flag(&args, "--rounds", 3)?),
         Some("k8s-converge") => k8s::run(flag(&args, "--nodes", 1000)?),
         Some("proxy-sync") => match flag(&args, "--trellis-only", 0)? {
+            0 if flag(&args, "--both", 0)? > 0 => proxy::both(flag(&args, "--both", 0)?),
             0 => proxy::sync(flag(&args, "--small", 1000)?, flag(&args, "--large", 5000)?, flag(&args, "--huge", 30000)?),
             n => proxy::trellis_only(n, flag(&args, "--cold", 0)? != 0),
         },
         Some("proxy-latency") => proxy::latency(flag(&args, "--small", 10)?, flag(&args, "--large", 10000)?, flag(&args, "--connects", 2000)?),
+        Some("policy-scale") => policy::scale(flag(&args, "--policies", 1000)?, flag(&args, "--pods", 5000)?, flag(&args, "--local", 100)?),
+        Some("policy-latency") => policy::latency(flag(&args, "--policies", 1000)?, flag(&args, "--connects", 2000)?),
         Some("throughput") => throughput::run(flag(&args, "--runs", 9)?, flag(&args, "--seconds", 2)?),
-        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R] | proxy-sync [--small N] [--large N] [--huge N] [--trellis-only N [--cold 1]] | proxy-latency [--small N] [--large N] [--connects N]"),
+        _ => bail!("usage: trellis-bench cni-add-del [--cycles N] | converge [--nodes N] | throughput [--runs N] [--seconds S] | k8s-converge [--nodes N] | bgp-converge [--nodes N] | bgp-ingest [--prefixes P] [--rounds R] | proxy-sync [--small N] [--large N] [--huge N] [--trellis-only N [--cold 1] | --both N] | proxy-latency [--small N] [--large N] [--connects N] | policy-scale [--policies N] [--pods N] [--local N] | policy-latency [--policies N] [--connects N]"),
     }
 }

@@ -4,21 +4,25 @@
 //!
 //! - `proxy-sync`: N Services x 10 endpoints (selector-less Services and
 //!   their EndpointSlices, written as fast as the API server takes them):
-//!   (a) bulk: from the last object written until the proxy's kernel map
-//!   of Service addresses holds all of them; (b) restart with the tables
-//!   kept: the proxy stopped, one Service added, the proxy started: from
-//!   its start until that Service is in the kernel (both apply their first
-//!   sync as one transaction); (c) one endpoint changed until a commit
-//!   in the proxy's node announces an object holding the new address
-//!   (`nftmon`: the kernel's own announcement, for both); (d) RSS. Every
-//!   probe reads the kernel (`nft list ...` in the node, or its commit
-//!   announcements), never a proxy's log.
-//!   RSS is taken of both after the bulk; (c) and (b) of one proxy run
-//!   with the other stopped (on 2 cores, kube-proxy's sync of the same
-//!   change, 5 s of CPU at 5,000, would run beside trellis's).
+//!   (a) bulk: from the last object written until the last of the Service
+//!   addresses is added to the proxy's kernel map (`nftmon::SetWatch`,
+//!   subscribed before the first write); (b) restart with the tables kept:
+//!   the proxy stopped, one Service added, the proxy started: from its
+//!   start until that Service's address is added to its map (the same
+//!   watch; both apply their first sync as one transaction); (c) one
+//!   endpoint changed until a commit in the proxy's node announces an
+//!   object holding the new address; (d) RSS. Every probe reads the
+//!   kernel's commit announcements, the same way for both, never a
+//!   proxy's log; no probe lists a big map while timing (`nft list map`
+//!   takes 0.1 s at 5,000 Services here), a listing is only the fallback
+//!   should a monitor lose announcements. RSS is taken of both after the
+//!   bulk; (c) and (b) of one proxy run with the other stopped (on 2
+//!   cores, kube-proxy's sync of the same change, 5 s of CPU at 5,000,
+//!   would run beside trellis's).
 //! - `proxy-latency`: TCP connection setup to a ClusterIP with 10 and with
 //!   10,000 Services programmed.
 
+use crate::api::{create, Writer};
 use crate::k8s::within;
 use anyhow::{bail, Context};
 use futures::{StreamExt, TryStreamExt};
@@ -65,43 +69,7 @@ fn slice(i: usize, eps: &[String]) -> anyhow::Result<EndpointSlice> {
     }))?)
 }
 
-/// A client of the lab's API server in the control-plane namespace: its
-/// runtime's workers are created inside that namespace and every call
-/// runs on them ([`Writer::run`]), never on the caller's thread (the
-/// host's namespace).
-struct Writer {
-    rt: tokio::runtime::Runtime,
-    client: kube::Client,
-}
-
 impl Writer {
-    fn new(lab: &Lab) -> anyhow::Result<Self> {
-        let kubeconfig = lab.kubeconfig();
-        netns::within(&netns::path(&lab.etcd_ns()), || -> anyhow::Result<Self> {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let client = rt.block_on(async {
-                trellis_kube::client(&trellis_kube::ClientOptions {
-                    kubeconfig: Some(kubeconfig),
-                    ..Default::default()
-                })
-                .await
-                .map(|(c, _)| c)
-            })?;
-            Ok(Self { rt, client })
-        })?
-    }
-
-    /// Runs `fut` on the runtime's workers (inside the namespace).
-    fn run<T: Send + 'static>(
-        &self,
-        fut: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
-    ) -> anyhow::Result<T> {
-        self.rt.block_on(self.rt.spawn(fut))?
-    }
-
     fn namespace(&self) -> anyhow::Result<()> {
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NS}}))?;
         let api: Api<Namespace> = Api::all(self.client.clone());
@@ -167,51 +135,34 @@ impl Writer {
         Ok(t)
     }
 
+    /// The clusterIPs of every Service of the namespace.
+    fn cluster_ips(&self) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+        let svcs: Api<Service> = Api::namespaced(self.client.clone(), NS);
+        let list = self.run(async move {
+            within(
+                "list Services".into(),
+                svcs.list(&kube::api::ListParams::default()),
+            )
+            .await
+        })?;
+        list.items
+            .iter()
+            .map(|s| {
+                let ip = s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+                let name = s.metadata.name.as_deref().unwrap_or("?");
+                ip.with_context(|| format!("{name}: no clusterIP"))?
+                    .parse()
+                    .with_context(|| format!("{name}: clusterIP"))
+            })
+            .collect()
+    }
+
     fn cluster_ip(&self, i: usize) -> anyhow::Result<String> {
         let svcs: Api<Service> = Api::namespaced(self.client.clone(), NS);
         let s = self.run(async move {
             within(format!("get {}", svc_name(i)), svcs.get(&svc_name(i))).await
         })?;
         s.spec.and_then(|s| s.cluster_ip).context("no clusterIP")
-    }
-}
-
-/// Creates `obj`; an API server that does not answer in time (30,000
-/// Services saturate it) or asks to slow down is asked again, up to 5
-/// times with a growing pause; "already exists" after a retry means an
-/// earlier attempt landed.
-async fn create<K>(api: &Api<K>, obj: &K, what: &str) -> anyhow::Result<()>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let mut pause = Duration::from_millis(500);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match within(
-            format!("create {what}"),
-            api.create(&PostParams::default(), obj),
-        )
-        .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                let code = e.downcast_ref::<kube::Error>().and_then(|k| match k {
-                    kube::Error::Api(s) => Some(s.code),
-                    _ => None,
-                });
-                if attempt > 1 && code == Some(409) {
-                    return Ok(());
-                }
-                let transient = code.is_none_or(|c| c == 429 || c >= 500);
-                if !transient || attempt == 5 {
-                    return Err(e);
-                }
-                eprintln!("{e:#}; again in {pause:?}");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-        }
     }
 }
 
@@ -230,6 +181,32 @@ fn nft(lab: &Lab, node: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+impl Proxy {
+    /// The lab node it runs in.
+    fn node(self) -> &'static str {
+        match self {
+            Proxy::KubeProxy => KP,
+            Proxy::Trellis => TR,
+        }
+    }
+
+    /// Its table.
+    fn table(self) -> &'static str {
+        match self {
+            Proxy::KubeProxy => "kube-proxy",
+            Proxy::Trellis => "trellis-proxy",
+        }
+    }
+
+    /// Its map of Service addresses (`address . protocol . port`).
+    fn set(self) -> &'static str {
+        match self {
+            Proxy::KubeProxy => "service-ips",
+            Proxy::Trellis => "services",
+        }
+    }
+}
+
 /// Addresses in the proxy's kernel map of Service addresses.
 fn programmed(lab: &Lab, p: Proxy) -> String {
     match p {
@@ -239,6 +216,36 @@ fn programmed(lab: &Lab, p: Proxy) -> String {
             TR,
             &["list", "map", "inet", "trellis-proxy", "services"],
         ),
+    }
+}
+
+/// When Service address `ip` was added to `p`'s map, as `watch` (opened
+/// before) saw it; should it have lost announcements, when a listing of
+/// the map first shows it.
+fn added(
+    lab: &Lab,
+    p: Proxy,
+    watch: &crate::nftmon::SetWatch,
+    ip: &str,
+    limit: Duration,
+) -> anyhow::Result<Instant> {
+    let addr: std::net::Ipv4Addr = ip.parse().with_context(|| format!("clusterIP {ip:?}"))?;
+    let end = Instant::now() + limit;
+    loop {
+        match watch.all_seen(&[addr]) {
+            Ok(Some(t)) => return Ok(t),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("{e}; listing the map instead");
+                return wait("added", end.saturating_duration_since(Instant::now()), || {
+                    programmed(lab, p).contains(&format!("{ip} . tcp . 80"))
+                });
+            }
+        }
+        if Instant::now() > end {
+            bail!("{ip} not added to the map of Services within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -331,6 +338,13 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
             }
         }
     }
+    // (a) the kernel's announcements from before the first write
+    let watches = who
+        .iter()
+        .map(|p| {
+            crate::nftmon::SetWatch::start(&netns::path(&lab.ns(p.node())), p.table(), p.set())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let t0 = Instant::now();
     let mut last = w.fill(0, n)?;
     eprintln!(
@@ -341,14 +355,33 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         last = Instant::now();
         lab.start_agent(TR)?;
     }
+    let ips = w.cluster_ips()?;
+    if ips.len() != n {
+        bail!("{} Services have a clusterIP, {n} were written", ips.len());
+    }
     let mut out = Vec::new();
-    // every proxy polled in turn until each has all of them (+1: the
-    // kubernetes Service), each one's time taken when it is first seen done
+    // each proxy's time: when the last of the Service addresses was first
+    // added to its map (a proxy that programmed one before the last write
+    // counts from that write). Should its monitor lose announcements, the
+    // map is listed instead (+1: the kubernetes Service) until it is full.
     let mut bulk: Vec<Option<Duration>> = vec![None; who.len()];
+    let mut listing = vec![false; who.len()];
     let deadline = Instant::now() + Duration::from_secs(900);
     while bulk.iter().any(Option::is_none) {
         for (k, p) in who.iter().enumerate() {
-            if bulk[k].is_none() && count(&programmed(&lab, *p)) > n {
+            if bulk[k].is_some() {
+                continue;
+            }
+            if !listing[k] {
+                match watches[k].all_seen(&ips) {
+                    Ok(Some(t)) => bulk[k] = Some(t.saturating_duration_since(last)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("{n}: bulk: {e}; listing the map instead");
+                        listing[k] = true;
+                    }
+                }
+            } else if count(&programmed(&lab, *p)) > n {
                 bulk[k] = Some(last.elapsed());
             }
         }
@@ -357,6 +390,7 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    drop(watches);
     let bulk: Vec<Duration> = bulk.into_iter().flatten().collect();
     // (d) RSS once settled, of each before any is restarted
     let rss = who
@@ -380,8 +414,7 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         // (c) one endpoint changed: until a commit in the proxy's node
         // announces an object holding the new address
         let i = n / 2;
-        let node = if *p == Proxy::KubeProxy { KP } else { TR };
-        let monitor = crate::nftmon::Monitor::open(&netns::path(&lab.ns(node)))?;
+        let monitor = crate::nftmon::Monitor::open(&netns::path(&lab.ns(p.node())))?;
         monitor.drain();
         let new_ip = std::net::Ipv4Addr::new(10, 244, 251, 1 + k as u8);
         let t = w.change(i, &new_ip.to_string())?;
@@ -399,11 +432,11 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         stop(&mut lab, *p)?;
         w.fill(marker, marker + 1)?;
         let ip = w.cluster_ip(marker)?;
+        let watch = crate::nftmon::SetWatch::start(&netns::path(&lab.ns(p.node())), p.table(), p.set())?;
         let started = Instant::now();
         start(&mut lab, *p)?;
-        let done = wait("restart", Duration::from_secs(900), || {
-            programmed(&lab, *p).contains(&format!("{ip} . tcp . 80"))
-        })?;
+        let done = added(&lab, *p, &watch, &ip, Duration::from_secs(900))?;
+        drop(watch);
         // the others back, and caught up (the marker Service in their
         // kernel), before the next proxy is measured: a start still under
         // way would be in its figures
@@ -461,6 +494,23 @@ pub fn trellis_only(n: usize, cold: bool) -> anyhow::Result<()> {
     println!(
         "services={n} bulk_ms={:.0} restart_ms={:.0} one_ms={:.1} rss_mb={:.0}",
         f[0].bulk_ms, f[0].restart_ms, f[0].one_ms, f[0].rss_mb
+    );
+    Ok(())
+}
+
+/// `proxy-sync --both N`: both proxies at one size (profiling).
+pub fn both(n: usize) -> anyhow::Result<()> {
+    trellis_lab::k8s::bin_dir()?;
+    let f = one_size(n, &[Proxy::KubeProxy, Proxy::Trellis], false)?;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    println!(
+        "services={n} kp_bulk_ms={:.0} t_bulk_ms={:.0} kp_restart_ms={:.0} t_restart_ms={:.0} kp_one_ms={:.1} t_one_ms={:.1} \
+         kp_rss_mb={:.0} t_rss_mb={:.0} bulk_ratio={:.3} restart_ratio={:.3} rss_ratio={:.3}",
+        f[0].bulk_ms, f[1].bulk_ms, f[0].restart_ms, f[1].restart_ms, f[0].one_ms, f[1].one_ms,
+        f[0].rss_mb, f[1].rss_mb,
+        ratio(f[1].bulk_ms, f[0].bulk_ms),
+        ratio(f[1].restart_ms, f[0].restart_ms),
+        ratio(f[1].rss_mb, f[0].rss_mb),
     );
     Ok(())
 }
