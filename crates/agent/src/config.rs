@@ -131,7 +131,11 @@ impl PolicySection {
             self.log_rate_per_second,
             LOG_RATE_RANGE,
         )?;
-        in_range("kubernetes.policy.logGroup", self.log_group, LOG_GROUP_RANGE)?;
+        in_range(
+            "kubernetes.policy.logGroup",
+            self.log_group,
+            LOG_GROUP_RANGE,
+        )?;
         Ok(self.log_denied.then_some(trellis_policy::LogDenied {
             rate: self.log_rate_per_second as u32,
             group: self.log_group as u16,
@@ -591,8 +595,10 @@ mod tests {
         }
         let off = AgentConfig::parse(&k("{}")).expect("ok");
         assert_eq!(off.kubernetes.expect("k8s").policy.log(), Ok(None));
-        let on = AgentConfig::parse(&k(r#"{"logDenied":true,"logRatePerSecond":5,"logGroup":7}"#))
-            .expect("ok");
+        let on = AgentConfig::parse(&k(
+            r#"{"logDenied":true,"logRatePerSecond":5,"logGroup":7}"#,
+        ))
+        .expect("ok");
         assert_eq!(
             on.kubernetes.expect("k8s").policy.log(),
             Ok(Some(trellis_policy::LogDenied { rate: 5, group: 7 }))

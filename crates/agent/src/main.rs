@@ -193,7 +193,11 @@ fn main() -> anyhow::Result<()> {
                 policy_log = match k.policy.log().map_err(anyhow::Error::msg)? {
                     Some(l) => match trellis_agent::policy_log::start(l, denials.clone()) {
                         Ok(()) => {
-                            tracing::info!(group = l.group, rate = l.rate, "logging denied packets");
+                            tracing::info!(
+                                group = l.group,
+                                rate = l.rate,
+                                "logging denied packets"
+                            );
                             Some(l)
                         }
                         Err(e) => {

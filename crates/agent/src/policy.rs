@@ -558,7 +558,10 @@ impl Controller for PolicyController {
             .iter()
             .map(|(a, k)| (*a, k.clone()))
             .collect();
+        // inputs anew, settings kept
+        let log = self.engine.log();
         self.engine = Engine::default();
+        self.engine.set_log(log);
         for (a, k) in local {
             self.engine.set_local(a, Some(k));
         }

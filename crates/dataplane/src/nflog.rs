@@ -20,7 +20,7 @@ const NLMSG_ERROR: u16 = 2;
 /// NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH, NFULA_CFG_TIMEOUT
 const CFG_CMD: u16 = 1;
 const CFG_MODE: u16 = 2;
-const CFG_TIMEOUT: u16 = 3;
+const CFG_TIMEOUT: u16 = 4;
 const CFG_QTHRESH: u16 = 5;
 const CMD_BIND: u8 = 1;
 const CMD_UNBIND: u8 = 2;

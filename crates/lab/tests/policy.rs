@@ -80,8 +80,8 @@ fn network_policies_match_the_model() {
         Duration::from_millis(500),
     );
     wait_for("the denial logged", Duration::from_secs(10), || {
-        let v: Value =
-            serde_json::from_str(&agent_http(&lab, &xa.node, "/policy/denials").1).unwrap_or_default();
+        let v: Value = serde_json::from_str(&agent_http(&lab, &xa.node, "/policy/denials").1)
+            .unwrap_or_default();
         v.as_array().into_iter().flatten().any(|d| {
             d["src"] == yb.to_string()
                 && d["dst"] == xa.ip.to_string()
@@ -101,7 +101,8 @@ fn network_policies_match_the_model() {
     .expect("trellisctl policy denials");
     let want = format!(" -> {}:81/tcp  denied by NetworkPolicy x/deny-in", xa.ip);
     assert!(
-        text.lines().any(|l| l.contains(&format!("{yb}:")) && l.ends_with(&want)),
+        text.lines()
+            .any(|l| l.contains(&format!("{yb}:")) && l.ends_with(&want)),
         "{text}"
     );
     // allow x/a from pods b of the same namespace, on TCP 80 only
@@ -283,39 +284,85 @@ fn stacked_and_combined_policies_match_the_model() {
     };
     // default deny all in y, then an allow-all ingress beside it: the
     // union allows every ingress, egress stays denied
-    w.apply(&lab, np("y", "deny-all", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})));
+    w.apply(
+        &lab,
+        np(
+            "y",
+            "deny-all",
+            json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        ),
+    );
     w.check(&lab, "default-deny all", CONVERGE);
-    w.apply(&lab, np("y", "allow-all-in", json!({"podSelector": {}, "ingress": [{}]})));
+    w.apply(
+        &lab,
+        np(
+            "y",
+            "allow-all-in",
+            json!({"podSelector": {}, "ingress": [{}]}),
+        ),
+    );
     w.check(&lab, "allow-all ingress stacked on deny-all", CONVERGE);
     w.clear(&lab);
     // OR of a pod peer and a namespace peer; two stacked policies on x/a
     // (TCP 80 from y, UDP 81 from x/c); several pod AND namespace peers
-    w.apply(&lab, np("x", "a-or", json!({
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "a-or",
+            json!({
         "podSelector": {"matchLabels": {"pod": "b"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}},
-                              {"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]})));
-    w.apply(&lab, np("x", "a-from-y-80", json!({
+                              {"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}),
+        ),
+    );
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "a-from-y-80",
+            json!({
         "podSelector": {"matchLabels": {"pod": "a"}},
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
-                     "ports": [{"protocol": "TCP", "port": 80}]}]})));
-    w.apply(&lab, np("x", "a-from-c-udp", json!({
+                     "ports": [{"protocol": "TCP", "port": 80}]}]}),
+        ),
+    );
+    w.apply(
+        &lab,
+        np(
+            "x",
+            "a-from-c-udp",
+            json!({
         "podSelector": {"matchLabels": {"pod": "a"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}],
-                     "ports": [{"protocol": "UDP", "port": 81}]}]})));
+                     "ports": [{"protocol": "UDP", "port": 81}]}]}),
+        ),
+    );
     w.apply(&lab, np("x", "c-pairs", json!({
         "podSelector": {"matchLabels": {"pod": "c"}},
         "ingress": [{"from": [
             {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "a"}}},
             {"namespaceSelector": {"matchLabels": {"ns": "z"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]})));
-    w.check(&lab, "OR of peers, stacked policies, several pod AND namespace peers", CONVERGE);
+    w.check(
+        &lab,
+        "OR of peers, stacked policies, several pod AND namespace peers",
+        CONVERGE,
+    );
     // ingress and egress in one policy
-    w.apply(&lab, np("z", "both", json!({
+    w.apply(
+        &lab,
+        np(
+            "z",
+            "both",
+            json!({
         "podSelector": {"matchLabels": {"pod": "b"}},
         "policyTypes": ["Ingress", "Egress"],
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}],
                      "ports": [{"protocol": "TCP", "port": 80}]}],
         "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
-                    "ports": [{"protocol": "UDP", "port": 80}, {"protocol": "TCP", "port": 81}]}]})));
+                    "ports": [{"protocol": "UDP", "port": 80}, {"protocol": "TCP", "port": 81}]}]}),
+        ),
+    );
     w.check(&lab, "ingress and egress together", CONVERGE);
     w.clear(&lab);
     // the Baseline tier's egress: deny y -> z on UDP, allow the rest;
@@ -325,9 +372,16 @@ fn stacked_and_combined_policies_match_the_model() {
         "egress": [{"action": "Deny", "to": [{"namespaces": {"matchLabels": {"ns": "z"}}}],
                     "protocols": [{"udp": {"destinationPort": {"range": {"start": 80, "end": 81}}}}]}]})));
     w.check(&lab, "baseline egress deny", CONVERGE);
-    w.apply(&lab, np("y", "a-out-80", json!({
+    w.apply(
+        &lab,
+        np(
+            "y",
+            "a-out-80",
+            json!({
         "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
-        "egress": [{"ports": [{"protocol": "UDP", "port": 80}]}]})));
+        "egress": [{"ports": [{"protocol": "UDP", "port": 80}]}]}),
+        ),
+    );
     w.check(&lab, "NetworkPolicy egress over the baseline", CONVERGE);
     w.clear(&lab);
     w.check(&lab, "all deleted", CONVERGE);

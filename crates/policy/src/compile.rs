@@ -120,6 +120,11 @@ impl Engine {
         self.log = log;
     }
 
+    /// Whether and how denied packets are logged.
+    pub fn log(&self) -> Option<crate::log::LogDenied> {
+        self.log
+    }
+
     /// The inputs.
     pub fn inputs(&self) -> &Inputs {
         &self.inputs

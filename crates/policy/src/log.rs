@@ -206,7 +206,10 @@ mod tests {
         let ip = ipv4(6, [10, 244, 1, 5], [10, 244, 2, 7], &[0x9c, 0x40, 0, 80]);
         let m = message(
             2,
-            &[attr(ATTR_PREFIX, format!("{p}\0").as_bytes()), attr(ATTR_PAYLOAD, &ip)],
+            &[
+                attr(ATTR_PREFIX, format!("{p}\0").as_bytes()),
+                attr(ATTR_PAYLOAD, &ip),
+            ],
         );
         let d = parse(&m);
         assert_eq!(d.len(), 1);
@@ -231,7 +234,10 @@ mod tests {
         // IPv6 family, no prefix, truncated header, garbage length
         assert!(parse(&message(10, &[attr(ATTR_PREFIX, b"Admin x\0")])).is_empty());
         assert!(parse(&message(2, &[attr(ATTR_PAYLOAD, &ip)])).is_empty());
-        let short = message(2, &[attr(ATTR_PREFIX, b"A\0"), attr(ATTR_PAYLOAD, &ip[..12])]);
+        let short = message(
+            2,
+            &[attr(ATTR_PREFIX, b"A\0"), attr(ATTR_PAYLOAD, &ip[..12])],
+        );
         assert!(parse(&short).is_empty());
         let mut bad = m.clone();
         bad[0] = 0xff;

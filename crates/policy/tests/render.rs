@@ -294,8 +294,11 @@ fn with_logging_every_drop_is_logged_first_and_the_table_loads() {
     let before = d;
     e.set_policy("x/deny-all", None);
     let after = e.desired();
-    let step = sandbox::apply_in_netns(TABLE, &[render::full(&before), render::diff(&before, &after)])
-        .expect("the kernel takes the change");
+    let step = sandbox::apply_in_netns(
+        TABLE,
+        &[render::full(&before), render::diff(&before, &after)],
+    )
+    .expect("the kernel takes the change");
     let fresh = sandbox::apply_in_netns(TABLE, &[render::full(&after)]).expect("a fresh load");
     assert_eq!(step, fresh);
 }

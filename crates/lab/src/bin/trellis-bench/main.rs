@@ -39,7 +39,14 @@ const FLAGS: [(&str, &[&str]); 10] = [
     ("k8s-converge", &["--nodes"]),
     (
         "proxy-sync",
-        &["--small", "--large", "--huge", "--trellis-only", "--cold", "--both"],
+        &[
+            "--small",
+            "--large",
+            "--huge",
+            "--trellis-only",
+            "--cold",
+            "--both",
+        ],
     ),
     ("proxy-latency", &["--small", "--large", "--connects"]),
     ("policy-scale", &["--policies", "--pods", "--local"]),

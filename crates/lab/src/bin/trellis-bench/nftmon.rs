@@ -348,7 +348,12 @@ mod tests {
         added_keys(&del, b"trellis-proxy", b"services", &mut out);
         assert!(out.is_empty());
         // the same set name in another table: nothing
-        added_keys(&setelem("services", &[a]), b"kube-proxy", b"services", &mut out);
+        added_keys(
+            &setelem("services", &[a]),
+            b"kube-proxy",
+            b"services",
+            &mut out,
+        );
         assert!(out.is_empty());
     }
 

@@ -77,7 +77,7 @@ fn policy(j: usize, extra: Option<&str>) -> anyhow::Result<NetworkPolicy> {
             "ports": [{"protocol": "TCP", "port": 8000 + (j % 100)}, {"protocol": "TCP", "port": "http"}],
         }],
     });
-    if j % 3 == 0 {
+    if j.is_multiple_of(3) {
         spec["policyTypes"] = serde_json::json!(["Ingress", "Egress"]);
         spec["egress"] = serde_json::json!([
             {"to": [{"ipBlock": {"cidr": format!("10.{}.0.0/16", 100 + j % 100)}}],
@@ -251,7 +251,10 @@ pub fn scale(policies: usize, pods: usize, local: usize) -> anyhow::Result<()> {
         .saturating_duration_since(started);
     drop(watch);
     check_complete(&lab, &local_ips)?;
-    let pid = lab.node(LOCAL)?.agent_pid.context("trellisd is not running")?;
+    let pid = lab
+        .node(LOCAL)?
+        .agent_pid
+        .context("trellisd is not running")?;
     // (b) a remote pod in ps-0 (team t0) with role r1 becomes r0: it
     // joins the peers of np-0, which selects local pod 0
     let k = (local..pods)
@@ -278,7 +281,8 @@ pub fn scale(policies: usize, pods: usize, local: usize) -> anyhow::Result<()> {
     monitor.drain();
     let net = Ipv4Addr::new(203, 0, 113, 77);
     let np = policy(policies, Some(&format!("{net}/32")))?;
-    let api: Api<NetworkPolicy> = Api::namespaced(w.client.clone(), &ns_name(policies % NAMESPACES));
+    let api: Api<NetworkPolicy> =
+        Api::namespaced(w.client.clone(), &ns_name(policies % NAMESPACES));
     let t = Instant::now();
     w.run(async move {
         within("new policy".into(), api.create(&PostParams::default(), &np)).await?;
@@ -309,7 +313,10 @@ fn check_complete(lab: &Lab, local: &[Ipv4Addr]) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("list the ingress map: {e}"))?;
     let text = String::from_utf8_lossy(&t.output.stdout);
     for ip in local {
-        let Some(line) = text.split([',', '{', '}']).find(|e| e.trim().starts_with(&format!("{ip} :"))) else {
+        let Some(line) = text
+            .split([',', '{', '}'])
+            .find(|e| e.trim().starts_with(&format!("{ip} :")))
+        else {
             bail!("{ip} has no ingress profile in the kernel");
         };
         if line.contains("unknown-") {

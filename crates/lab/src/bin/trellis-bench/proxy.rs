@@ -237,9 +237,11 @@ fn added(
             Ok(None) => {}
             Err(e) => {
                 eprintln!("{e}; listing the map instead");
-                return wait("added", end.saturating_duration_since(Instant::now()), || {
-                    programmed(lab, p).contains(&format!("{ip} . tcp . 80"))
-                });
+                return wait(
+                    "added",
+                    end.saturating_duration_since(Instant::now()),
+                    || programmed(lab, p).contains(&format!("{ip} . tcp . 80")),
+                );
             }
         }
         if Instant::now() > end {
@@ -432,7 +434,8 @@ fn one_size(n: usize, who: &[Proxy], cold: bool) -> anyhow::Result<Vec<Figures>>
         stop(&mut lab, *p)?;
         w.fill(marker, marker + 1)?;
         let ip = w.cluster_ip(marker)?;
-        let watch = crate::nftmon::SetWatch::start(&netns::path(&lab.ns(p.node())), p.table(), p.set())?;
+        let watch =
+            crate::nftmon::SetWatch::start(&netns::path(&lab.ns(p.node())), p.table(), p.set())?;
         let started = Instant::now();
         start(&mut lab, *p)?;
         let done = added(&lab, *p, &watch, &ip, Duration::from_secs(900))?;
