@@ -383,6 +383,34 @@ fn stacked_and_combined_policies_match_the_model() {
         ),
     );
     w.check(&lab, "NetworkPolicy egress over the baseline", CONVERGE);
+    // the Admin tier's egress over both, in priority order: Pass y -> z
+    // UDP 80 first (1), then deny y -> z entirely (2). UDP 80 falls
+    // through to y/a's NetworkPolicy (allowed) or, for y/b and y/c, to the
+    // Baseline (denied); the rest of y -> z, TCP included, is denied
+    w.apply(
+        &lab,
+        cnp(
+            "adm-pass-out",
+            json!({"tier": "Admin", "priority": 1,
+        "subject": {"namespaces": {"matchLabels": {"ns": "y"}}},
+        "egress": [{"action": "Pass", "to": [{"namespaces": {"matchLabels": {"ns": "z"}}}],
+                    "protocols": [{"udp": {"destinationPort": {"number": 80}}}]}]}),
+        ),
+    );
+    w.apply(
+        &lab,
+        cnp(
+            "adm-deny-out",
+            json!({"tier": "Admin", "priority": 2,
+        "subject": {"namespaces": {"matchLabels": {"ns": "y"}}},
+        "egress": [{"action": "Deny", "to": [{"namespaces": {"matchLabels": {"ns": "z"}}}]}]}),
+        ),
+    );
+    w.check(
+        &lab,
+        "admin egress: pass to the NetworkPolicy and to the baseline, then deny",
+        CONVERGE,
+    );
     w.clear(&lab);
     w.check(&lab, "all deleted", CONVERGE);
 }

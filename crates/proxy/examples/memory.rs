@@ -36,6 +36,37 @@ fn mb() -> f64 {
     LIVE.load(Ordering::Relaxed) as f64 / 1e6
 }
 
+/// Service `i`'s slice: 10 ready endpoints.
+fn slice_of(i: usize) -> Slice {
+    let name = format!("s{i}");
+    Slice {
+        namespace: "default".into(),
+        name: format!("{name}-abc"),
+        service: name.clone(),
+        ports: vec![SlicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        endpoints: (0..10)
+            .map(|e| Endpoint {
+                address: format!(
+                    "10.{}.{}.{}",
+                    100 + i / 6000,
+                    (i / 25) % 240,
+                    (i % 25) * 10 + e
+                )
+                .parse()
+                .expect("ip"),
+                ready: true,
+                serving: true,
+                terminating: false,
+                node: Some("n1".into()),
+            })
+            .collect(),
+    }
+}
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
@@ -67,32 +98,7 @@ fn main() {
                 ..Default::default()
             }),
         );
-        let slice = Slice {
-            namespace: "default".into(),
-            name: format!("{name}-abc"),
-            service: name.clone(),
-            ports: vec![SlicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            endpoints: (0..10)
-                .map(|e| Endpoint {
-                    address: format!(
-                        "10.{}.{}.{}",
-                        100 + i / 6000,
-                        (i / 25) % 240,
-                        (i % 25) * 10 + e
-                    )
-                    .parse()
-                    .expect("ip"),
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                    node: Some("n1".into()),
-                })
-                .collect(),
-        };
+        let slice = slice_of(i);
         p.set_slice(&format!("default/{name}-abc"), Some(slice));
     }
     let inputs = mb();
@@ -101,8 +107,17 @@ fn main() {
     let with_plan = mb();
     p.applied(plan);
     let after = mb();
+    // one endpoint changed: the incremental plan's time
+    let mut one = slice_of(0);
+    one.endpoints[0].address = "10.250.0.1".parse().expect("ip");
+    p.set_slice("default/s0-abc", Some(one));
+    let t = std::time::Instant::now();
+    let plan = p.plan();
+    let one_us = t.elapsed().as_micros();
+    let one_script = plan.script.len();
+    p.applied(plan);
     println!(
-        "services={n} inputs_mb={:.1} plan_held_mb={:.1} script_mb={:.1} state_applied_mb={:.1} peak_mb={:.1}",
+        "services={n} inputs_mb={:.1} plan_held_mb={:.1} script_mb={:.1} state_applied_mb={:.1} peak_mb={:.1} one_plan_us={one_us} one_script_bytes={one_script}",
         inputs - base,
         with_plan - base,
         script as f64 / 1e6,

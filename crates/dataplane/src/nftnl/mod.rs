@@ -9,6 +9,7 @@
 //! it, so `nft list` prints the table back exactly as written (checked in
 //! the tests against nft loading the same scripts).
 
+mod expr;
 pub mod rule;
 pub mod script;
 pub mod types;
