@@ -104,6 +104,10 @@ fn main() {
     let inputs = mb();
     let plan = p.plan();
     let script: usize = plan.script.len();
+    // `TRELLIS_DUMP=FILE`: the full script, for timing its load by hand
+    if let Some(path) = std::env::var_os("TRELLIS_DUMP") {
+        std::fs::write(&path, &plan.script).expect("write the script");
+    }
     let with_plan = mb();
     p.applied(plan);
     let after = mb();
