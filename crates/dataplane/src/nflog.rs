@@ -86,19 +86,34 @@ impl Subscription {
         Ok(sub)
     }
 
-    /// Sends one config request and reads its acknowledgement.
+    /// Sends one config request and reads its acknowledgement (packets
+    /// of the group that arrive first are skipped; each read waits at most
+    /// [`RECV_WAIT`], and at most 64 datagrams are read).
     fn request(&self, seq: u32, attrs: &[u8]) -> Result<(), NlError> {
         self.sock
             .send(&config(self.group, seq, attrs), 0)
             .map_err(transport)?;
-        let mut buf = Vec::with_capacity(4096);
-        self.sock.recv(&mut buf, 0).map_err(transport)?;
-        if buf.len() >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
-            let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-            if code != 0 {
-                return Err(NlError::Kernel(nix::errno::Errno::from_raw(-code)));
+        let mut buf = Vec::with_capacity(1 << 16);
+        for _ in 0..64 {
+            buf.clear();
+            self.sock.recv(&mut buf, 0).map_err(transport)?;
+            let mut b = buf.as_slice();
+            while b.len() >= 16 {
+                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                let kind = u16::from_ne_bytes([b[4], b[5]]);
+                let got = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
+                if len < 16 || len > b.len() {
+                    break;
+                }
+                if kind == NLMSG_ERROR && got == seq && len >= 20 {
+                    let code = i32::from_ne_bytes([b[16], b[17], b[18], b[19]]);
+                    if code != 0 {
+                        return Err(NlError::Kernel(nix::errno::Errno::from_raw(-code)));
+                    }
+                    return Ok(());
+                }
+                b = &b[((len + 3) & !3).min(b.len())..];
             }
-            return Ok(());
         }
         Err(transport("nfnetlink_log: no acknowledgement"))
     }

@@ -452,12 +452,18 @@ pub fn latency(policies: usize, connects: usize) -> anyhow::Result<()> {
     }
     drop(watch);
     // every policy of each end in force: its profile jumps to all of them
-    let per_end = policies.div_ceil(100);
-    for (node, map, ip) in [("n2", "ingress", web_ip), ("n1", "egress", cli_ip)] {
+    let server = (0..policies).filter(|i| i % 100 == 0).count();
+    let client = (0..policies).filter(|i| i % 100 == 50).count();
+    for (node, map, ip, want) in [
+        ("n2", "ingress", web_ip, server),
+        ("n1", "egress", cli_ip, client),
+    ] {
         let deadline = Instant::now() + Duration::from_secs(120);
-        while jumps(&lab, node, map, ip) != per_end {
+        while jumps(&lab, node, map, ip) != want {
             if Instant::now() > deadline {
-                bail!("{ip}'s {map} profile on {node} does not hold its {per_end} policies within 120 s");
+                bail!(
+                    "{ip}'s {map} profile on {node} does not hold its {want} policies within 120 s"
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
