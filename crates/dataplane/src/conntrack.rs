@@ -9,6 +9,7 @@
 //! every flow the endpoint has), and for a Service port that starts being
 //! served, its flows that were never NATed.
 
+use crate::netlink::attrs;
 use crate::NlError;
 use netlink_sys::{Socket, SocketAddr as NlAddr};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -47,22 +48,6 @@ pub struct Tuple {
     pub sport: u16,
     /// Destination port.
     pub dport: u16,
-}
-
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if b.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let kind = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED & 0x3fff;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let value = &b[4..len];
-        b = &b[((len + 3) & !3).min(b.len())..];
-        Some((kind, value))
-    })
 }
 
 /// Decodes a `CTA_TUPLE_*` attribute.

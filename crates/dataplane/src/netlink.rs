@@ -31,6 +31,25 @@ impl NlError {
     }
 }
 
+/// The netlink attributes of `b`: (type without the nested and
+/// byte-order flags, payload); stops at the first one whose length does
+/// not fit.
+pub fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let value = &b[4..len];
+        b = &b[((len + 3) & !3).min(b.len())..];
+        Some((kind, value))
+    })
+}
+
 fn transport(e: impl std::fmt::Display) -> NlError {
     NlError::Transport(e.to_string())
 }

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use trellis_dataplane::netlink::attrs;
 
 /// NFNLGRP_NFTABLES
 const GROUP: u32 = 7;
@@ -217,23 +218,6 @@ const LIST_ELEMENTS: u16 = 3;
 const LIST_ELEM: u16 = 1;
 const ELEM_KEY: u16 = 1;
 const DATA_VALUE: u16 = 1;
-
-/// Netlink attributes of `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[((len + 3) & !3).min(buf.len())..];
-        Some((kind, payload))
-    })
-}
 
 /// The first 4 bytes of the key of every element that the NEWSETELEM
 /// messages in `buf` add to set `set` of table `table`.

@@ -28,6 +28,7 @@ use crate::api::{create, Writer};
 use crate::converge::rss_mb;
 use crate::k8s::within;
 use crate::nftmon::{Monitor, SetWatch};
+use crate::proxy::connect_median;
 use anyhow::{bail, Context};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -324,22 +325,6 @@ fn check_complete(lab: &Lab, local: &[Ipv4Addr]) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Median TCP connect time from `ns` to `to` over `n` connections.
-fn connect_median(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Duration> {
-    let mut times = netns::within(&netns::path(ns), || -> std::io::Result<Vec<Duration>> {
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-            v.push(t.elapsed());
-            drop(s);
-        }
-        Ok(v)
-    })??;
-    times.sort();
-    Ok(times[times.len() / 2])
 }
 
 /// The latency benchmark's policies: `i % 100 == 0` select the server

@@ -561,7 +561,7 @@ pub fn sync(small: usize, large: usize, huge: usize) -> anyhow::Result<()> {
 }
 
 /// Median TCP connect time from `ns` to `to` over `n` connections.
-fn connect_median(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Duration> {
+pub(crate) fn connect_median(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Duration> {
     let mut times = netns::within(&netns::path(ns), || -> std::io::Result<Vec<Duration>> {
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
